@@ -1,0 +1,210 @@
+//! openraft log storage on RocksDB: entries, vote, committed log id, purge.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
+
+use crate::db::{decode, encode, Db, CF_LOG, CF_META};
+use crate::model::{LogId, NodeId, TypeConfig};
+
+type StorageResult<T> = Result<T, openraft::StorageError<NodeId>>;
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// The Raft log. Cheap to clone: clones share the database.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    db: Arc<Db>,
+    /// Last committed index this node has persisted (`u64::MAX` when none), for status.
+    committed: Arc<AtomicU64>,
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Arc<Db>) -> crate::error::Result<Self> {
+        let committed: Option<Option<LogId>> = db.get(CF_META, KEY_COMMITTED)?;
+        let index = committed.flatten().map_or(u64::MAX, |l| l.index);
+        Ok(Self {
+            db,
+            committed: Arc::new(AtomicU64::new(index)),
+        })
+    }
+
+    /// Highest committed index this node knows of, if any.
+    pub fn committed_index(&self) -> Option<u64> {
+        match self.committed.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            i => Some(i),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T, what: &'static str) -> crate::error::Result<()> {
+        let bytes = encode(value, what)?;
+        self.db
+            .db
+            .put_cf_opt(self.db.cf(CF_META)?, key, bytes, &self.db.write_opts(true))?;
+        Ok(())
+    }
+
+    fn last_log_id(&self) -> crate::error::Result<Option<LogId>> {
+        let mut it = self.db.db.iterator_cf(self.db.cf(CF_LOG)?, rocksdb::IteratorMode::End);
+        match it.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (_, v) = item?;
+                let entry: Entry<TypeConfig> = decode(&v, || "last log entry".into())?;
+                Ok(Some(entry.log_id))
+            }
+        }
+    }
+
+    fn read_range(&self, start: u64, end: Option<u64>) -> crate::error::Result<Vec<Entry<TypeConfig>>> {
+        let cf = self.db.cf(CF_LOG)?;
+        let from = index_key(start);
+        let it = self
+            .db
+            .db
+            .iterator_cf(cf, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward));
+        let mut out = Vec::new();
+        for item in it {
+            let (k, v) = item?;
+            let idx = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
+            if end.is_some_and(|e| idx >= e) {
+                break;
+            }
+            out.push(decode(&v, || format!("log entry {idx}"))?);
+        }
+        Ok(out)
+    }
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => Some(e + 1),
+            Bound::Excluded(&e) => Some(e),
+            Bound::Unbounded => None,
+        };
+        self.read_range(start, end).map_err(read_err)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let purged: Option<LogId> = self.db.get(CF_META, KEY_PURGED).map_err(read_err)?;
+        let last = self.last_log_id().map_err(read_err)?.or(purged);
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        self.put_meta(KEY_VOTE, vote, "vote")
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        self.db
+            .get(CF_META, KEY_VOTE)
+            .map_err(|e| StorageIOError::read_vote(&e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
+        // Not synced: losing the committed index on a crash only delays re-applying entries,
+        // which openraft recovers from the log.
+        let bytes = encode(&committed, "committed").map_err(write_err)?;
+        let cf = self.db.cf(CF_META).map_err(write_err)?;
+        self.db
+            .db
+            .put_cf_opt(cf, KEY_COMMITTED, bytes, &self.db.write_opts(false))
+            .map_err(write_err)?;
+        self.committed
+            .store(committed.map_or(u64::MAX, |l| l.index), Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
+        let c: Option<Option<LogId>> = self.db.get(CF_META, KEY_COMMITTED).map_err(read_err)?;
+        Ok(c.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let cf = self.db.cf(CF_LOG).map_err(write_err)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        for entry in entries {
+            let bytes = encode(&entry, "log entry").map_err(write_err)?;
+            batch.put_cf(cf, index_key(entry.log_id.index), bytes);
+        }
+        // One synced write per append call: group commit upstream makes this one fsync per batch.
+        let res = self.db.db.write_opt(batch, &self.db.write_opts(true));
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> StorageResult<()> {
+        let cf = self.db.cf(CF_LOG).map_err(write_err)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.delete_range_cf(cf, index_key(log_id.index), index_key(u64::MAX));
+        // The entry at u64::MAX is never written (openraft indexes stay far below it).
+        self.db
+            .db
+            .write_opt(batch, &self.db.write_opts(true))
+            .map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
+        let cf = self.db.cf(CF_LOG).map_err(write_err)?;
+        let meta = self.db.cf(CF_META).map_err(write_err)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(meta, KEY_PURGED, encode(&log_id, "purged").map_err(write_err)?);
+        batch.delete_range_cf(cf, index_key(0), index_key(log_id.index + 1));
+        self.db
+            .db
+            .write_opt(batch, &self.db.write_opts(true))
+            .map_err(write_err)
+    }
+}

@@ -1,0 +1,714 @@
+//! The replicated state machine on RocksDB: named maps, their schemas, membership, snapshots.
+//!
+//! Each `apply` call writes one atomic RocksDB batch holding every change of the applied entries
+//! together with the new applied log id, so the stored state is always exactly the state after
+//! some log index. Snapshots are a full copy of that state, written to a file and streamed to
+//! peers in chunks by openraft; installing one replaces the state in one atomic batch.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::db::{
+    data_key, decode, encode, map_prefix, split_data_key, Db, CF_SM_DATA, CF_SM_META,
+};
+use crate::error::{Result, StorageError, ValidationError};
+use crate::model::{
+    validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, LogId,
+    MapSchema, MapType, NodeId, NodeInfo, Op, StoredMembership, TypeConfig,
+};
+
+type StorageResult<T> = std::result::Result<T, openraft::StorageError<NodeId>>;
+
+const KEY_APPLIED: &[u8] = b"applied";
+const KEY_MEMBERSHIP: &[u8] = b"membership";
+const KEY_CLUSTER: &[u8] = b"cluster";
+const PREFIX_SCHEMA: &str = "schema/";
+const PREFIX_COUNT: &str = "count/";
+/// How many applied entries are kept in memory for watchers that resume from an index.
+const RECENT_EVENTS: usize = 4096;
+
+/// One change to one key, as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Declare(MapSchema),
+    Put {
+        map: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        map: String,
+        key: Vec<u8>,
+    },
+}
+
+/// What the state machine tells its observers after each apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmEvent {
+    /// The changes one log entry made, in order, with the client batches' origins.
+    Applied {
+        index: u64,
+        changes: Vec<Change>,
+        origins: Vec<(NodeId, u64)>,
+    },
+    /// The whole state was replaced by a snapshot ending at `index`.
+    SnapshotInstalled { index: u64 },
+}
+
+impl SmEvent {
+    pub fn index(&self) -> u64 {
+        match self {
+            SmEvent::Applied { index, .. } | SmEvent::SnapshotInstalled { index } => *index,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct Cache {
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    cluster: ClusterInfo,
+    schemas: BTreeMap<String, MapSchema>,
+    counts: HashMap<String, u64>,
+}
+
+/// Recently applied events, for watchers resuming from an index.
+#[derive(Debug, Default)]
+struct Recent {
+    /// Every event with an index above `floor` is in `events`.
+    floor: u64,
+    events: VecDeque<Arc<SmEvent>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    db: Arc<Db>,
+    cache: RwLock<Cache>,
+    events: broadcast::Sender<Arc<SmEvent>>,
+    recent: Mutex<Recent>,
+    applied_tx: watch::Sender<u64>,
+}
+
+/// Read access to the applied state, shared with the API layer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct StateView {
+    shared: Arc<Shared>,
+}
+
+/// openraft state machine. Construct with [`crate::open`].
+#[derive(Debug)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+    snapshot_path: PathBuf,
+}
+
+/// The snapshot as it travels: the whole replicated state.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotPayload {
+    cluster: ClusterInfo,
+    schemas: Vec<MapSchema>,
+    /// `(data key, value)`, sorted.
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The snapshot as stored on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    data: Vec<u8>,
+}
+
+fn sm_read_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
+    StorageIOError::read_state_machine(&e).into()
+}
+fn sm_write_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
+    StorageIOError::write_state_machine(&e).into()
+}
+fn snap_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
+impl StateMachine {
+    pub(crate) fn new(db: Arc<Db>, snapshot_path: PathBuf) -> Result<(Self, StateView)> {
+        let cache = load_cache(&db)?;
+        let applied = cache.applied.map_or(0, |l| l.index);
+        let (events, _) = broadcast::channel(1024);
+        let (applied_tx, _) = watch::channel(applied);
+        let shared = Arc::new(Shared {
+            db,
+            cache: RwLock::new(cache),
+            events,
+            recent: Mutex::new(Recent {
+                floor: applied,
+                events: VecDeque::new(),
+            }),
+            applied_tx,
+        });
+        Ok((
+            Self {
+                shared: shared.clone(),
+                snapshot_path,
+            },
+            StateView { shared },
+        ))
+    }
+
+    fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<ApplyResult>> {
+        let shared = &self.shared;
+        let db = &shared.db;
+        let mut work = read_cache(shared).clone();
+        let mut pending: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        let mut touched_schemas: Vec<String> = Vec::new();
+        let mut membership_changed = false;
+        let mut cluster_changed = false;
+        let mut results = Vec::with_capacity(entries.len());
+        let mut events = Vec::with_capacity(entries.len());
+
+        for entry in entries {
+            work.applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => results.push(ApplyResult::default()),
+                EntryPayload::Membership(m) => {
+                    work.membership = StoredMembership::new(Some(entry.log_id), m);
+                    membership_changed = true;
+                    results.push(ApplyResult::default());
+                }
+                EntryPayload::Normal(proposal) => {
+                    for admin in &proposal.admin {
+                        cluster_changed = true;
+                        match admin {
+                            AdminOp::InitCluster { cluster_id } => {
+                                if work.cluster.cluster_id.is_none() {
+                                    work.cluster.cluster_id = Some(cluster_id.clone());
+                                }
+                            }
+                            AdminOp::RetireNode { node_id } => {
+                                if !work.cluster.retired.contains(node_id) {
+                                    work.cluster.retired.push(*node_id);
+                                }
+                            }
+                        }
+                    }
+                    let mut outcomes = Vec::with_capacity(proposal.batches.len());
+                    let mut changes = Vec::new();
+                    let mut origins = Vec::with_capacity(proposal.batches.len());
+                    for batch in &proposal.batches {
+                        let outcome =
+                            stage_batch(db, &mut work, &mut pending, batch, &mut changes)?;
+                        if outcome == BatchOutcome::Applied {
+                            origins.push((batch.origin, batch.seq));
+                        }
+                        outcomes.push(outcome);
+                    }
+                    touched_schemas.extend(changes.iter().filter_map(|c| match c {
+                        Change::Declare(s) => Some(s.name.clone()),
+                        _ => None,
+                    }));
+                    events.push(SmEvent::Applied {
+                        index: entry.log_id.index,
+                        changes,
+                        origins,
+                    });
+                    results.push(ApplyResult { outcomes });
+                }
+            }
+        }
+
+        // One atomic write: data, counts, schemas, membership and the applied log id together.
+        let data_cf = db.cf(CF_SM_DATA)?;
+        let meta_cf = db.cf(CF_SM_META)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        for (k, v) in &pending {
+            match v {
+                Some(v) => batch.put_cf(data_cf, k, v),
+                None => batch.delete_cf(data_cf, k),
+            }
+        }
+        for (map, count) in &work.counts {
+            batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());
+        }
+        for name in &touched_schemas {
+            if let Some(s) = work.schemas.get(name) {
+                batch.put_cf(meta_cf, format!("{PREFIX_SCHEMA}{name}"), encode(s, "schema")?);
+            }
+        }
+        if membership_changed {
+            batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&work.membership, "membership")?);
+        }
+        if cluster_changed {
+            batch.put_cf(meta_cf, KEY_CLUSTER, encode(&work.cluster, "cluster")?);
+        }
+        batch.put_cf(meta_cf, KEY_APPLIED, encode(&work.applied, "applied")?);
+        // Not synced on its own: the log is durable, and this database shares its write-ahead
+        // log with the log store, so the next synced log write also makes this one durable.
+        db.db.write_opt(batch, &db.write_opts(false))?;
+
+        let applied = work.applied.map_or(0, |l| l.index);
+        *write_cache(shared) = work;
+        for ev in events {
+            shared.publish(ev);
+        }
+        shared.applied_tx.send_replace(applied);
+        Ok(results)
+    }
+
+    fn install(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: Vec<u8>) -> Result<()> {
+        let payload: SnapshotPayload = decode(&data, || format!("snapshot {}", meta.snapshot_id))?;
+        let db = &self.shared.db;
+        let data_cf = db.cf(CF_SM_DATA)?;
+        let meta_cf = db.cf(CF_SM_META)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.delete_range_cf(data_cf, [0u8].as_slice(), [0xffu8; 2].as_slice());
+        batch.delete_range_cf(meta_cf, [0u8].as_slice(), [0xffu8; 2].as_slice());
+        let mut cache = Cache {
+            applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            cluster: payload.cluster,
+            ..Cache::default()
+        };
+        for s in payload.schemas {
+            batch.put_cf(meta_cf, format!("{PREFIX_SCHEMA}{}", s.name), encode(&s, "schema")?);
+            cache.counts.insert(s.name.clone(), 0);
+            cache.schemas.insert(s.name.clone(), s);
+        }
+        for (k, v) in &payload.entries {
+            if let Some((map, _)) = split_data_key(k) {
+                *cache.counts.entry(map.to_string()).or_default() += 1;
+            }
+            batch.put_cf(data_cf, k, v);
+        }
+        for (map, count) in &cache.counts {
+            batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());
+        }
+        batch.put_cf(meta_cf, KEY_APPLIED, encode(&cache.applied, "applied")?);
+        batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&cache.membership, "membership")?);
+        batch.put_cf(meta_cf, KEY_CLUSTER, encode(&cache.cluster, "cluster")?);
+        db.db.write_opt(batch, &db.write_opts(true))?;
+        write_snapshot_file(
+            &self.snapshot_path,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        let index = cache.applied.map_or(0, |l| l.index);
+        *write_cache(&self.shared) = cache;
+        self.shared.publish(SmEvent::SnapshotInstalled { index });
+        self.shared.applied_tx.send_replace(index);
+        tracing::info!(snapshot = %meta.snapshot_id, index, "installed snapshot");
+        Ok(())
+    }
+}
+
+/// Applies one client batch to the working state, all or nothing.
+fn stage_batch(
+    db: &Db,
+    work: &mut Cache,
+    pending: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+    batch: &ClientBatch,
+    changes: &mut Vec<Change>,
+) -> Result<BatchOutcome> {
+    if let Err(e) = validate_batch(&batch.ops, &work.schemas) {
+        return Ok(BatchOutcome::Rejected(e));
+    }
+    // Effects of this batch alone, layered over `pending` and the database.
+    let mut local: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    let mut declared: Vec<MapSchema> = Vec::new();
+    let mut count_delta: HashMap<&str, i64> = HashMap::new();
+    let mut mismatches = Vec::new();
+    let current = |k: &[u8], local: &[(Vec<u8>, Option<Vec<u8>>)]| -> Result<Option<Vec<u8>>> {
+        if let Some((_, v)) = local.iter().rev().find(|(lk, _)| lk == k) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = pending.get(k) {
+            return Ok(v.clone());
+        }
+        Ok(db.db.get_cf(db.cf(CF_SM_DATA)?, k)?)
+    };
+    for (i, op) in batch.ops.iter().enumerate() {
+        let (map, key, new) = match op {
+            Op::DeclareMap(s) => {
+                if !work.schemas.contains_key(&s.name) && !declared.iter().any(|d| d.name == s.name)
+                {
+                    declared.push(s.clone());
+                }
+                continue;
+            }
+            Op::Put { map, key, value } => (map, key, Some(value.clone())),
+            Op::Delete { map, key } => (map, key, None),
+            Op::CompareAndSwap {
+                map,
+                key,
+                expected,
+                new,
+            } => {
+                let k = data_key(map, key);
+                let actual = current(&k, &local)?;
+                if &actual != expected {
+                    // Index fits: batches hold at most MAX_BATCH_OPS operations.
+                    mismatches.push((i as u32, actual));
+                    continue;
+                }
+                (map, key, new.clone())
+            }
+        };
+        let k = data_key(map, key);
+        let existed = current(&k, &local)?.is_some();
+        let delta = i64::from(new.is_some()) - i64::from(existed);
+        *count_delta.entry(map.as_str()).or_default() += delta;
+        local.push((k, new));
+    }
+    if !mismatches.is_empty() {
+        return Ok(BatchOutcome::CasFailed(mismatches));
+    }
+    let schema_of = |name: &str| {
+        work.schemas
+            .get(name)
+            .or_else(|| declared.iter().find(|d| d.name == name))
+    };
+    for (map, delta) in &count_delta {
+        let Some(schema) = schema_of(map) else { continue };
+        let count = work.counts.get(*map).copied().unwrap_or(0) as i64 + delta;
+        if schema.map_type != MapType::Array && count > i64::from(schema.max_entries) {
+            return Ok(BatchOutcome::Rejected(ValidationError::MapFull {
+                map: schema.name.clone(),
+                max_entries: schema.max_entries,
+            }));
+        }
+    }
+    // Commit the batch into the working state.
+    for s in declared {
+        work.counts.insert(s.name.clone(), 0);
+        changes.push(Change::Declare(s.clone()));
+        work.schemas.insert(s.name.clone(), s);
+    }
+    for (map, delta) in count_delta {
+        let c = work.counts.entry(map.to_string()).or_default();
+        *c = (*c as i64 + delta).max(0) as u64;
+    }
+    for (k, v) in local {
+        if let Some((map, key)) = split_data_key(&k) {
+            changes.push(match &v {
+                Some(value) => Change::Put {
+                    map: map.to_string(),
+                    key: key.to_vec(),
+                    value: value.clone(),
+                },
+                None => Change::Delete {
+                    map: map.to_string(),
+                    key: key.to_vec(),
+                },
+            });
+        }
+        pending.insert(k, v);
+    }
+    Ok(BatchOutcome::Applied)
+}
+
+fn read_cache(shared: &Shared) -> std::sync::RwLockReadGuard<'_, Cache> {
+    // A poisoned lock means a panic while holding it; the cache is replaced wholesale under the
+    // lock, so its content is still consistent.
+    shared.cache.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_cache(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, Cache> {
+    shared.cache.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn publish(&self, ev: SmEvent) {
+        let ev = Arc::new(ev);
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if let SmEvent::SnapshotInstalled { index } = *ev {
+                recent.events.clear();
+                recent.floor = index;
+            } else {
+                recent.events.push_back(ev.clone());
+            }
+            while recent.events.len() > RECENT_EVENTS {
+                if let Some(old) = recent.events.pop_front() {
+                    recent.floor = old.index();
+                }
+            }
+        }
+        // No receivers is fine.
+        let _ = self.events.send(ev);
+    }
+}
+
+fn load_cache(db: &Db) -> Result<Cache> {
+    let mut cache = Cache {
+        applied: db.get::<Option<LogId>>(CF_SM_META, KEY_APPLIED)?.flatten(),
+        membership: db.get(CF_SM_META, KEY_MEMBERSHIP)?.unwrap_or_default(),
+        cluster: db.get(CF_SM_META, KEY_CLUSTER)?.unwrap_or_default(),
+        ..Cache::default()
+    };
+    let cf = db.cf(CF_SM_META)?;
+    for item in db.db.prefix_iterator_cf(cf, PREFIX_SCHEMA) {
+        let (k, v) = item?;
+        if !k.starts_with(PREFIX_SCHEMA.as_bytes()) {
+            break;
+        }
+        let s: MapSchema = decode(&v, || String::from_utf8_lossy(&k).into_owned())?;
+        cache.schemas.insert(s.name.clone(), s);
+    }
+    for item in db.db.prefix_iterator_cf(cf, PREFIX_COUNT) {
+        let (k, v) = item?;
+        if !k.starts_with(PREFIX_COUNT.as_bytes()) {
+            break;
+        }
+        let name = String::from_utf8_lossy(&k[PREFIX_COUNT.len()..]).into_owned();
+        let n = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+        cache.counts.insert(name, n);
+    }
+    Ok(cache)
+}
+
+fn write_snapshot_file(path: &Path, snap: &StoredSnapshot) -> Result<()> {
+    let io = |source| StorageError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let bytes = encode(snap, "snapshot")?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}
+
+fn read_snapshot_file(path: &Path) -> Result<Option<StoredSnapshot>> {
+    match std::fs::read(path) {
+        Ok(bytes) => decode(&bytes, || path.display().to_string()).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StorageError::Io {
+            path: path.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Builds a snapshot from a copy of the state taken between two applies.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    meta: SnapshotMeta<NodeId, NodeInfo>,
+    payload: Option<SnapshotPayload>,
+    snapshot_path: PathBuf,
+    error: Option<String>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        if let Some(e) = &self.error {
+            return Err(snap_err(std::io::Error::other(e.clone())));
+        }
+        let payload = self.payload.take().ok_or_else(|| {
+            snap_err(std::io::Error::other("snapshot builder used twice"))
+        })?;
+        let data = encode(&payload, "snapshot payload").map_err(snap_err)?;
+        let stored = StoredSnapshot {
+            meta: self.meta.clone(),
+            data,
+        };
+        write_snapshot_file(&self.snapshot_path, &stored).map_err(snap_err)?;
+        tracing::info!(snapshot = %stored.meta.snapshot_id, entries = payload.entries.len(), "built snapshot");
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId>, StoredMembership)> {
+        let c = read_cache(&self.shared);
+        Ok((c.applied, c.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<ApplyResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        self.apply_entries(entries).map_err(sm_write_err)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        // Copy the state now, between two applies, so the snapshot is exactly the state at
+        // `applied`; serialising and writing it happens later, off the apply path.
+        let cache = read_cache(&self.shared).clone();
+        let snapshot_id = format!(
+            "{}-{}",
+            cache.applied.map_or(0, |l| l.index),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_millis()
+        );
+        let meta = SnapshotMeta {
+            last_log_id: cache.applied,
+            last_membership: cache.membership.clone(),
+            snapshot_id,
+        };
+        let entries = self.shared.scan_all();
+        let (payload, error) = match entries {
+            Ok(entries) => (
+                Some(SnapshotPayload {
+                    cluster: cache.cluster.clone(),
+                    schemas: cache.schemas.values().cloned().collect(),
+                    entries,
+                }),
+                None,
+            ),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        SnapshotBuilder {
+            meta,
+            payload,
+            snapshot_path: self.snapshot_path.clone(),
+            error,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        self.install(meta, snapshot.into_inner())
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let stored = read_snapshot_file(&self.snapshot_path).map_err(sm_read_err)?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+impl Shared {
+    fn scan_all(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let cf = self.db.cf(CF_SM_DATA)?;
+        let mut out = Vec::new();
+        for item in self.db.db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+impl StateView {
+    /// Index of the last applied log entry (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        *self.shared.applied_tx.borrow()
+    }
+
+    /// Waits until the applied index reaches `index`, or `timeout` passes. Returns whether it did.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut rx = self.shared.applied_tx.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|a| *a >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The value of `key` in `map` as of the applied index.
+    pub fn get(&self, map: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let db = &self.shared.db;
+        Ok(db.db.get_cf(db.cf(CF_SM_DATA)?, data_key(map, key))?)
+    }
+
+    /// Up to `limit` entries of `map` with keys strictly after `after`, in key order.
+    pub fn scan(&self, map: &str, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let db = &self.shared.db;
+        let prefix = map_prefix(map);
+        let start = after.map_or_else(|| prefix.clone(), |a| data_key(map, a));
+        let it = db.db.iterator_cf(
+            db.cf(CF_SM_DATA)?,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let key = &k[prefix.len()..];
+            if after.is_some_and(|a| a == key) {
+                continue;
+            }
+            out.push((key.to_vec(), v.to_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn schema(&self, map: &str) -> Option<MapSchema> {
+        read_cache(&self.shared).schemas.get(map).cloned()
+    }
+
+    pub fn schemas(&self) -> Vec<MapSchema> {
+        read_cache(&self.shared).schemas.values().cloned().collect()
+    }
+
+    /// Number of entries in `map`.
+    pub fn entry_count(&self, map: &str) -> u64 {
+        read_cache(&self.shared).counts.get(map).copied().unwrap_or(0)
+    }
+
+    pub fn cluster(&self) -> ClusterInfo {
+        read_cache(&self.shared).cluster.clone()
+    }
+
+    pub fn membership(&self) -> StoredMembership {
+        read_cache(&self.shared).membership.clone()
+    }
+
+    /// Subscribes to events of entries applied from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SmEvent>> {
+        self.shared.events.subscribe()
+    }
+
+    /// Events with index greater than `after` still held in memory, or `None` when some of them
+    /// are no longer held (the caller must then start from a full read).
+    pub fn events_since(&self, after: u64) -> Option<Vec<Arc<SmEvent>>> {
+        let recent = self.shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if after < recent.floor {
+            return None;
+        }
+        Some(
+            recent
+                .events
+                .iter()
+                .filter(|e| e.index() > after)
+                .cloned()
+                .collect(),
+        )
+    }
+}
