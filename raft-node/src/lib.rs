@@ -1,0 +1,30 @@
+//! The raftmap node: openraft over gRPC on top of `raftmap-storage`, with group commit, leader
+//! forwarding, linearizable reads (read-index), the client and admin APIs, and metrics.
+//!
+//! ```text
+//! client ─Kv.Write─> Batcher (group commit) ─> Proposer ─┬─ leader: raft.client_write
+//!                                                        └─ otherwise: Peer.Propose to the leader
+//! openraft ─Peer.{Vote,AppendEntries,InstallSnapshot}─> other nodes
+//! committed entries ─> StateMachine (RocksDB) ─> StateView (reads, watch)
+//! ```
+//!
+//! The public API is small: [`RunningNode`] (start a node from a [`NodeConfig`]), [`Client`]
+//! (talk to a cluster) and [`local_cluster`] (run several nodes as processes on loopback).
+
+mod client;
+mod error;
+mod http;
+mod identity;
+pub mod local_cluster;
+mod metrics;
+mod network;
+mod node;
+mod propose;
+mod service;
+
+pub use client::{put, Client};
+pub use error::{NodeError, Result};
+pub use node::{NodeConfig, RunningNode};
+pub use propose::BatchConfig;
+pub use raftmap_proto as proto;
+pub use raftmap_storage as storage;

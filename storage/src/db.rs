@@ -54,10 +54,11 @@ impl Db {
         let cfs = ALL_CFS
             .iter()
             .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StorageError::Open {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        let db =
+            DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StorageError::Open {
+                path: dir.display().to_string(),
+                source,
+            })?;
         Ok(Arc::new(Self { db, opts }))
     }
 
@@ -73,10 +74,16 @@ impl Db {
         w
     }
 
-    pub(crate) fn get<T: DeserializeOwned>(&self, cf: &'static str, key: &[u8]) -> Result<Option<T>> {
+    pub(crate) fn get<T: DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        key: &[u8],
+    ) -> Result<Option<T>> {
         match self.db.get_pinned_cf(self.cf(cf)?, key)? {
             None => Ok(None),
-            Some(bytes) => decode(&bytes, || format!("{cf}/{}", String::from_utf8_lossy(key))).map(Some),
+            Some(bytes) => {
+                decode(&bytes, || format!("{cf}/{}", String::from_utf8_lossy(key))).map(Some)
+            }
         }
     }
 }
@@ -85,7 +92,10 @@ pub(crate) fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<
     postcard::to_stdvec(value).map_err(|source| StorageError::Encode { what, source })
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: impl FnOnce() -> String) -> Result<T> {
+pub(crate) fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<T> {
     postcard::from_bytes(bytes).map_err(|source| StorageError::Decode {
         what: what(),
         source,

@@ -24,7 +24,10 @@ pub use state_machine::{Change, SmEvent, SnapshotBuilder, StateMachine, StateVie
 
 /// Opens (creating if needed) the store under `dir`: RocksDB in `dir/db`, the current snapshot in
 /// `dir/snapshot.bin`.
-pub fn open(dir: &Path, opts: StoreOptions) -> Result<(LogStore, StateMachine, StateView), StorageError> {
+pub fn open(
+    dir: &Path,
+    opts: StoreOptions,
+) -> Result<(LogStore, StateMachine, StateView), StorageError> {
     std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
         path: dir.display().to_string(),
         source,

@@ -47,7 +47,12 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T, what: &'static str) -> crate::error::Result<()> {
+    fn put_meta<T: serde::Serialize>(
+        &self,
+        key: &[u8],
+        value: &T,
+        what: &'static str,
+    ) -> crate::error::Result<()> {
         let bytes = encode(value, what)?;
         self.db
             .db
@@ -56,7 +61,10 @@ impl LogStore {
     }
 
     fn last_log_id(&self) -> crate::error::Result<Option<LogId>> {
-        let mut it = self.db.db.iterator_cf(self.db.cf(CF_LOG)?, rocksdb::IteratorMode::End);
+        let mut it = self
+            .db
+            .db
+            .iterator_cf(self.db.cf(CF_LOG)?, rocksdb::IteratorMode::End);
         match it.next() {
             None => Ok(None),
             Some(item) => {
@@ -67,13 +75,17 @@ impl LogStore {
         }
     }
 
-    fn read_range(&self, start: u64, end: Option<u64>) -> crate::error::Result<Vec<Entry<TypeConfig>>> {
+    fn read_range(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> crate::error::Result<Vec<Entry<TypeConfig>>> {
         let cf = self.db.cf(CF_LOG)?;
         let from = index_key(start);
-        let it = self
-            .db
-            .db
-            .iterator_cf(cf, rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward));
+        let it = self.db.db.iterator_cf(
+            cf,
+            rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+        );
         let mut out = Vec::new();
         for item in it {
             let (k, v) = item?;
@@ -200,7 +212,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let cf = self.db.cf(CF_LOG).map_err(write_err)?;
         let meta = self.db.cf(CF_META).map_err(write_err)?;
         let mut batch = rocksdb::WriteBatch::default();
-        batch.put_cf(meta, KEY_PURGED, encode(&log_id, "purged").map_err(write_err)?);
+        batch.put_cf(
+            meta,
+            KEY_PURGED,
+            encode(&log_id, "purged").map_err(write_err)?,
+        );
         batch.delete_range_cf(cf, index_key(0), index_key(log_id.index + 1));
         self.db
             .db

@@ -118,7 +118,10 @@ impl MapSchema {
             reason,
         };
         if self.key_size == 0 || self.key_size > MAX_KEY_SIZE {
-            return Err(bad(format!("key size {} is not in 1..={MAX_KEY_SIZE}", self.key_size)));
+            return Err(bad(format!(
+                "key size {} is not in 1..={MAX_KEY_SIZE}",
+                self.key_size
+            )));
         }
         if self.value_size == 0 || self.value_size > MAX_VALUE_SIZE {
             return Err(bad(format!(
@@ -187,7 +190,9 @@ impl Op {
             Op::Delete { key, .. } => key.len(),
             Op::CompareAndSwap {
                 key, expected, new, ..
-            } => key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len),
+            } => {
+                key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
+            }
         }
     }
 }
@@ -444,15 +449,24 @@ mod tests {
     #[test]
     fn conflicting_redeclaration_is_refused_identical_is_accepted() {
         let mut same = schemas()["ct"].clone();
-        assert_eq!(validate_batch(&[Op::DeclareMap(same.clone())], &schemas()), Ok(()));
+        assert_eq!(
+            validate_batch(&[Op::DeclareMap(same.clone())], &schemas()),
+            Ok(())
+        );
         same.value_size = 16;
         let err = validate_batch(&[Op::DeclareMap(same)], &schemas()).unwrap_err();
-        assert!(matches!(err, ValidationError::SchemaConflict { .. }), "{err}");
+        assert!(
+            matches!(err, ValidationError::SchemaConflict { .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn batch_limits() {
-        assert_eq!(validate_batch(&[], &schemas()), Err(ValidationError::EmptyBatch));
+        assert_eq!(
+            validate_batch(&[], &schemas()),
+            Err(ValidationError::EmptyBatch)
+        );
         let ops: Vec<Op> = (0..=MAX_BATCH_OPS)
             .map(|_| Op::Delete {
                 map: "ct".into(),

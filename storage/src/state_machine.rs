@@ -18,13 +18,11 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::db::{
-    data_key, decode, encode, map_prefix, split_data_key, Db, CF_SM_DATA, CF_SM_META,
-};
+use crate::db::{data_key, decode, encode, map_prefix, split_data_key, Db, CF_SM_DATA, CF_SM_META};
 use crate::error::{Result, StorageError, ValidationError};
 use crate::model::{
-    validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, LogId,
-    MapSchema, MapType, NodeId, NodeInfo, Op, StoredMembership, TypeConfig,
+    validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, LogId, MapSchema,
+    MapType, NodeId, NodeInfo, Op, StoredMembership, TypeConfig,
 };
 
 type StorageResult<T> = std::result::Result<T, openraft::StorageError<NodeId>>;
@@ -239,11 +237,19 @@ impl StateMachine {
         }
         for name in &touched_schemas {
             if let Some(s) = work.schemas.get(name) {
-                batch.put_cf(meta_cf, format!("{PREFIX_SCHEMA}{name}"), encode(s, "schema")?);
+                batch.put_cf(
+                    meta_cf,
+                    format!("{PREFIX_SCHEMA}{name}"),
+                    encode(s, "schema")?,
+                );
             }
         }
         if membership_changed {
-            batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&work.membership, "membership")?);
+            batch.put_cf(
+                meta_cf,
+                KEY_MEMBERSHIP,
+                encode(&work.membership, "membership")?,
+            );
         }
         if cluster_changed {
             batch.put_cf(meta_cf, KEY_CLUSTER, encode(&work.cluster, "cluster")?);
@@ -277,7 +283,11 @@ impl StateMachine {
             ..Cache::default()
         };
         for s in payload.schemas {
-            batch.put_cf(meta_cf, format!("{PREFIX_SCHEMA}{}", s.name), encode(&s, "schema")?);
+            batch.put_cf(
+                meta_cf,
+                format!("{PREFIX_SCHEMA}{}", s.name),
+                encode(&s, "schema")?,
+            );
             cache.counts.insert(s.name.clone(), 0);
             cache.schemas.insert(s.name.clone(), s);
         }
@@ -291,7 +301,11 @@ impl StateMachine {
             batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());
         }
         batch.put_cf(meta_cf, KEY_APPLIED, encode(&cache.applied, "applied")?);
-        batch.put_cf(meta_cf, KEY_MEMBERSHIP, encode(&cache.membership, "membership")?);
+        batch.put_cf(
+            meta_cf,
+            KEY_MEMBERSHIP,
+            encode(&cache.membership, "membership")?,
+        );
         batch.put_cf(meta_cf, KEY_CLUSTER, encode(&cache.cluster, "cluster")?);
         db.db.write_opt(batch, &db.write_opts(true))?;
         write_snapshot_file(
@@ -377,7 +391,9 @@ fn stage_batch(
             .or_else(|| declared.iter().find(|d| d.name == name))
     };
     for (map, delta) in &count_delta {
-        let Some(schema) = schema_of(map) else { continue };
+        let Some(schema) = schema_of(map) else {
+            continue;
+        };
         let count = work.counts.get(*map).copied().unwrap_or(0) as i64 + delta;
         if schema.map_type != MapType::Array && count > i64::from(schema.max_entries) {
             return Ok(BatchOutcome::Rejected(ValidationError::MapFull {
@@ -487,7 +503,9 @@ fn write_snapshot_file(path: &Path, snap: &StoredSnapshot) -> Result<()> {
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
     }
     Ok(())
 }
@@ -517,9 +535,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         if let Some(e) = &self.error {
             return Err(snap_err(std::io::Error::other(e.clone())));
         }
-        let payload = self.payload.take().ok_or_else(|| {
-            snap_err(std::io::Error::other("snapshot builder used twice"))
-        })?;
+        let payload = self
+            .payload
+            .take()
+            .ok_or_else(|| snap_err(std::io::Error::other("snapshot builder used twice")))?;
         let data = encode(&payload, "snapshot payload").map_err(snap_err)?;
         let stored = StoredSnapshot {
             meta: self.meta.clone(),
@@ -643,7 +662,12 @@ impl StateView {
     }
 
     /// Up to `limit` entries of `map` with keys strictly after `after`, in key order.
-    pub fn scan(&self, map: &str, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub fn scan(
+        &self,
+        map: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let db = &self.shared.db;
         let prefix = map_prefix(map);
         let start = after.map_or_else(|| prefix.clone(), |a| data_key(map, a));
@@ -673,13 +697,22 @@ impl StateView {
         read_cache(&self.shared).schemas.get(map).cloned()
     }
 
+    /// Every declared schema by name.
+    pub fn schema_map(&self) -> BTreeMap<String, MapSchema> {
+        read_cache(&self.shared).schemas.clone()
+    }
+
     pub fn schemas(&self) -> Vec<MapSchema> {
         read_cache(&self.shared).schemas.values().cloned().collect()
     }
 
     /// Number of entries in `map`.
     pub fn entry_count(&self, map: &str) -> u64 {
-        read_cache(&self.shared).counts.get(map).copied().unwrap_or(0)
+        read_cache(&self.shared)
+            .counts
+            .get(map)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn cluster(&self) -> ClusterInfo {

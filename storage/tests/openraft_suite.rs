@@ -7,7 +7,9 @@ use tempfile::TempDir;
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
-    async fn build(&self) -> Result<(TempDir, LogStore, StateMachine), openraft::StorageError<NodeId>> {
+    async fn build(
+        &self,
+    ) -> Result<(TempDir, LogStore, StateMachine), openraft::StorageError<NodeId>> {
         let dir = TempDir::new().expect("temp dir");
         let (log, sm, _view) = open(dir.path(), StoreOptions::default()).expect("open store");
         Ok((dir, log, sm))

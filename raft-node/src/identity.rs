@@ -1,0 +1,155 @@
+//! The node's identity, persisted in its data dir so that a node id is bound to one data dir
+//! and never reused for another.
+
+use std::path::{Path, PathBuf};
+
+use raftmap_storage::NodeId;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{NodeError, Result};
+
+const IDENTITY_FILE: &str = "identity.json";
+const FORMAT: u32 = 1;
+
+/// What `identity.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format: u32,
+    pub node_id: NodeId,
+}
+
+impl Identity {
+    /// Writes `identity.json`; called once the new database exists.
+    pub fn persist(&self, dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| NodeError::DataDir(format!("encoding identity: {e}")))?;
+        write_atomic(&dir.join(IDENTITY_FILE), &bytes)
+    }
+}
+
+/// Opens the data dir at `dir`, or prepares a new one for node `requested` (required for a new
+/// dir). Returns the identity and whether the dir is new; a new identity is written with
+/// [`Identity::persist`] once the database has been created, so that an identity file always
+/// comes with a database.
+///
+/// Refuses a dir that holds something other than a raftmap data dir, an identity file that
+/// cannot be read, an identity without its database, and a node id that differs from the one
+/// the dir was created for.
+pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity, bool)> {
+    let path = dir.join(IDENTITY_FILE);
+    let err = |m: String| NodeError::DataDir(m);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let id: Identity = serde_json::from_slice(&bytes).map_err(|e| {
+                err(format!(
+                    "{} is corrupt ({e}); refusing to start rather than guess this node's identity",
+                    path.display()
+                ))
+            })?;
+            if id.format != FORMAT {
+                return Err(err(format!(
+                    "{} has format {}, this raftmap reads format {FORMAT}",
+                    path.display(),
+                    id.format
+                )));
+            }
+            if let Some(r) = requested {
+                if r != id.node_id {
+                    return Err(err(format!(
+                        "{} belongs to node {}, not node {r}: node ids are bound to their data dir",
+                        dir.display(),
+                        id.node_id
+                    )));
+                }
+            }
+            if !dir.join("db").join("CURRENT").exists() {
+                return Err(err(format!(
+                    "{} has an identity but no database (db/CURRENT is missing): the data dir is damaged",
+                    dir.display()
+                )));
+            }
+            Ok((id, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let node_id = requested.ok_or_else(|| {
+                err(format!(
+                    "{} is a new data dir: pass --node-id to give this node its identity",
+                    dir.display()
+                ))
+            })?;
+            if node_id == 0 {
+                return Err(err("node id 0 is reserved; use 1 or more".into()));
+            }
+            // A `db` alone is what an interrupted first start leaves; it has never served.
+            let foreign = dir.exists()
+                && std::fs::read_dir(dir)
+                    .map_err(|e| io(dir, e))?
+                    .filter_map(|e| e.ok())
+                    .any(|e| e.file_name() != "db");
+            if foreign {
+                return Err(err(format!(
+                    "{} is not empty and is not a raftmap data dir (no {IDENTITY_FILE}); refusing to use it",
+                    dir.display()
+                )));
+            }
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+            Ok((
+                Identity {
+                    format: FORMAT,
+                    node_id,
+                },
+                true,
+            ))
+        }
+        Err(e) => Err(io(&path, e)),
+    }
+}
+
+fn io(path: &Path, e: std::io::Error) -> NodeError {
+    NodeError::DataDir(format!("{}: {e}", path.display()))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp: PathBuf = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io(&tmp, e))?;
+    f.sync_all().map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_dir_needs_node_id_and_binds_it() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("n1");
+        let e = load_or_create(&dir, None).unwrap_err().to_string();
+        assert!(e.contains("pass --node-id"), "{e}");
+        let (id, fresh) = load_or_create(&dir, Some(7)).unwrap();
+        assert!(fresh);
+        assert_eq!(id.node_id, 7);
+        id.persist(&dir).unwrap();
+        let e = load_or_create(&dir, None).unwrap_err().to_string();
+        assert!(e.contains("no database"), "{e}");
+        std::fs::create_dir_all(dir.join("db")).unwrap();
+        std::fs::write(dir.join("db/CURRENT"), "x").unwrap();
+        assert_eq!(load_or_create(&dir, None).unwrap(), (id, false));
+        let e = load_or_create(&dir, Some(8)).unwrap_err().to_string();
+        assert!(e.contains("belongs to node 7, not node 8"), "{e}");
+    }
+
+    #[test]
+    fn foreign_and_corrupt_dirs_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("somefile"), "hello").unwrap();
+        let e = load_or_create(t.path(), Some(1)).unwrap_err().to_string();
+        assert!(e.contains("not a raftmap data dir"), "{e}");
+        std::fs::write(t.path().join(IDENTITY_FILE), "{not json").unwrap();
+        let e = load_or_create(t.path(), Some(1)).unwrap_err().to_string();
+        assert!(e.contains("corrupt"), "{e}");
+    }
+}

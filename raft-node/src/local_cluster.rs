@@ -1,0 +1,301 @@
+//! A cluster of `raftmap agent` processes on loopback, each with its own data dir: the demo, the
+//! integration tests and the fault-injection harness all run nodes this way. Every process is
+//! killed when the [`LocalCluster`] is dropped, including on panic.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use raftmap_storage::NodeId;
+
+use crate::client::Client;
+use crate::error::{NodeError, Result};
+
+/// One agent process.
+#[derive(Debug)]
+pub struct LocalNode {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub api_addr: String,
+    pub metrics_addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl LocalNode {
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+/// How the nodes are started.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The `raftmap` binary.
+    pub bin: PathBuf,
+    /// Extra `raftmap agent` arguments for every node.
+    pub agent_args: Vec<String>,
+    /// `RUST_LOG` for the agents.
+    pub log_filter: String,
+}
+
+/// Nodes on loopback under one temporary directory.
+#[derive(Debug)]
+pub struct LocalCluster {
+    opts: ClusterOptions,
+    dir: tempfile::TempDir,
+    nodes: BTreeMap<NodeId, LocalNode>,
+}
+
+fn free_port() -> Result<String> {
+    // The port is released before the agent binds it; the kernel does not hand it out again
+    // immediately, which is what every loopback test harness relies on.
+    let l = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| NodeError::Internal(format!("no free port: {e}")))?;
+    let addr = l
+        .local_addr()
+        .map_err(|e| NodeError::Internal(format!("no free port: {e}")))?;
+    Ok(addr.to_string())
+}
+
+impl LocalCluster {
+    pub fn new(opts: ClusterOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("raftmap-cluster-")
+            .tempdir()
+            .map_err(|e| NodeError::Internal(format!("temp dir: {e}")))?;
+        Ok(Self {
+            opts,
+            dir,
+            nodes: BTreeMap::new(),
+        })
+    }
+
+    /// Where data dirs and logs live.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn node(&self, id: NodeId) -> Result<&LocalNode> {
+        self.nodes
+            .get(&id)
+            .ok_or_else(|| NodeError::NotFound(format!("no local node {id}")))
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> Result<&mut LocalNode> {
+        self.nodes
+            .get_mut(&id)
+            .ok_or_else(|| NodeError::NotFound(format!("no local node {id}")))
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// API addresses of every node started so far.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.api_addr.clone()).collect()
+    }
+
+    /// Starts a new node. With `join`, it joins through that node (as a learner when `learner`).
+    pub fn spawn(&mut self, id: NodeId, join: Option<NodeId>, learner: bool) -> Result<()> {
+        let join_addr = match join {
+            Some(j) => Some(self.node(j)?.api_addr.clone()),
+            None => None,
+        };
+        let node = LocalNode {
+            id,
+            raft_addr: free_port()?,
+            api_addr: free_port()?,
+            metrics_addr: free_port()?,
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            log_path: self.dir.path().join(format!("node-{id}.log")),
+            child: None,
+        };
+        self.nodes.insert(id, node);
+        let mut extra = Vec::new();
+        if let Some(a) = join_addr {
+            extra.push("--join".to_string());
+            extra.push(a);
+            if learner {
+                extra.push("--learner".into());
+            }
+        }
+        self.start_process(id, &extra)
+    }
+
+    /// Restarts a stopped node with its data dir (no `--join`: it is already a member).
+    pub fn restart(&mut self, id: NodeId) -> Result<()> {
+        self.start_process(id, &[])
+    }
+
+    fn start_process(&mut self, id: NodeId, extra: &[String]) -> Result<()> {
+        let opts = self.opts.clone();
+        let node = self.node_mut(id)?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", node.log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", node.log_path.display())))?;
+        let child = Command::new(&opts.bin)
+            .arg("agent")
+            .args(["--node-id", &id.to_string()])
+            .args(["--raft-addr", &node.raft_addr])
+            .args(["--api-addr", &node.api_addr])
+            .args(["--metrics-addr", &node.metrics_addr])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(extra)
+            .args(&opts.agent_args)
+            .env("RUST_LOG", &opts.log_filter)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| NodeError::Internal(format!("starting {}: {e}", opts.bin.display())))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self, id: NodeId) -> Result<()> {
+        let node = self.node_mut(id)?;
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Client connected to node `id`.
+    pub async fn client(&self, id: NodeId) -> Result<Client> {
+        Client::connect(&[self.node(id)?.api_addr.clone()]).await
+    }
+
+    /// Waits until node `id` answers its status call, or fails with its log's tail.
+    pub async fn wait_up(&mut self, id: NodeId, timeout: Duration) -> Result<()> {
+        self.wait_for(id, timeout, "answer status", |_| true).await
+    }
+
+    /// Waits until node `id` reports ready (member, leader known, caught up).
+    pub async fn wait_ready(&mut self, id: NodeId, timeout: Duration) -> Result<()> {
+        self.wait_for(id, timeout, "become ready", |s| s.ready)
+            .await
+    }
+
+    /// Waits until `cond` holds for node `id`'s status.
+    pub async fn wait_for(
+        &mut self,
+        id: NodeId,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&crate::proto::StatusResponse) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.node_mut(id)?.is_running() {
+                return Err(NodeError::Internal(format!(
+                    "node {id} exited while waiting for it to {what}; its log ends with:\n{}",
+                    self.log_tail(id, 20)
+                )));
+            }
+            let last = match self.client(id).await {
+                Ok(c) => match c.status().await {
+                    Ok(s) if cond(&s) => return Ok(()),
+                    Ok(s) => format!("{s:?}"),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(NodeError::Timeout(format!(
+                    "node {id} did not {what} within {timeout:?} (last: {last}); its log ends with:\n{}",
+                    self.log_tail(id, 20)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every node in `ids` has applied at least `index`.
+    pub async fn wait_applied(
+        &mut self,
+        ids: &[NodeId],
+        index: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        for &id in ids {
+            self.wait_for(id, timeout, &format!("apply index {index}"), |s| {
+                s.applied_index >= index
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: NodeId, lines: usize) -> String {
+        let Ok(node) = self.node(id) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Starts `voters` voters and `learners` learners (ids 1..), initialises the cluster on
+    /// node 1 and waits until every node is a caught-up member.
+    pub async fn start(
+        opts: ClusterOptions,
+        voters: u64,
+        learners: u64,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let mut c = Self::new(opts)?;
+        c.spawn(1, None, false)?;
+        c.wait_up(1, timeout).await?;
+        c.client(1)
+            .await?
+            .admin()
+            .init(crate::proto::InitRequest {})
+            .await?;
+        for id in 2..=voters {
+            c.spawn(id, Some(1), false)?;
+        }
+        for id in voters + 1..=voters + learners {
+            c.spawn(id, Some(1), true)?;
+        }
+        let total = (voters + learners) as usize;
+        let nvoters = voters as usize;
+        for id in c.ids() {
+            c.wait_for(id, timeout, "see the full membership and be ready", |s| {
+                s.ready
+                    && s.members.len() == total
+                    && s.members.iter().filter(|m| m.voter).count() == nvoters
+            })
+            .await?;
+        }
+        Ok(c)
+    }
+
+    /// Kills every node.
+    pub fn stop_all(&mut self) {
+        for id in self.ids() {
+            let _ = self.kill(id);
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}

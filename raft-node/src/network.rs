@@ -1,0 +1,159 @@
+//! Outgoing peer connections: openraft's network over the gRPC `Peer` service.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use raftmap_proto::peer_client::PeerClient;
+use raftmap_proto::RaftPayload;
+use raftmap_storage::{NodeId, NodeInfo, TypeConfig};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{decode, encode, NodeError, Result};
+
+/// Largest peer message: a batch of log entries or one snapshot chunk.
+pub(crate) const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// Lazily connected, shared gRPC channels to peers, keyed by address.
+#[derive(Debug, Clone, Default)]
+pub struct PeerPool {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl PeerPool {
+    /// The channel to `addr` (`host:port`), created on first use.
+    pub fn channel(&self, addr: &str) -> Result<Channel> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = endpoint(addr)?.connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    pub fn peer(&self, addr: &str) -> Result<PeerClient<Channel>> {
+        Ok(PeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE))
+    }
+}
+
+/// A gRPC endpoint for `host:port` with raftmap's transport settings.
+pub fn endpoint(addr: &str) -> Result<Endpoint> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| NodeError::BadRequest(format!("invalid address {addr:?}: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+/// openraft network factory.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub(crate) pool: PeerPool,
+}
+
+/// Connection to one peer.
+#[derive(Debug)]
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    pool: PeerPool,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
+        PeerConnection {
+            target,
+            addr: node.raft_addr.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    std::result::Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &self,
+        which: Rpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+                "node {} at {}: {e}",
+                self.target, self.addr
+            ))))
+        };
+        let data = encode(req).map_err(|e| unreachable(&e))?;
+        let mut client = self.pool.peer(&self.addr).map_err(|e| unreachable(&e))?;
+        let mut request = tonic::Request::new(RaftPayload { data });
+        request.set_timeout(timeout);
+        let resp = match which {
+            Rpc::Vote => client.vote(request).await,
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Snapshot => client.install_snapshot(request).await,
+        }
+        .map_err(|s| unreachable(&s))?;
+        let result: std::result::Result<Resp, RaftError<NodeId, E>> =
+            decode(&resp.into_inner().data).map_err(|e| unreachable(&e))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Vote,
+    Append,
+    Snapshot,
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        self.call(Rpc::Append, &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.call(Rpc::Snapshot, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+}

@@ -1,0 +1,466 @@
+//! A running raftmap node: storage, openraft, group commit, gRPC servers, metrics, joining.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::{ServerState, SnapshotPolicy};
+use raftmap_proto::admin_client::AdminClient;
+use raftmap_proto::admin_server::AdminServer;
+use raftmap_proto::kv_server::KvServer;
+use raftmap_proto::peer_server::PeerServer;
+use raftmap_storage::{LogStore, NodeId, NodeInfo, Raft, StateView, StoreOptions};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use crate::error::{NodeError, Result};
+use crate::identity;
+use crate::metrics::Metrics;
+use crate::network::{endpoint, Network, PeerPool, MAX_PEER_MESSAGE};
+use crate::propose::{BatchConfig, Batcher, Proposer};
+use crate::service::{AdminService, KvService, PeerService, MAX_CLIENT_MESSAGE};
+
+/// Everything needed to start a node. Fields mirror `raftmap agent`'s flags and its `--config`
+/// file (TOML, same names with underscores).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Required for a new data dir; afterwards read from it.
+    pub node_id: Option<NodeId>,
+    /// Peer (Raft) listen and advertised address.
+    pub raft_addr: String,
+    /// Client and admin API listen and advertised address.
+    pub api_addr: String,
+    /// Prometheus `/metrics`, `/healthz`, `/readyz`; off when empty.
+    pub metrics_addr: Option<String>,
+    pub data_dir: PathBuf,
+    /// API address of any member: join that cluster on first start.
+    pub join: Option<String>,
+    /// When joining, stay a learner instead of asking to become a voter.
+    pub learner: bool,
+    /// fsync the log before acknowledging writes.
+    pub sync: bool,
+    /// Build a snapshot (and purge the log) every this many entries.
+    pub snapshot_logs: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    #[serde(skip)]
+    pub batch: BatchConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            raft_addr: "127.0.0.1:7400".into(),
+            api_addr: "127.0.0.1:7401".into(),
+            metrics_addr: None,
+            data_dir: PathBuf::from("raftmap-data"),
+            join: None,
+            learner: false,
+            sync: true,
+            snapshot_logs: 10_000,
+            heartbeat_ms: 100,
+            election_timeout_ms: 500,
+            batch: BatchConfig::default(),
+        }
+    }
+}
+
+/// State shared by the services of one node.
+pub struct NodeShared {
+    pub(crate) id: NodeId,
+    pub(crate) info: NodeInfo,
+    pub(crate) raft: Raft,
+    pub(crate) view: StateView,
+    pub(crate) log: LogStore,
+    pub(crate) proposer: Proposer,
+    pub(crate) batcher: Batcher,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for NodeShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeShared")
+            .field("id", &self.id)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
+#[derive(Debug)]
+pub struct RunningNode {
+    pub shared: Arc<NodeShared>,
+    shutdown: watch::Sender<bool>,
+    fatal: watch::Receiver<Option<String>>,
+    /// Held so that `fatal` only closes with the node.
+    _fatal_tx: watch::Sender<Option<String>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Opens the data dir, starts Raft and every server, and (with `join`) joins the cluster.
+    pub async fn start(cfg: NodeConfig) -> Result<Self> {
+        let (ident, fresh) = identity::load_or_create(&cfg.data_dir, cfg.node_id)?;
+        let id = ident.node_id;
+        let (log, sm, view) =
+            raftmap_storage::open(&cfg.data_dir, StoreOptions { sync: cfg.sync })?;
+        if fresh {
+            ident.persist(&cfg.data_dir)?;
+        }
+        let info = NodeInfo {
+            raft_addr: cfg.raft_addr.clone(),
+            api_addr: cfg.api_addr.clone(),
+        };
+
+        let raft_config = openraft::Config {
+            cluster_name: "raftmap".into(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_timeout_ms,
+            election_timeout_max: cfg.election_timeout_ms * 2,
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: 64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+            max_in_snapshot_log_to_keep: cfg.snapshot_logs.min(1000),
+            snapshot_max_chunk_size: 4 * 1024 * 1024,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::BadRequest(format!("raft configuration: {e}")))?;
+
+        // Bind first, so that an address in use is reported before anything else starts.
+        let raft_listener = bind(&cfg.raft_addr, "raft").await?;
+        let api_listener = bind(&cfg.api_addr, "api").await?;
+        let metrics_listener = match &cfg.metrics_addr {
+            Some(a) if !a.is_empty() => Some(bind(a, "metrics").await?),
+            _ => None,
+        };
+
+        let pool = PeerPool::default();
+        let network = Network { pool: pool.clone() };
+        let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm)
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let metrics = Metrics::new();
+        let proposer = Proposer {
+            raft: raft.clone(),
+            id,
+            pool,
+            metrics: metrics.clone(),
+        };
+        let batcher = Batcher::start(proposer.clone(), cfg.batch);
+        let shared = Arc::new(NodeShared {
+            id,
+            info,
+            raft,
+            view,
+            log,
+            proposer,
+            batcher,
+            metrics,
+        });
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (fatal_tx, fatal) = watch::channel(None);
+        let mut tasks = Vec::new();
+
+        let peer = PeerServer::new(PeerService::new(shared.clone()))
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE);
+        tasks.push(serve(
+            tonic::transport::Server::builder().add_service(peer),
+            raft_listener,
+            shutdown_rx.clone(),
+        ));
+        let kv = KvServer::new(KvService::new(shared.clone()))
+            .max_decoding_message_size(MAX_CLIENT_MESSAGE)
+            .max_encoding_message_size(MAX_CLIENT_MESSAGE);
+        let admin = AdminServer::new(AdminService::new(shared.clone()));
+        tasks.push(serve(
+            tonic::transport::Server::builder()
+                .add_service(kv)
+                .add_service(admin),
+            api_listener,
+            shutdown_rx.clone(),
+        ));
+        if let Some(l) = metrics_listener {
+            tasks.push(tokio::spawn(crate::http::serve(
+                shared.clone(),
+                l,
+                shutdown_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(update_metrics(shared.clone())));
+        if let Some(join) = cfg.join.clone() {
+            let s = shared.clone();
+            let learner = cfg.learner;
+            let fatal_tx = fatal_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = join_cluster(&s, &join, learner).await {
+                    tracing::error!(error = %e, "joining the cluster failed");
+                    fatal_tx.send_replace(Some(format!("joining the cluster through {join}: {e}")));
+                }
+            }));
+        }
+        tracing::info!(node = id, raft = %cfg.raft_addr, api = %cfg.api_addr, data_dir = %cfg.data_dir.display(), "raftmap node started");
+        Ok(Self {
+            shared,
+            shutdown,
+            fatal,
+            _fatal_tx: fatal_tx,
+            tasks,
+        })
+    }
+
+    /// Waits until the node fails fatally (the error is returned) or `stop` resolves.
+    pub async fn run_until(&mut self, stop: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = stop => Ok(()),
+            r = self.fatal.wait_for(Option::is_some) => match r {
+                Ok(msg) => Err(NodeError::FailedPrecondition(msg.clone().unwrap_or_default())),
+                Err(_) => Ok(()),
+            },
+        }
+    }
+
+    /// Stops the servers and Raft.
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        let _ = self.shared.raft.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| NodeError::BadRequest(format!("cannot listen on {what} address {addr}: {e}")))
+}
+
+fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    })
+}
+
+async fn update_metrics(shared: Arc<NodeShared>) {
+    let mut rx = shared.raft.metrics();
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            let g = &shared.metrics;
+            g.is_leader.set(i64::from(m.state == ServerState::Leader));
+            g.term.set(m.current_term as i64);
+            g.last_log_index.set(m.last_log_index.unwrap_or(0) as i64);
+            g.applied_index
+                .set(m.last_applied.map_or(0, |l| l.index) as i64);
+            g.committed_index
+                .set(shared.log.committed_index().unwrap_or(0) as i64);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl NodeShared {
+    /// True when this node may serve traffic: it is a member, a leader is known, and it has
+    /// applied everything it knows to be committed.
+    pub fn ready(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let member = m
+            .membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_some();
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        member && m.current_leader.is_some() && applied >= self.log.committed_index().unwrap_or(0)
+    }
+
+    /// Admin client for the leader's API, or `None` when this node leads.
+    pub(crate) async fn leader_admin(&self) -> Result<Option<AdminClient<Channel>>> {
+        let leader = self
+            .proposer
+            .wait_for_leader(Instant::now() + Duration::from_secs(5))
+            .await?;
+        if leader == self.id {
+            return Ok(None);
+        }
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let node = m.membership().get_node(&leader).ok_or_else(|| {
+            NodeError::Unavailable(format!("leader {leader} is not in the membership"))
+        })?;
+        let ch = self.proposer.pool.channel(&node.api_addr)?;
+        Ok(Some(AdminClient::new(ch)))
+    }
+
+    /// Waits until this node has applied everything committed before the call (read-index).
+    pub(crate) async fn read_barrier(&self) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leader = self.proposer.wait_for_leader(deadline).await?;
+            let index = if leader == self.id {
+                match self.raft.ensure_linearizable().await {
+                    Ok(l) => return Ok(l.map_or(0, |l| l.index)),
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => None,
+                    Err(e) => {
+                        return Err(NodeError::Unavailable(format!(
+                            "cannot confirm leadership for a linearizable read: {e}"
+                        )))
+                    }
+                }
+            } else {
+                let addr = self.proposer.node_addr(leader)?;
+                match self
+                    .proposer
+                    .pool
+                    .peer(&addr)?
+                    .read_index(raftmap_proto::ReadIndexRequest {})
+                    .await
+                {
+                    Ok(r) => Some(r.into_inner().read_index),
+                    Err(s) if s.code() == tonic::Code::FailedPrecondition => None,
+                    Err(s) => {
+                        return Err(NodeError::Unavailable(format!(
+                            "leader {leader} at {addr} did not answer the read-index request: {}",
+                            s.message()
+                        )))
+                    }
+                }
+            };
+            match index {
+                Some(i) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if self.view.wait_applied(i, left).await {
+                        return Ok(i);
+                    }
+                    return Err(NodeError::Timeout(format!(
+                        "this node did not apply up to index {i} in time"
+                    )));
+                }
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                None => {
+                    return Err(NodeError::Unavailable(
+                        "leadership kept moving; no linearizable read".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    pub(crate) fn cluster_id(&self) -> String {
+        self.view.cluster().cluster_id.unwrap_or_default()
+    }
+}
+
+/// First start with `--join`: become a learner through any member, then (unless `learner`) ask
+/// to be promoted once caught up. A restarted member skips all of it.
+async fn join_cluster(shared: &NodeShared, join: &str, learner: bool) -> Result<()> {
+    let already = shared
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&shared.id)
+        .is_some();
+    if already {
+        tracing::info!("already a member; not joining again");
+        return Ok(());
+    }
+    let ch = endpoint(join)?.connect_lazy();
+    let mut admin = AdminClient::new(ch);
+    let req = raftmap_proto::AddLearnerRequest {
+        node_id: shared.id,
+        raft_addr: shared.info.raft_addr.clone(),
+        api_addr: shared.info.api_addr.clone(),
+        cluster_id: shared.cluster_id(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match admin.add_learner(req.clone()).await {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => break,
+            Err(s) if retryable(&s) && Instant::now() < deadline => {
+                tracing::warn!(error = %s.message(), "add-learner not accepted yet; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+    tracing::info!(node = shared.id, "joined as a learner");
+    if learner {
+        return Ok(());
+    }
+    loop {
+        let req = raftmap_proto::PromoteRequest {
+            node_id: shared.id,
+            max_lag: 0,
+        };
+        match admin.promote(req).await {
+            Ok(_) => {
+                tracing::info!(node = shared.id, "promoted to voter");
+                return Ok(());
+            }
+            Err(s)
+                if (retryable(&s) || s.code() == tonic::Code::FailedPrecondition)
+                    && Instant::now() < deadline =>
+            {
+                tracing::info!(reason = %s.message(), "not promoted yet; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => return Err(s.into()),
+        }
+    }
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
+}
+
+fn is_self(shared: &NodeShared, s: &tonic::Status) -> bool {
+    // The leader names the member's addresses; a retry of our own earlier request matches.
+    s.message().contains(&shared.info.raft_addr) && s.message().contains("already a member")
+}
+
+/// Nodes of the current configuration: id -> (info, voter?).
+pub(crate) fn members(raft: &Raft) -> (BTreeMap<NodeId, (NodeInfo, bool)>, Option<NodeId>) {
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+    let nodes = membership
+        .nodes()
+        .map(|(id, n)| (*id, (n.clone(), voters.contains(id))))
+        .collect();
+    (nodes, m.current_leader)
+}
+
+/// Parses `host:port` for listening.
+pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
+    addr.parse()
+        .map_err(|e| NodeError::BadRequest(format!("invalid address {addr:?}: {e}")))
+}

@@ -1,0 +1,672 @@
+//! gRPC services: `Peer` (between nodes), `Kv` (clients) and `Admin` (operators).
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use raftmap_proto as pb;
+use raftmap_storage::{
+    validate_batch, AdminOp, BatchOutcome, Change, MapSchema, MapType, NodeInfo, Op, Proposal,
+    SmEvent, ValidationError,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::{decode, encode, NodeError, ProposeError};
+use crate::node::{members, NodeShared};
+
+/// Largest client request or response message.
+pub(crate) const MAX_CLIENT_MESSAGE: usize = 16 * 1024 * 1024;
+/// Default and largest dump page.
+const DUMP_PAGE: usize = 1000;
+/// A learner within this many entries of the leader may be promoted.
+const DEFAULT_MAX_LAG: u64 = 1000;
+
+type GrpcResult<T> = Result<Response<T>, Status>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+// ---------------------------------------------------------------- conversions
+
+pub(crate) fn schema_from_pb(s: pb::MapSchema) -> Result<MapSchema, ValidationError> {
+    let map_type = match pb::MapType::try_from(s.r#type) {
+        Ok(pb::MapType::Hash) => MapType::Hash,
+        Ok(pb::MapType::LruHash) => MapType::LruHash,
+        Ok(pb::MapType::Array) => MapType::Array,
+        _ => {
+            return Err(ValidationError::UnknownMapType(format!(
+                "enum value {}",
+                s.r#type
+            )))
+        }
+    };
+    Ok(MapSchema {
+        name: s.name,
+        map_type,
+        key_size: s.key_size,
+        value_size: s.value_size,
+        max_entries: s.max_entries,
+    })
+}
+
+pub(crate) fn schema_to_pb(s: &MapSchema) -> pb::MapSchema {
+    pb::MapSchema {
+        name: s.name.clone(),
+        r#type: match s.map_type {
+            MapType::Hash => pb::MapType::Hash,
+            MapType::LruHash => pb::MapType::LruHash,
+            MapType::Array => pb::MapType::Array,
+        } as i32,
+        key_size: s.key_size,
+        value_size: s.value_size,
+        max_entries: s.max_entries,
+    }
+}
+
+fn op_from_pb(op: pb::Op) -> Result<Op, NodeError> {
+    use pb::op::Op as P;
+    Ok(match op.op {
+        Some(P::Declare(s)) => Op::DeclareMap(schema_from_pb(s)?),
+        Some(P::Put(p)) => Op::Put {
+            map: p.map,
+            key: p.key,
+            value: p.value,
+        },
+        Some(P::Delete(d)) => Op::Delete {
+            map: d.map,
+            key: d.key,
+        },
+        Some(P::Cas(c)) => Op::CompareAndSwap {
+            map: c.map,
+            key: c.key,
+            expected: c.expected,
+            new: c.new_value,
+        },
+        None => {
+            return Err(NodeError::BadRequest(
+                "operation without a kind (put, delete, cas, declare)".into(),
+            ))
+        }
+    })
+}
+
+fn member_list(shared: &NodeShared) -> pb::MembersResponse {
+    let (nodes, leader) = members(&shared.raft);
+    pb::MembersResponse {
+        members: nodes
+            .into_iter()
+            .map(|(id, (n, voter))| pb::Member {
+                node_id: id,
+                raft_addr: n.raft_addr,
+                api_addr: n.api_addr,
+                voter,
+            })
+            .collect(),
+        leader_id: leader.unwrap_or(0),
+        has_leader: leader.is_some(),
+        cluster_id: shared.cluster_id(),
+    }
+}
+
+// ---------------------------------------------------------------- peer
+
+#[derive(Debug)]
+pub(crate) struct PeerService {
+    shared: Arc<NodeShared>,
+}
+
+impl PeerService {
+    pub(crate) fn new(shared: Arc<NodeShared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn payload<T: serde::Serialize>(v: &T) -> GrpcResult<pb::RaftPayload> {
+    Ok(Response::new(pb::RaftPayload { data: encode(v)? }))
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn vote(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let rpc = decode(&req.into_inner().data)?;
+        payload(&self.shared.raft.vote(rpc).await)
+    }
+
+    async fn append_entries(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let rpc = decode(&req.into_inner().data)?;
+        payload(&self.shared.raft.append_entries(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let rpc = decode(&req.into_inner().data)?;
+        payload(&self.shared.raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let proposal: Proposal = decode(&req.into_inner().data)?;
+        let res: Result<_, ProposeError> = self.shared.proposer.append_local(proposal).await;
+        payload(&res)
+    }
+
+    async fn read_index(
+        &self,
+        _req: Request<pb::ReadIndexRequest>,
+    ) -> GrpcResult<pb::ReadIndexResponse> {
+        match self.shared.raft.get_read_log_id().await {
+            Ok((read, _applied)) => Ok(Response::new(pb::ReadIndexResponse {
+                read_index: read.map_or(0, |l| l.index),
+            })),
+            Err(RaftError::APIError(e)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- kv
+
+#[derive(Debug)]
+pub(crate) struct KvService {
+    shared: Arc<NodeShared>,
+}
+
+impl KvService {
+    pub(crate) fn new(shared: Arc<NodeShared>) -> Self {
+        Self { shared }
+    }
+
+    async fn barrier(&self, c: i32) -> Result<u64, NodeError> {
+        match pb::Consistency::try_from(c) {
+            Ok(pb::Consistency::Linearizable) => self.shared.read_barrier().await,
+            Ok(pb::Consistency::Local) => Ok(self.shared.view.applied_index()),
+            Err(_) => Err(NodeError::BadRequest(format!("unknown consistency {c}"))),
+        }
+    }
+
+    fn schema(&self, map: &str) -> Result<MapSchema, NodeError> {
+        self.shared.view.schema(map).ok_or_else(|| {
+            NodeError::NotFound(ValidationError::UnknownMap(map.to_string()).to_string())
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::kv_server::Kv for KvService {
+    async fn write(&self, req: Request<pb::WriteRequest>) -> GrpcResult<pb::WriteResponse> {
+        let ops = req
+            .into_inner()
+            .ops
+            .into_iter()
+            .map(op_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
+        // Refuse what is already known to be invalid before it reaches the log. The state
+        // machine checks again at apply time, against the state at that index.
+        let schemas = self.shared.view.schema_map();
+        if let Err(e) = validate_batch(&ops, &schemas) {
+            self.shared.metrics.rejected_batches.inc();
+            return Err(NodeError::Invalid(e).into());
+        }
+        let out = self.shared.batcher.submit(ops).await?;
+        match out.outcome {
+            BatchOutcome::Applied => Ok(Response::new(pb::WriteResponse {
+                index: out.index,
+                succeeded: true,
+                mismatches: vec![],
+            })),
+            BatchOutcome::CasFailed(m) => Ok(Response::new(pb::WriteResponse {
+                index: out.index,
+                succeeded: false,
+                mismatches: m
+                    .into_iter()
+                    .map(|(op_index, actual)| pb::CasMismatch { op_index, actual })
+                    .collect(),
+            })),
+            BatchOutcome::Rejected(e) => Err(NodeError::Invalid(e).into()),
+        }
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> GrpcResult<pb::GetResponse> {
+        let r = req.into_inner();
+        let schema = self.schema(&r.map)?;
+        if r.key.len() != schema.key_size as usize {
+            return Err(NodeError::Invalid(ValidationError::KeySize {
+                map: r.map,
+                expected: schema.key_size,
+                actual: r.key.len(),
+            })
+            .into());
+        }
+        let index = self.barrier(r.consistency).await?;
+        let v = self
+            .shared
+            .view
+            .get(&r.map, &r.key)
+            .map_err(NodeError::from)?;
+        Ok(Response::new(pb::GetResponse {
+            found: v.is_some(),
+            value: v.unwrap_or_default(),
+            index: index.max(self.shared.view.applied_index()),
+        }))
+    }
+
+    type DumpStream = BoxStream<pb::DumpResponse>;
+
+    async fn dump(&self, req: Request<pb::DumpRequest>) -> GrpcResult<Self::DumpStream> {
+        let r = req.into_inner();
+        let schema = self.schema(&r.map)?;
+        self.barrier(r.consistency).await?;
+        let page = match r.page_size as usize {
+            0 => DUMP_PAGE,
+            n => n.min(DUMP_PAGE * 10),
+        };
+        let view = self.shared.view.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            // Pages are read one by one; the applied index reported is the one at the start.
+            let index = view.applied_index();
+            let mut after: Option<Vec<u8>> = None;
+            let mut first = true;
+            loop {
+                let entries = match view.scan(&schema.name, after.as_deref(), page) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let done = entries.len() < page;
+                after = entries.last().map(|(k, _)| k.clone());
+                let msg = pb::DumpResponse {
+                    schema: first.then(|| schema_to_pb(&schema)),
+                    index,
+                    entries: entries
+                        .into_iter()
+                        .map(|(key, value)| pb::Entry { key, value })
+                        .collect(),
+                };
+                first = false;
+                if tx.send(Ok(msg)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_maps(
+        &self,
+        _req: Request<pb::ListMapsRequest>,
+    ) -> GrpcResult<pb::ListMapsResponse> {
+        let view = &self.shared.view;
+        Ok(Response::new(pb::ListMapsResponse {
+            maps: view
+                .schemas()
+                .iter()
+                .map(|s| pb::MapInfo {
+                    schema: Some(schema_to_pb(s)),
+                    entries: view.entry_count(&s.name),
+                })
+                .collect(),
+            index: view.applied_index(),
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchEvent>;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> GrpcResult<Self::WatchStream> {
+        let r = req.into_inner();
+        let schema = self.schema(&r.map)?;
+        let view = self.shared.view.clone();
+        // Subscribe before reading the backlog so that nothing falls in between.
+        let mut live = view.subscribe();
+        let (tx, rx) = mpsc::channel(1024);
+        let mut sent = r.after_index;
+        let backlog: Vec<Arc<SmEvent>> = if r.after_index == 0 {
+            sent = view.applied_index();
+            let mut after: Option<Vec<u8>> = None;
+            let mut initial = Vec::new();
+            loop {
+                let page = view
+                    .scan(&schema.name, after.as_deref(), DUMP_PAGE)
+                    .map_err(NodeError::from)?;
+                let done = page.len() < DUMP_PAGE;
+                after = page.last().map(|(k, _)| k.clone());
+                initial.extend(page.into_iter().map(|(key, value)| Change::Put {
+                    map: schema.name.clone(),
+                    key,
+                    value,
+                }));
+                if done {
+                    break;
+                }
+            }
+            vec![Arc::new(SmEvent::Applied {
+                index: sent,
+                changes: initial,
+                origins: vec![],
+            })]
+        } else {
+            view.events_since(r.after_index).ok_or_else(|| {
+                Status::out_of_range(format!(
+                    "changes after index {} are no longer held; watch from 0 to start with the current contents",
+                    r.after_index
+                ))
+            })?
+        };
+        let map = schema.name;
+        tokio::spawn(async move {
+            let send = |ev: &SmEvent, tx: &mpsc::Sender<Result<pb::WatchEvent, Status>>| {
+                let mut out = Vec::new();
+                match ev {
+                    SmEvent::Applied { index, changes, .. } => {
+                        for c in changes {
+                            let event = match c {
+                                Change::Put { map: m, key, value } if *m == map => {
+                                    pb::watch_event::Event::Put(pb::Put {
+                                        map: m.clone(),
+                                        key: key.clone(),
+                                        value: value.clone(),
+                                    })
+                                }
+                                Change::Delete { map: m, key } if *m == map => {
+                                    pb::watch_event::Event::Delete(pb::Delete {
+                                        map: m.clone(),
+                                        key: key.clone(),
+                                    })
+                                }
+                                _ => continue,
+                            };
+                            out.push(Ok(pb::WatchEvent {
+                                index: *index,
+                                event: Some(event),
+                            }));
+                        }
+                    }
+                    SmEvent::SnapshotInstalled { index } => {
+                        out.push(Err(Status::aborted(format!(
+                            "this node installed a snapshot at index {index}; watch again from 0"
+                        ))))
+                    }
+                }
+                let tx = tx.clone();
+                async move {
+                    for m in out {
+                        let stop = m.is_err();
+                        if tx.send(m).await.is_err() || stop {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            };
+            for ev in &backlog {
+                if !send(ev, &tx).await {
+                    return;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(ev) if ev.index() <= sent => {}
+                    Ok(ev) => {
+                        sent = ev.index();
+                        if !send(&ev, &tx).await {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::data_loss(format!(
+                                "watcher fell {n} entries behind; watch again from index {sent}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+// ---------------------------------------------------------------- admin
+
+#[derive(Debug)]
+pub(crate) struct AdminService {
+    shared: Arc<NodeShared>,
+}
+
+impl AdminService {
+    pub(crate) fn new(shared: Arc<NodeShared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn membership_error(e: RaftError<u64, ClientWriteError<u64, NodeInfo>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => match c {
+            ChangeMembershipError::InProgress(p) => Status::unavailable(format!(
+                "another membership change is in progress ({p}); retry"
+            )),
+            other => Status::failed_precondition(other.to_string()),
+        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable("leadership changed during the request; retry")
+        }
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn init(&self, _req: Request<pb::InitRequest>) -> GrpcResult<pb::InitResponse> {
+        let s = &self.shared;
+        let initialized = s
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if initialized {
+            let id = s.cluster_id();
+            return Err(Status::failed_precondition(format!(
+                "node {} is already part of a cluster{}; init runs once, on one node of a new cluster",
+                s.id,
+                if id.is_empty() { String::new() } else { format!(" ({id})") }
+            )));
+        }
+        let mut nodes = std::collections::BTreeMap::new();
+        nodes.insert(s.id, s.info.clone());
+        s.raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("init refused: {e}")))?;
+        let cluster_id = format!("{:016x}", rand::random::<u64>());
+        s.proposer
+            .propose(Proposal {
+                batches: vec![],
+                admin: vec![AdminOp::InitCluster {
+                    cluster_id: cluster_id.clone(),
+                }],
+            })
+            .await?;
+        tracing::info!(cluster = %cluster_id, node = s.id, "initialised a new cluster");
+        Ok(Response::new(pb::InitResponse {
+            cluster_id: s.cluster_id(),
+            node_id: s.id,
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> GrpcResult<pb::MembersResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.add_learner(req).await;
+        }
+        let r = req.into_inner();
+        if r.node_id == 0 {
+            return Err(Status::invalid_argument(
+                "node id 0 is reserved; use 1 or more",
+            ));
+        }
+        crate::node::parse_addr(&r.raft_addr)?;
+        crate::node::parse_addr(&r.api_addr)?;
+        let ours = s.cluster_id();
+        if !r.cluster_id.is_empty() && r.cluster_id != ours {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds data of cluster {}, this is cluster {ours}: use a fresh data dir and a new node id",
+                r.node_id, r.cluster_id
+            )));
+        }
+        let (nodes, _) = members(&s.raft);
+        if let Some((n, _)) = nodes.get(&r.node_id) {
+            return Err(Status::already_exists(format!(
+                "node id {} is already a member ({n}); node ids are never reused",
+                r.node_id
+            )));
+        }
+        if s.view.cluster().retired.contains(&r.node_id) {
+            return Err(Status::already_exists(format!(
+                "node id {} was removed from this cluster and cannot be reused; pick a new id",
+                r.node_id
+            )));
+        }
+        let info = NodeInfo {
+            raft_addr: r.raft_addr,
+            api_addr: r.api_addr,
+        };
+        s.raft
+            .add_learner(r.node_id, info, false)
+            .await
+            .map_err(membership_error)?;
+        tracing::info!(node = r.node_id, "added learner");
+        Ok(Response::new(member_list(s)))
+    }
+
+    async fn promote(&self, req: Request<pb::PromoteRequest>) -> GrpcResult<pb::MembersResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.promote(req).await;
+        }
+        let r = req.into_inner();
+        let (nodes, _) = members(&s.raft);
+        match nodes.get(&r.node_id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "node {} is not a member; add-learner first",
+                    r.node_id
+                )))
+            }
+            Some((_, true)) => return Ok(Response::new(member_list(s))),
+            Some((_, false)) => {}
+        }
+        let max_lag = if r.max_lag == 0 {
+            DEFAULT_MAX_LAG
+        } else {
+            r.max_lag
+        };
+        let m = s.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r2| r2.get(&r.node_id).cloned().flatten())
+            .map(|l| l.index);
+        match matched {
+            Some(i) if last.saturating_sub(i) <= max_lag => {}
+            other => {
+                return Err(Status::failed_precondition(format!(
+                    "learner {} has not caught up: it holds the log up to {} of {last} (allowed lag {max_lag}); wait and retry",
+                    r.node_id,
+                    other.map_or("nothing".to_string(), |i| i.to_string()),
+                )))
+            }
+        }
+        s.raft
+            .change_membership(
+                ChangeMembers::AddVoterIds(BTreeSet::from([r.node_id])),
+                false,
+            )
+            .await
+            .map_err(membership_error)?;
+        tracing::info!(node = r.node_id, "promoted learner to voter");
+        Ok(Response::new(member_list(s)))
+    }
+
+    async fn remove(&self, req: Request<pb::RemoveRequest>) -> GrpcResult<pb::MembersResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.remove(req).await;
+        }
+        let r = req.into_inner();
+        let (nodes, _) = members(&s.raft);
+        let voters = nodes.values().filter(|(_, v)| *v).count();
+        let change = match nodes.get(&r.node_id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "node {} is not a member",
+                    r.node_id
+                )))
+            }
+            Some((_, true)) if voters == 1 => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is the only voter; removing it would leave no cluster",
+                    r.node_id
+                )))
+            }
+            Some((_, true)) => ChangeMembers::RemoveVoters(BTreeSet::from([r.node_id])),
+            Some((_, false)) => ChangeMembers::RemoveNodes(BTreeSet::from([r.node_id])),
+        };
+        s.raft
+            .change_membership(change, false)
+            .await
+            .map_err(membership_error)?;
+        // Record the id as retired so it is never reused. Goes through the log like any write
+        // (forwarded if this node just stepped down by removing itself).
+        s.proposer
+            .propose(Proposal {
+                batches: vec![],
+                admin: vec![AdminOp::RetireNode { node_id: r.node_id }],
+            })
+            .await?;
+        tracing::info!(node = r.node_id, "removed node");
+        Ok(Response::new(member_list(s)))
+    }
+
+    async fn members(&self, _req: Request<pb::MembersRequest>) -> GrpcResult<pb::MembersResponse> {
+        Ok(Response::new(member_list(&self.shared)))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> GrpcResult<pb::StatusResponse> {
+        let s = &self.shared;
+        let m = s.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let list = member_list(s);
+        Ok(Response::new(pb::StatusResponse {
+            node_id: s.id,
+            cluster_id: list.cluster_id.clone(),
+            role: role.into(),
+            has_leader: m.current_leader.is_some(),
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed_index: s.log.committed_index().unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
+            members: list.members,
+            ready: s.ready(),
+            raft_addr: s.info.raft_addr.clone(),
+            api_addr: s.info.api_addr.clone(),
+        }))
+    }
+}
