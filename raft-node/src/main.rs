@@ -396,6 +396,17 @@ async fn status(conn: &Conn) -> Result<()> {
 }
 
 async fn map(cmd: MapCmd, conn: &Conn) -> Result<()> {
+    // Check the arguments before touching the network.
+    match &cmd {
+        MapCmd::Put { key, value, .. } => {
+            parse_hex("key", key)?;
+            parse_hex("value", value)?;
+        }
+        MapCmd::Get { key, .. } | MapCmd::Delete { key, .. } => {
+            parse_hex("key", key)?;
+        }
+        _ => {}
+    }
     let c = Client::connect(&conn.endpoints).await?;
     match cmd {
         MapCmd::Declare {

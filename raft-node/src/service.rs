@@ -229,6 +229,7 @@ impl pb::kv_server::Kv for KvService {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> GrpcResult<pb::GetResponse> {
         let r = req.into_inner();
+        let index = self.barrier(r.consistency).await?;
         let schema = self.schema(&r.map)?;
         if r.key.len() != schema.key_size as usize {
             return Err(NodeError::Invalid(ValidationError::KeySize {
@@ -238,7 +239,6 @@ impl pb::kv_server::Kv for KvService {
             })
             .into());
         }
-        let index = self.barrier(r.consistency).await?;
         let v = self
             .shared
             .view
@@ -255,8 +255,8 @@ impl pb::kv_server::Kv for KvService {
 
     async fn dump(&self, req: Request<pb::DumpRequest>) -> GrpcResult<Self::DumpStream> {
         let r = req.into_inner();
-        let schema = self.schema(&r.map)?;
         self.barrier(r.consistency).await?;
+        let schema = self.schema(&r.map)?;
         let page = match r.page_size as usize {
             0 => DUMP_PAGE,
             n => n.min(DUMP_PAGE * 10),
@@ -317,6 +317,10 @@ impl pb::kv_server::Kv for KvService {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> GrpcResult<Self::WatchStream> {
         let r = req.into_inner();
+        // A map declared anywhere before the call is known here after the barrier.
+        if self.shared.view.schema(&r.map).is_none() {
+            self.shared.read_barrier().await?;
+        }
         let schema = self.schema(&r.map)?;
         let view = self.shared.view.clone();
         // Subscribe before reading the backlog so that nothing falls in between.

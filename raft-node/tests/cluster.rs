@@ -1,0 +1,530 @@
+//! End-to-end tests: real `raftmap agent` processes on loopback, real sockets, real SIGKILLs.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_node::proto as pb;
+use raftmap_node::storage::{MapSchema, MapType};
+use raftmap_node::{put, Client, NodeError};
+
+const T: Duration = Duration::from_secs(60);
+const MAP: &str = "ct";
+
+fn opts(extra: &[&str]) -> ClusterOptions {
+    ClusterOptions {
+        bin: env!("CARGO_BIN_EXE_raftmap").into(),
+        agent_args: extra.iter().map(|s| s.to_string()).collect(),
+        log_filter: "info,openraft=warn".into(),
+    }
+}
+
+fn schema() -> MapSchema {
+    MapSchema {
+        name: MAP.into(),
+        map_type: MapType::Hash,
+        key_size: 8,
+        value_size: 8,
+        max_entries: 100_000,
+    }
+}
+
+fn key(i: u64) -> Vec<u8> {
+    i.to_be_bytes().to_vec()
+}
+
+async fn leader_of(c: &LocalCluster, among: &[u64]) -> u64 {
+    let deadline = Instant::now() + T;
+    loop {
+        for &id in among {
+            if let Ok(cl) = c.client(id).await {
+                if let Ok(s) = cl.status().await {
+                    if s.role == "leader" && among.contains(&s.node_id) {
+                        return s.node_id;
+                    }
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader among {among:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn local_dump(c: &LocalCluster, id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    c.client(id)
+        .await
+        .unwrap()
+        .dump(MAP, false)
+        .await
+        .unwrap()
+        .2
+}
+
+/// Waits until every node in `ids` has applied the leader's commit index, then checks that their
+/// local copies of the map are identical. Returns that copy.
+async fn converged(c: &mut LocalCluster, ids: &[u64]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let leader = leader_of(c, ids).await;
+    let commit = c
+        .client(leader)
+        .await
+        .unwrap()
+        .status()
+        .await
+        .unwrap()
+        .committed_index;
+    c.wait_applied(ids, commit, T).await.unwrap();
+    let reference = local_dump(c, ids[0]).await;
+    for &id in &ids[1..] {
+        assert_eq!(
+            local_dump(c, id).await,
+            reference,
+            "node {id} differs from node {}",
+            ids[0]
+        );
+    }
+    reference
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_any_node_read_linearizably_everywhere() {
+    let mut c = LocalCluster::start(opts(&[]), 3, 1, T).await.unwrap();
+    let clients: Vec<Client> = {
+        let mut v = Vec::new();
+        for id in c.ids() {
+            v.push(c.client(id).await.unwrap());
+        }
+        v
+    };
+    let leader = leader_of(&c, &[1, 2, 3]).await;
+    clients[0].declare(&schema()).await.unwrap();
+
+    // Watch from the learner before writing.
+    let mut watch = clients[3]
+        .kv()
+        .watch(pb::WatchRequest {
+            map: MAP.into(),
+            after_index: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Every node (a follower and the learner forward to the leader) accepts writes, and a
+    // linearizable read on every other node sees each write as soon as it is acknowledged.
+    for (i, writer) in clients.iter().enumerate() {
+        let status = writer.status().await.unwrap();
+        let r = writer
+            .put(MAP, key(i as u64), key(100 + i as u64))
+            .await
+            .unwrap();
+        assert!(r.succeeded && r.index > 0);
+        for reader in &clients {
+            let got = reader.get(MAP, key(i as u64), true).await.unwrap();
+            assert_eq!(
+                got,
+                Some(key(100 + i as u64)),
+                "write through node {} ({}) not visible on {}",
+                status.node_id,
+                status.role,
+                reader.addr()
+            );
+        }
+    }
+    assert_ne!(clients[3].status().await.unwrap().role, "leader");
+    assert!(leader <= 3);
+
+    // The learner's watch saw the four puts in order.
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let ev = tokio::time::timeout(T, watch.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Some(pb::watch_event::Event::Put(p)) = ev.event {
+            seen.push(p.key);
+        }
+    }
+    assert_eq!(seen, (0..4u64).map(key).collect::<Vec<_>>());
+
+    // Compare-and-swap: a stale expectation changes nothing and reports the actual value.
+    let cas = |expected: u64, new: u64| {
+        pb::op::Op::Cas(pb::CompareAndSwap {
+            map: MAP.into(),
+            key: key(0),
+            expected: Some(key(expected)),
+            new_value: Some(key(new)),
+        })
+    };
+    let r = clients[2]
+        .write(vec![cas(999, 1), put(MAP, key(50), key(50))])
+        .await
+        .unwrap();
+    assert!(!r.succeeded);
+    assert_eq!(r.mismatches[0].actual, Some(key(100)));
+    assert_eq!(
+        clients[1].get(MAP, key(50), true).await.unwrap(),
+        None,
+        "failed CAS batch wrote"
+    );
+    let r = clients[2].write(vec![cas(100, 7)]).await.unwrap();
+    assert!(r.succeeded);
+    assert_eq!(
+        clients[3].get(MAP, key(0), true).await.unwrap(),
+        Some(key(7))
+    );
+
+    let all = converged(&mut c, &[1, 2, 3, 4]).await;
+    assert_eq!(all.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sigkill_under_load_loses_no_acknowledged_write() {
+    let mut c = LocalCluster::start(opts(&[]), 3, 0, T).await.unwrap();
+    let old_leader = leader_of(&c, &[1, 2, 3]).await;
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != old_leader).collect();
+    c.client(survivors[0])
+        .await
+        .unwrap()
+        .declare(&schema())
+        .await
+        .unwrap();
+
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let killed = Arc::new(AtomicBool::new(false));
+    let acked_after_kill = Arc::new(Mutex::new(0u64));
+    let mut writers = Vec::new();
+    for (w, &id) in survivors.iter().enumerate() {
+        let client = c.client(id).await.unwrap();
+        let (acked, killed, after) = (acked.clone(), killed.clone(), acked_after_kill.clone());
+        writers.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(40);
+            let mut errors = 0u64;
+            for i in 0..100_000u64 {
+                let k = (w as u64) << 32 | i;
+                match client.put(MAP, key(k), key(i)).await {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(k);
+                        if killed.load(Ordering::SeqCst) {
+                            let mut a = after.lock().unwrap();
+                            *a += 1;
+                            if *a >= 300 {
+                                break;
+                            }
+                        }
+                    }
+                    // During the election a write may fail; it was not acknowledged.
+                    Err(_) => errors += 1,
+                }
+                if Instant::now() > deadline {
+                    break;
+                }
+            }
+            errors
+        }));
+    }
+    // Kill the leader once the load is under way.
+    let deadline = Instant::now() + T;
+    while acked.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "writes did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    c.kill(old_leader).unwrap();
+    killed.store(true, Ordering::SeqCst);
+    let killed_at = Instant::now();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(
+        *acked_after_kill.lock().unwrap() >= 300,
+        "writes did not continue after the leader was killed"
+    );
+    let new_leader = leader_of(&c, &survivors).await;
+    assert_ne!(new_leader, old_leader);
+    println!(
+        "new leader {new_leader} within {:?} of the kill",
+        killed_at.elapsed()
+    );
+
+    // Every acknowledged write is there, read linearizably through the new majority.
+    let reader = c.client(survivors[1]).await.unwrap();
+    let (_, _, entries) = reader.dump(MAP, true).await.unwrap();
+    let present: BTreeSet<u64> = entries
+        .iter()
+        .map(|(k, _)| u64::from_be_bytes(k[..].try_into().unwrap()))
+        .collect();
+    let acked = acked.lock().unwrap().clone();
+    let lost: Vec<_> = acked.difference(&present).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+
+    // The killed node restarts from its data dir and catches up.
+    c.restart(old_leader).unwrap();
+    c.wait_ready(old_leader, T).await.unwrap();
+    let all = converged(&mut c, &[1, 2, 3]).await;
+    assert!(all.len() >= acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_removed() {
+    let mut c = LocalCluster::start(opts(&["--snapshot-logs", "50"]), 3, 0, T)
+        .await
+        .unwrap();
+    let client = c.client(1).await.unwrap();
+    client.declare(&schema()).await.unwrap();
+    // One entry per write: enough entries for several snapshots and a purge.
+    for i in 0..300u64 {
+        client.put(MAP, key(i), key(i * 2)).await.unwrap();
+    }
+    let leader = leader_of(&c, &[1, 2, 3]).await;
+    c.wait_for(leader, T, "purge its log", |s| {
+        s.purged_index > 0 && s.snapshot_index > 0
+    })
+    .await
+    .unwrap();
+
+    c.spawn(4, Some(1), true).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    let st = c.client(4).await.unwrap().status().await.unwrap();
+    assert_eq!(st.role, "learner");
+    assert!(
+        st.snapshot_index > 0,
+        "learner did not receive a snapshot: {st:?}"
+    );
+    let data = converged(&mut c, &[1, 2, 3, 4]).await;
+    assert_eq!(data.len(), 300);
+
+    // Promote the learner, then remove a voter that is not the leader.
+    let admin = c.client(2).await.unwrap();
+    admin
+        .admin()
+        .promote(pb::PromoteRequest {
+            node_id: 4,
+            max_lag: 0,
+        })
+        .await
+        .unwrap();
+    let leader = leader_of(&c, &[1, 2, 3, 4]).await;
+    let victim = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    let m = admin
+        .admin()
+        .remove(pb::RemoveRequest { node_id: victim })
+        .await
+        .unwrap()
+        .into_inner();
+    let voters: BTreeSet<u64> = m
+        .members
+        .iter()
+        .filter(|m| m.voter)
+        .map(|m| m.node_id)
+        .collect();
+    let expected: BTreeSet<u64> = [1, 2, 3, 4].into_iter().filter(|&i| i != victim).collect();
+    assert_eq!(voters, expected);
+    c.kill(victim).unwrap();
+
+    // The new configuration commits writes, and the removed id cannot come back.
+    let rest: Vec<u64> = expected.into_iter().collect();
+    let newcomer = c.client(4).await.unwrap();
+    newcomer.put(MAP, key(1000), key(1)).await.unwrap();
+    assert_eq!(converged(&mut c, &rest).await.len(), 301);
+    let err = newcomer
+        .admin()
+        .add_learner(pb::AddLearnerRequest {
+            node_id: victim,
+            raft_addr: "127.0.0.1:1".into(),
+            api_addr: "127.0.0.1:2".into(),
+            cluster_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert!(err.message().contains("cannot be reused"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_clearly_and_changes_nothing() {
+    let mut c = LocalCluster::start(opts(&[]), 3, 0, T).await.unwrap();
+    let client = c.client(2).await.unwrap();
+    client.declare(&schema()).await.unwrap();
+    client.put(MAP, key(1), key(1)).await.unwrap();
+    let before = converged(&mut c, &[1, 2, 3]).await;
+
+    let invalid = |e: NodeError| match e {
+        NodeError::BadRequest(m) => m,
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    };
+    // Unknown map.
+    let m = invalid(client.put("nope", key(1), key(1)).await.unwrap_err());
+    assert!(m.contains("unknown map \"nope\""), "{m}");
+    // Wrong key and value sizes name the map and both sizes.
+    let m = invalid(client.put(MAP, vec![1; 7], key(1)).await.unwrap_err());
+    assert_eq!(m, "map ct: key is 7 bytes, the schema says 8");
+    let m = invalid(client.put(MAP, key(2), vec![1; 9]).await.unwrap_err());
+    assert_eq!(m, "map ct: value is 9 bytes, the schema says 8");
+    // A bad op inside an otherwise good batch rejects the whole batch.
+    let m = invalid(
+        client
+            .write(vec![put(MAP, key(3), key(3)), put(MAP, key(4), vec![0; 3])])
+            .await
+            .unwrap_err(),
+    );
+    assert!(m.contains("value is 3 bytes"), "{m}");
+    // Oversized batch.
+    let ops = (0..10_001u64).map(|i| put(MAP, key(i), key(i))).collect();
+    let m = invalid(client.write(ops).await.unwrap_err());
+    assert!(
+        m.contains("batch too large: 10001 operations, the limit is 10000"),
+        "{m}"
+    );
+    // A conflicting re-declaration.
+    let mut other = schema();
+    other.value_size = 16;
+    let m = invalid(client.declare(&other).await.unwrap_err());
+    assert!(m.contains("already declared"), "{m}");
+
+    // Init on an initialised cluster.
+    let e = client.admin().init(pb::InitRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("already part of a cluster"), "{e}");
+    // add-learner reusing a member's id.
+    let e = client
+        .admin()
+        .add_learner(pb::AddLearnerRequest {
+            node_id: 3,
+            raft_addr: "127.0.0.1:9".into(),
+            api_addr: "127.0.0.1:10".into(),
+            cluster_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    assert!(e.message().contains("node id 3 is already a member"), "{e}");
+    // Promote of a learner that never caught up (it is not even running).
+    let dead = free_addr();
+    client
+        .admin()
+        .add_learner(pb::AddLearnerRequest {
+            node_id: 9,
+            raft_addr: dead.clone(),
+            api_addr: dead,
+            cluster_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let e = client
+        .admin()
+        .promote(pb::PromoteRequest {
+            node_id: 9,
+            max_lag: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("learner 9 has not caught up"), "{e}");
+    client
+        .admin()
+        .remove(pb::RemoveRequest { node_id: 9 })
+        .await
+        .unwrap();
+
+    // Unreachable endpoint.
+    let e = Client::connect(&[free_addr()]).await.unwrap_err();
+    assert!(e.to_string().contains("cannot reach any endpoint"), "{e}");
+
+    // Nothing above changed the data.
+    assert_eq!(converged(&mut c, &[1, 2, 3]).await, before);
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Runs the `raftmap` binary and returns (success, stderr).
+fn raftmap(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftmap"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn agent_refuses_foreign_corrupt_and_mismatched_data_dirs() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("d");
+    let d = dir.to_str().unwrap();
+    let (raft, api) = (free_addr(), free_addr());
+    let agent = |node: &str| {
+        raftmap(&[
+            "agent",
+            "--node-id",
+            node,
+            "--raft-addr",
+            &raft,
+            "--api-addr",
+            &api,
+            "--data-dir",
+            d,
+        ])
+    };
+    // Foreign: a directory with someone else's files.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("important.txt"), "not ours").unwrap();
+    let (ok, err) = agent("1");
+    assert!(!ok);
+    assert!(err.contains("is not a raftmap data dir"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("important.txt")).unwrap(),
+        "not ours"
+    );
+    // Corrupt identity.
+    std::fs::remove_file(dir.join("important.txt")).unwrap();
+    std::fs::write(dir.join("identity.json"), "{garbage").unwrap();
+    let (ok, err) = agent("1");
+    assert!(!ok);
+    assert!(err.contains("identity.json is corrupt"), "{err}");
+    // A valid identity for node 1, started as node 2.
+    std::fs::write(dir.join("identity.json"), r#"{"format":1,"node_id":1}"#).unwrap();
+    std::fs::create_dir_all(dir.join("db")).unwrap();
+    std::fs::write(dir.join("db/CURRENT"), "MANIFEST-000001\n").unwrap();
+    let (ok, err) = agent("2");
+    assert!(!ok);
+    assert!(err.contains("belongs to node 1, not node 2"), "{err}");
+    // Node 1 with a corrupt database.
+    let (ok, err) = agent("1");
+    assert!(!ok);
+    assert!(err.contains("rocksdb"), "{err}");
+    // One line each.
+    assert_eq!(
+        err.trim_end()
+            .lines()
+            .filter(|l| l.starts_with("error:"))
+            .count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_reports_unreachable_endpoints_and_bad_hex() {
+    let addr = free_addr();
+    let (ok, err) = raftmap(&["status", "--endpoints", &addr]);
+    assert!(!ok);
+    assert!(err.contains("no endpoint answered"), "{err}");
+    let (ok, err) = raftmap(&["map", "get", "ct", "0011", "--endpoints", &addr]);
+    assert!(!ok);
+    assert!(err.contains("cannot reach any endpoint"), "{err}");
+    let (ok, err) = raftmap(&["map", "put", "ct", "zz", "00", "--endpoints", &addr]);
+    assert!(!ok);
+    assert!(err.contains("key \"zz\" is not hex"), "{err}");
+}
