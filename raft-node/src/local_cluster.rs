@@ -51,15 +51,27 @@ pub struct LocalCluster {
     nodes: BTreeMap<NodeId, LocalNode>,
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768+), so that outgoing
+/// connections never take it; each call in a process gets a different one, and processes start
+/// at different offsets.
 fn free_port() -> Result<String> {
-    // The port is released before the agent binds it; the kernel does not hand it out again
-    // immediately, which is what every loopback test harness relies on.
-    let l = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| NodeError::Internal(format!("no free port: {e}")))?;
-    let addr = l
-        .local_addr()
-        .map_err(|e| NodeError::Internal(format!("no free port: {e}")))?;
-    Ok(addr.to_string())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(format!("127.0.0.1:{port}"));
+        }
+    }
+    Err(NodeError::Internal("no free loopback port".into()))
 }
 
 impl LocalCluster {
@@ -201,12 +213,7 @@ impl LocalCluster {
     ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if !self.node_mut(id)?.is_running() {
-                return Err(NodeError::Internal(format!(
-                    "node {id} exited while waiting for it to {what}; its log ends with:\n{}",
-                    self.log_tail(id, 20)
-                )));
-            }
+            self.check_alive(&format!("waiting for node {id} to {what}"))?;
             let last = match self.client(id).await {
                 Ok(c) => match c.status().await {
                     Ok(s) if cond(&s) => return Ok(()),
@@ -237,6 +244,20 @@ impl LocalCluster {
                 s.applied_index >= index
             })
             .await?;
+        }
+        Ok(())
+    }
+
+    /// Fails if a node that was started (and not killed on purpose) has exited.
+    pub fn check_alive(&mut self, context: &str) -> Result<()> {
+        for id in self.ids() {
+            let node = self.node_mut(id)?;
+            if node.child.is_some() && !node.is_running() {
+                return Err(NodeError::Internal(format!(
+                    "node {id} exited while {context}; its log ends with:\n{}",
+                    self.log_tail(id, 20)
+                )));
+            }
         }
         Ok(())
     }
@@ -297,5 +318,10 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop_all();
+        if std::thread::panicking() {
+            for id in self.ids() {
+                eprintln!("---- node {id} log (last 30 lines)\n{}", self.log_tail(id, 30));
+            }
+        }
     }
 }

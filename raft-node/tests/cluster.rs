@@ -65,24 +65,30 @@ async fn local_dump(c: &LocalCluster, id: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// Waits until every node in `ids` has applied the leader's commit index, then checks that their
 /// local copies of the map are identical. Returns that copy.
 async fn converged(c: &mut LocalCluster, ids: &[u64]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let leader = leader_of(c, ids).await;
-    let commit = c
-        .client(leader)
-        .await
-        .unwrap()
-        .status()
-        .await
-        .unwrap()
-        .committed_index;
-    c.wait_applied(ids, commit, T).await.unwrap();
+    // Everything acknowledged so far has been applied on the current leader, so on the node
+    // with the highest applied index. (A restarted former leader may briefly call itself
+    // leader of its stale term, so "whoever says leader" is not the reference.)
+    let mut target = 0;
+    for &id in ids {
+        target = target.max(c.client(id).await.unwrap().status().await.unwrap().applied_index);
+    }
+    c.wait_applied(ids, target, T).await.unwrap();
     let reference = local_dump(c, ids[0]).await;
     for &id in &ids[1..] {
-        assert_eq!(
-            local_dump(c, id).await,
-            reference,
-            "node {id} differs from node {}",
-            ids[0]
-        );
+        let other = local_dump(c, id).await;
+        if other != reference {
+            let a: BTreeSet<_> = reference.iter().collect();
+            let b: BTreeSet<_> = other.iter().collect();
+            panic!(
+                "node {id} differs from node {} at index {target}: {} vs {} entries, only on {}: {:?}, only on {id}: {:?}",
+                ids[0],
+                reference.len(),
+                other.len(),
+                ids[0],
+                a.difference(&b).take(3).collect::<Vec<_>>(),
+                b.difference(&a).take(3).collect::<Vec<_>>(),
+            );
+        }
     }
     reference
 }
