@@ -320,7 +320,10 @@ impl Drop for LocalCluster {
         self.stop_all();
         if std::thread::panicking() {
             for id in self.ids() {
-                eprintln!("---- node {id} log (last 30 lines)\n{}", self.log_tail(id, 30));
+                eprintln!(
+                    "---- node {id} log (last 30 lines)\n{}",
+                    self.log_tail(id, 30)
+                );
             }
         }
     }

@@ -1,5 +1,7 @@
 //! End-to-end tests: real `raftmap agent` processes on loopback, real sockets, real SIGKILLs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -70,7 +72,15 @@ async fn converged(c: &mut LocalCluster, ids: &[u64]) -> Vec<(Vec<u8>, Vec<u8>)>
     // leader of its stale term, so "whoever says leader" is not the reference.)
     let mut target = 0;
     for &id in ids {
-        target = target.max(c.client(id).await.unwrap().status().await.unwrap().applied_index);
+        target = target.max(
+            c.client(id)
+                .await
+                .unwrap()
+                .status()
+                .await
+                .unwrap()
+                .applied_index,
+        );
     }
     c.wait_applied(ids, target, T).await.unwrap();
     let reference = local_dump(c, ids[0]).await;

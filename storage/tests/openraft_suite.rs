@@ -1,5 +1,7 @@
 //! openraft's own storage conformance suite, run against the RocksDB log and state machine.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use openraft::testing::{StoreBuilder, Suite};
 use raftmap_storage::{open, LogStore, NodeId, StateMachine, StoreOptions, TypeConfig};
 use tempfile::TempDir;
@@ -17,6 +19,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
 }
 
 #[test]
+#[allow(clippy::result_large_err)] // openraft's error type
 fn openraft_storage_suite() -> Result<(), openraft::StorageError<NodeId>> {
     Suite::test_all(Builder)
 }

@@ -1,0 +1,18 @@
+# The two commands a fresh machine needs:
+#   make demo   start a local cluster, write through every node, show that all converged
+#   make test   the whole test suite (what CI runs)
+.PHONY: deps demo test lint
+
+deps:
+	@scripts/install-deps.sh
+
+demo: deps
+	cargo build --bin raftmap
+	cargo run --quiet --bin raftmap -- demo
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+
+test: lint
+	cargo test --workspace --locked
