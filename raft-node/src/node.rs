@@ -252,7 +252,15 @@ fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        use tokio_stream::StreamExt;
+        // Small request/response messages: without TCP_NODELAY, Nagle's algorithm and delayed
+        // acknowledgements add tens of milliseconds to some of them.
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        });
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };

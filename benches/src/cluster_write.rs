@@ -1,0 +1,240 @@
+//! Commit throughput and latency of a local 3-node cluster for several numbers of concurrent
+//! writers, next to the physical floor measured in the same run: one fsync of 4 KiB on the
+//! data dir's file system and one loopback TCP round trip.
+//!
+//! ```text
+//! cargo build --release --bin raftmap --bin cluster-write
+//! target/release/cluster-write --writers 1,64 --seconds 5
+//! ```
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_node::storage::{MapSchema, MapType};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Concurrent writers per run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    writers: Vec<usize>,
+    /// Duration of each run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Operations per write request.
+    #[arg(long, default_value_t = 1)]
+    ops_per_write: usize,
+    /// Run the nodes without fsync.
+    #[arg(long)]
+    no_sync: bool,
+    /// The raftmap binary (default: next to this one).
+    #[arg(long)]
+    raftmap: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// p50 and p99 of `n` fdatasyncs of a 4 KiB block in `dir`.
+fn fsync_floor(dir: &Path, n: usize) -> Result<(Duration, Duration)> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let block = vec![7u8; 4096];
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        f.write_all(&block)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        samples.push(t.elapsed());
+    }
+    std::fs::remove_file(&path)?;
+    samples.sort();
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+}
+
+/// p50 and p99 of `n` 64-byte ping-pongs over loopback TCP.
+fn rtt_floor(n: usize) -> Result<(Duration, Duration)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = [0u8; 64];
+        while s.read_exact(&mut buf).is_ok() {
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let mut buf = [1u8; 64];
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&buf)?;
+        c.read_exact(&mut buf)?;
+        samples.push(t.elapsed());
+    }
+    drop(c);
+    let _ = echo.join();
+    samples.sort();
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+}
+
+struct RunResult {
+    writers: usize,
+    ops: u64,
+    errors: u64,
+    secs: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+}
+
+async fn run(cluster: &LocalCluster, writers: usize, secs: u64, ops_per_write: usize, run_id: u64) -> Result<RunResult> {
+    let ids = cluster.ids();
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs);
+    for w in 0..writers {
+        // Spread writers over every node; followers forward to the leader.
+        let client = cluster.client(ids[w % ids.len()]).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < end {
+                let ops = (0..ops_per_write)
+                    .map(|j| {
+                        let k = (run_id << 56) | ((w as u64) << 36) | (i << 8) | j as u64;
+                        raftmap_node::put("bench", k.to_be_bytes().to_vec(), i.to_le_bytes().to_vec())
+                    })
+                    .collect();
+                let t = Instant::now();
+                match client.write(ops).await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+                i += 1;
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await?;
+        all.extend(lat);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort();
+    Ok(RunResult {
+        writers,
+        ops: (all.len() * ops_per_write) as u64,
+        errors,
+        secs,
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+        p999: percentile(&all, 0.999),
+    })
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let bin = match args.raftmap.clone() {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .join("raftmap"),
+    };
+    if !bin.exists() {
+        bail!("{} not found: build it first (cargo build --release --bin raftmap)", bin.display());
+    }
+    let mut agent_args = vec!["--snapshot-logs".to_string(), "100000".to_string()];
+    if args.no_sync {
+        agent_args.push("--no-sync".into());
+    }
+    let cluster = LocalCluster::start(
+        ClusterOptions {
+            bin,
+            agent_args,
+            log_filter: "warn".into(),
+        },
+        3,
+        0,
+        Duration::from_secs(60),
+    )
+    .await?;
+    let (fsync50, fsync99) = fsync_floor(cluster.dir(), 500)?;
+    let (rtt50, rtt99) = rtt_floor(2000)?;
+    let floor50 = fsync50 + rtt50;
+    let floor99 = fsync99 + rtt99;
+
+    cluster
+        .client(1)
+        .await?
+        .declare(&MapSchema {
+            name: "bench".into(),
+            map_type: MapType::Hash,
+            key_size: 8,
+            value_size: 8,
+            max_entries: 1 << 24,
+        })
+        .await?;
+
+    println!(
+        "floor (same run): fsync 4 KiB p50 {:.0} us p99 {:.0} us; loopback RTT p50 {:.0} us p99 {:.0} us; fsync on: {}",
+        us(fsync50),
+        us(fsync99),
+        us(rtt50),
+        us(rtt99),
+        !args.no_sync
+    );
+    println!();
+    println!("| writers | ops/write | ops/s | errors | p50 us | p99 us | p99.9 us | p50 / floor | p99 / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut json = Vec::new();
+    for (n, &w) in args.writers.iter().enumerate() {
+        let r = run(&cluster, w, args.seconds, args.ops_per_write, n as u64 + 1).await?;
+        let rate = r.ops as f64 / r.secs;
+        println!(
+            "| {} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
+            r.writers,
+            args.ops_per_write,
+            rate,
+            r.errors,
+            us(r.p50),
+            us(r.p99),
+            us(r.p999),
+            r.p50.as_secs_f64() / floor50.as_secs_f64(),
+            r.p99.as_secs_f64() / floor99.as_secs_f64(),
+        );
+        json.push(serde_json::json!({
+            "writers": r.writers, "ops_per_write": args.ops_per_write, "ops_per_sec": rate,
+            "errors": r.errors, "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
+            "floor_p50_us": us(floor50), "floor_p99_us": us(floor99), "fsync": !args.no_sync,
+        }));
+    }
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}
