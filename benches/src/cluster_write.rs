@@ -27,6 +27,9 @@ struct Args {
     /// Operations per write request.
     #[arg(long, default_value_t = 1)]
     ops_per_write: usize,
+    /// Voters in the cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
     /// Run the nodes without fsync.
     #[arg(long)]
     no_sync: bool,
@@ -102,7 +105,13 @@ struct RunResult {
     p999: Duration,
 }
 
-async fn run(cluster: &LocalCluster, writers: usize, secs: u64, ops_per_write: usize, run_id: u64) -> Result<RunResult> {
+async fn run(
+    cluster: &LocalCluster,
+    writers: usize,
+    secs: u64,
+    ops_per_write: usize,
+    run_id: u64,
+) -> Result<RunResult> {
     let ids = cluster.ids();
     let mut tasks = Vec::new();
     let start = Instant::now();
@@ -118,7 +127,11 @@ async fn run(cluster: &LocalCluster, writers: usize, secs: u64, ops_per_write: u
                 let ops = (0..ops_per_write)
                     .map(|j| {
                         let k = (run_id << 56) | ((w as u64) << 36) | (i << 8) | j as u64;
-                        raftmap_node::put("bench", k.to_be_bytes().to_vec(), i.to_le_bytes().to_vec())
+                        raftmap_node::put(
+                            "bench",
+                            k.to_be_bytes().to_vec(),
+                            i.to_le_bytes().to_vec(),
+                        )
                     })
                     .collect();
                 let t = Instant::now();
@@ -151,6 +164,24 @@ async fn run(cluster: &LocalCluster, writers: usize, secs: u64, ops_per_write: u
     })
 }
 
+/// Sum of a counter over every node's `/metrics`.
+fn scrape_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
+    let mut total = 0.0;
+    for id in cluster.ids() {
+        let addr = &cluster.node(id)?.metrics_addr;
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        total += body
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -166,7 +197,10 @@ async fn main() -> Result<()> {
             .join("raftmap"),
     };
     if !bin.exists() {
-        bail!("{} not found: build it first (cargo build --release --bin raftmap)", bin.display());
+        bail!(
+            "{} not found: build it first (cargo build --release --bin raftmap)",
+            bin.display()
+        );
     }
     let mut agent_args = vec!["--snapshot-logs".to_string(), "100000".to_string()];
     if args.no_sync {
@@ -178,7 +212,7 @@ async fn main() -> Result<()> {
             agent_args,
             log_filter: "warn".into(),
         },
-        3,
+        args.nodes,
         0,
         Duration::from_secs(60),
     )
@@ -209,17 +243,21 @@ async fn main() -> Result<()> {
         !args.no_sync
     );
     println!();
-    println!("| writers | ops/write | ops/s | errors | p50 us | p99 us | p99.9 us | p50 / floor | p99 / floor |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| writers | ops/write | ops/s | ops/entry | errors | p50 us | p99 us | p99.9 us | p50 / floor | p99 / floor |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json = Vec::new();
     for (n, &w) in args.writers.iter().enumerate() {
+        let entries0 = scrape_counter(&cluster, "raftmap_proposals_total")?;
         let r = run(&cluster, w, args.seconds, args.ops_per_write, n as u64 + 1).await?;
+        let entries = scrape_counter(&cluster, "raftmap_proposals_total")? - entries0;
+        let per_entry = r.ops as f64 / entries.max(1.0);
         let rate = r.ops as f64 / r.secs;
         println!(
-            "| {} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
+            "| {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
             r.writers,
             args.ops_per_write,
             rate,
+            per_entry,
             r.errors,
             us(r.p50),
             us(r.p99),
@@ -228,7 +266,7 @@ async fn main() -> Result<()> {
             r.p99.as_secs_f64() / floor99.as_secs_f64(),
         );
         json.push(serde_json::json!({
-            "writers": r.writers, "ops_per_write": args.ops_per_write, "ops_per_sec": rate,
+            "writers": r.writers, "ops_per_write": args.ops_per_write, "ops_per_sec": rate, "ops_per_entry": per_entry,
             "errors": r.errors, "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
             "floor_p50_us": us(floor50), "floor_p99_us": us(floor99), "fsync": !args.no_sync,
         }));

@@ -35,7 +35,7 @@ impl Default for BatchConfig {
         Self {
             max_ops: 20_000,
             max_bytes: 4 * 1024 * 1024,
-            max_in_flight: 4,
+            max_in_flight: 1,
         }
     }
 }

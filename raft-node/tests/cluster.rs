@@ -194,6 +194,39 @@ async fn writes_through_any_node_read_linearizably_everywhere() {
 
     let all = converged(&mut c, &[1, 2, 3, 4]).await;
     assert_eq!(all.len(), 4);
+
+    // Prometheus metrics and probes.
+    let leader_metrics = &c.node(leader).unwrap().metrics_addr;
+    let (code, body) = http_get(leader_metrics, "/metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("raftmap_is_leader 1"), "{body}");
+    let metric = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+    };
+    assert!(metric("raftmap_applied_index") >= 6.0);
+    assert!(metric("raftmap_commit_latency_seconds_count") >= 1.0);
+    assert_eq!(http_get(&c.node(4).unwrap().metrics_addr, "/readyz").0, 200);
+    assert_eq!(
+        http_get(&c.node(4).unwrap().metrics_addr, "/healthz").0,
+        200
+    );
+}
+
+/// A minimal HTTP/1.0 GET: (status code, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
