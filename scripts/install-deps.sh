@@ -3,6 +3,7 @@
 #   librocksdb-dev     RocksDB, linked instead of compiled from source (minutes, not half an hour)
 #   libclang-dev       bindgen, used by the rocksdb crate's build script
 #   protobuf-compiler  protoc, for the gRPC definitions
+# and mounts bpffs at /sys/fs/bpf when it is missing.
 set -euo pipefail
 
 packages=(librocksdb-dev libclang-dev protobuf-compiler pkg-config)
@@ -20,3 +21,12 @@ if ((${#missing[@]})); then
 fi
 
 command -v cargo >/dev/null || { echo "cargo is missing: install a Rust toolchain (rustup) first" >&2; exit 1; }
+
+# bpffs, where BPF maps are pinned (a Kubernetes node has it; a fresh VM may not).
+if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
+  if [ "$(id -u)" -eq 0 ]; then
+    mount -t bpf bpf /sys/fs/bpf
+  else
+    echo "note: /sys/fs/bpf is not mounted (mount -t bpf bpf /sys/fs/bpf as root)" >&2
+  fi
+fi

@@ -1,0 +1,335 @@
+//! raftmap's kernel side: BPF maps found by pinned path or by name and read and written with
+//! key and value sizes known only at run time, and the scan that turns a map's differences from
+//! its last known contents into changes to replicate.
+//!
+//! This crate knows nothing about Raft: it sees kernel maps and byte strings.
+
+mod scan;
+mod sys;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, MapType};
+
+pub use scan::{diff, KernelChange};
+
+/// Errors of kernel map access.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("{call} on map {map}: {source}")]
+    Syscall {
+        call: &'static str,
+        map: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening map {what}: {source}")]
+    Open {
+        what: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no loaded BPF map is named {0:?}")]
+    NotFound(String),
+    #[error(
+        "{count} loaded BPF maps are named {name:?} (ids {ids:?}); name it by pinned path instead"
+    )]
+    Ambiguous {
+        name: String,
+        count: usize,
+        ids: Vec<u32>,
+    },
+    #[error("map {map} is a {kind} map; raftmap replicates hash, lru_hash and array maps")]
+    UnsupportedType { map: String, kind: String },
+    #[error("map {map}: key is {actual} bytes, the map's key size is {expected}")]
+    KeySize {
+        map: String,
+        expected: u32,
+        actual: usize,
+    },
+    #[error("map {map}: value is {actual} bytes, the map's value size is {expected}")]
+    ValueSize {
+        map: String,
+        expected: u32,
+        actual: usize,
+    },
+}
+
+pub type Result<T, E = HookError> = std::result::Result<T, E>;
+
+/// The kinds of kernel map raftmap replicates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    Hash,
+    LruHash,
+    Array,
+}
+
+impl MapKind {
+    fn bpf_type(self) -> u32 {
+        match self {
+            MapKind::Hash => MapType::Hash as u32,
+            MapKind::LruHash => MapType::LruHash as u32,
+            MapKind::Array => MapType::Array as u32,
+        }
+    }
+}
+
+impl fmt::Display for MapKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MapKind::Hash => "hash",
+            MapKind::LruHash => "lru_hash",
+            MapKind::Array => "array",
+        })
+    }
+}
+
+/// A kernel map's shape, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapLayout {
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// Node-local id; changes when the map is recreated.
+    pub id: u32,
+    pub name: String,
+}
+
+impl fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}({}, key {} B, value {} B, max {} entries, id {})",
+            self.name, self.kind, self.key_size, self.value_size, self.max_entries, self.id
+        )
+    }
+}
+
+/// Update flags of BPF_MAP_UPDATE_ELEM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateFlags {
+    /// Create or overwrite (BPF_ANY).
+    Any = 0,
+    /// Create only (BPF_NOEXIST).
+    NoExist = 1,
+    /// Overwrite only (BPF_EXIST).
+    Exist = 2,
+}
+
+/// An open kernel map.
+#[derive(Debug)]
+pub struct KernelMap {
+    data: MapData,
+    layout: MapLayout,
+    label: String,
+}
+
+impl KernelMap {
+    fn from_data(data: MapData, label: String) -> Result<Self> {
+        let info = data.info().map_err(|source| HookError::Open {
+            what: label.clone(),
+            source,
+        })?;
+        let name = info.name_as_str().unwrap_or("").to_string();
+        let kind = match info.map_type() {
+            Ok(MapType::Hash) => MapKind::Hash,
+            Ok(MapType::LruHash) => MapKind::LruHash,
+            Ok(MapType::Array) => MapKind::Array,
+            Ok(other) => {
+                return Err(HookError::UnsupportedType {
+                    map: label,
+                    kind: format!("{other:?}"),
+                })
+            }
+            Err(e) => {
+                return Err(HookError::UnsupportedType {
+                    map: label,
+                    kind: e.to_string(),
+                })
+            }
+        };
+        let layout = MapLayout {
+            kind,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            id: info.id(),
+            name,
+        };
+        Ok(Self {
+            data,
+            layout,
+            label,
+        })
+    }
+
+    /// Opens the map pinned at `path` (under bpffs).
+    pub fn open_pinned(path: &Path) -> Result<Self> {
+        let label = path.display().to_string();
+        let data = MapData::from_pin(path).map_err(|source| HookError::Open {
+            what: label.clone(),
+            source,
+        })?;
+        Self::from_data(data, label)
+    }
+
+    /// Opens the only loaded map with this name (kernel map names are at most 15 bytes).
+    pub fn open_by_name(name: &str) -> Result<Self> {
+        let mut ids = Vec::new();
+        for info in aya::maps::loaded_maps() {
+            let info = info.map_err(|source| HookError::Open {
+                what: format!("loaded maps (looking for {name:?})"),
+                source,
+            })?;
+            if info.name_as_str() == Some(name) {
+                ids.push(info.id());
+            }
+        }
+        match ids.as_slice() {
+            [] => Err(HookError::NotFound(name.to_string())),
+            [id] => {
+                let data = MapData::from_id(*id).map_err(|source| HookError::Open {
+                    what: format!("{name:?} (id {id})"),
+                    source,
+                })?;
+                Self::from_data(data, name.to_string())
+            }
+            _ => Err(HookError::Ambiguous {
+                name: name.to_string(),
+                count: ids.len(),
+                ids,
+            }),
+        }
+    }
+
+    /// Creates a new map (for tests and the demo; production maps belong to their programs).
+    pub fn create(
+        kind: MapKind,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        name: &str,
+    ) -> Result<Self> {
+        let fd = sys::map_create(kind.bpf_type(), key_size, value_size, max_entries, name)
+            .map_err(|source| HookError::Syscall {
+                call: "BPF_MAP_CREATE",
+                map: name.to_string(),
+                source,
+            })?;
+        let data = MapData::from_fd(fd).map_err(|source| HookError::Open {
+            what: name.to_string(),
+            source,
+        })?;
+        Self::from_data(data, name.to_string())
+    }
+
+    /// Pins the map at `path` under bpffs.
+    pub fn pin(&self, path: &Path) -> Result<()> {
+        self.data.pin(path).map_err(|e| HookError::Syscall {
+            call: "BPF_OBJ_PIN",
+            map: self.label.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    }
+
+    pub fn layout(&self) -> &MapLayout {
+        &self.layout
+    }
+
+    /// How the map was named when opened (pinned path or name).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        if key.len() != self.layout.key_size as usize {
+            return Err(HookError::KeySize {
+                map: self.label.clone(),
+                expected: self.layout.key_size,
+                actual: key.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn syscall_err(&self, call: &'static str) -> impl FnOnce(std::io::Error) -> HookError + '_ {
+        move |source| HookError::Syscall {
+            call,
+            map: self.label.clone(),
+            source,
+        }
+    }
+
+    pub fn lookup(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.check_key(key)?;
+        let mut value = vec![0u8; self.layout.value_size as usize];
+        let found = sys::lookup(self.data.fd().as_fd(), key, &mut value)
+            .map_err(self.syscall_err("BPF_MAP_LOOKUP_ELEM"))?;
+        Ok(found.then_some(value))
+    }
+
+    pub fn update(&self, key: &[u8], value: &[u8], flags: UpdateFlags) -> Result<()> {
+        self.check_key(key)?;
+        if value.len() != self.layout.value_size as usize {
+            return Err(HookError::ValueSize {
+                map: self.label.clone(),
+                expected: self.layout.value_size,
+                actual: value.len(),
+            });
+        }
+        sys::update(self.data.fd().as_fd(), key, value, flags as u64)
+            .map_err(self.syscall_err("BPF_MAP_UPDATE_ELEM"))
+    }
+
+    /// Deletes `key`; `Ok(false)` when it was not there.
+    pub fn delete(&self, key: &[u8]) -> Result<bool> {
+        self.check_key(key)?;
+        sys::delete(self.data.fd().as_fd(), key).map_err(self.syscall_err("BPF_MAP_DELETE_ELEM"))
+    }
+
+    /// Every entry, keyed by key bytes. Entries changed during the walk may or may not appear
+    /// with their new value; the walk is bounded even if the map changes under it.
+    pub fn entries(&self) -> Result<HashMap<Vec<u8>, Vec<u8>>> {
+        let fd = self.data.fd().as_fd();
+        let ks = self.layout.key_size as usize;
+        let mut out = HashMap::new();
+        let mut key: Option<Vec<u8>> = None;
+        let mut next = vec![0u8; ks];
+        // A deleted cursor key restarts the walk from the first key; bound the steps.
+        let limit = 2 * self.layout.max_entries as usize + 16;
+        for _ in 0..limit {
+            let more = sys::next_key(fd, key.as_deref(), &mut next)
+                .map_err(self.syscall_err("BPF_MAP_GET_NEXT_KEY"))?;
+            if !more {
+                break;
+            }
+            if !out.contains_key(&next) {
+                let mut value = vec![0u8; self.layout.value_size as usize];
+                if sys::lookup(fd, &next, &mut value)
+                    .map_err(self.syscall_err("BPF_MAP_LOOKUP_ELEM"))?
+                {
+                    out.insert(next.clone(), value);
+                }
+            }
+            key = Some(next.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// Whether this process can create BPF maps; `Err` says why not.
+pub fn probe_bpf() -> std::result::Result<(), String> {
+    KernelMap::create(MapKind::Hash, 4, 4, 1, "raftmap_probe")
+        .map(drop)
+        .map_err(|e| format!("cannot create a BPF map ({e}); raftmap needs root or CAP_BPF and a kernel with BPF"))
+}
+
+/// The default bpffs mount point.
+pub fn bpffs() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf")
+}

@@ -1,0 +1,110 @@
+//! The few bpf(2) commands that need run-time key and value sizes, which aya's typed maps
+//! (sizes fixed at compile time) cannot express. Every `unsafe` block of the crate is here.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use aya_obj::generated::{bpf_attr, bpf_cmd};
+
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<i64> {
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr that outlives the call, and the size
+    // passed is its size; the kernel reads and writes only within it and the user buffers
+    // whose addresses the callers put in it (each valid for the sizes the map declares).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn zeroed() -> bpf_attr {
+    // SAFETY: bpf_attr is a plain-old-data union of integer fields; all-zero is its documented
+    // "unused" value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// BPF_MAP_CREATE.
+pub(crate) fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    name: &str,
+) -> io::Result<OwnedFd> {
+    let mut attr = zeroed();
+    // SAFETY (field access): writing fields of the union variant BPF_MAP_CREATE reads.
+    let a = unsafe { &mut attr.__bindgen_anon_1 };
+    a.map_type = map_type;
+    a.key_size = key_size;
+    a.value_size = value_size;
+    a.max_entries = max_entries;
+    for (dst, src) in a.map_name.iter_mut().zip(name.bytes().take(15)) {
+        *dst = src as libc::c_char;
+    }
+    let fd = sys_bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: on success BPF_MAP_CREATE returns a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn elem_attr(fd: BorrowedFd<'_>, key: *const u8, value: u64, flags: u64) -> bpf_attr {
+    let mut attr = zeroed();
+    // SAFETY (field access): the element commands read this union variant.
+    let a = unsafe { &mut attr.__bindgen_anon_2 };
+    a.map_fd = fd.as_raw_fd() as u32;
+    a.key = key as u64;
+    a.__bindgen_anon_1.value = value;
+    a.flags = flags;
+    attr
+}
+
+/// BPF_MAP_LOOKUP_ELEM into `value` (exactly the map's value size). `Ok(false)`: no such key.
+pub(crate) fn lookup(fd: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
+    let mut attr = elem_attr(fd, key.as_ptr(), value.as_mut_ptr() as u64, 0);
+    match sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// BPF_MAP_UPDATE_ELEM with `flags` (BPF_ANY, BPF_NOEXIST, BPF_EXIST).
+pub(crate) fn update(fd: BorrowedFd<'_>, key: &[u8], value: &[u8], flags: u64) -> io::Result<()> {
+    let mut attr = elem_attr(fd, key.as_ptr(), value.as_ptr() as u64, flags);
+    sys_bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// BPF_MAP_DELETE_ELEM. `Ok(false)`: there was no such key.
+pub(crate) fn delete(fd: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
+    let mut attr = elem_attr(fd, key.as_ptr(), 0, 0);
+    match sys_bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// BPF_MAP_GET_NEXT_KEY: the key after `key` (the first key when `None`) into `next`.
+/// `Ok(false)`: no more keys.
+pub(crate) fn next_key(
+    fd: BorrowedFd<'_>,
+    key: Option<&[u8]>,
+    next: &mut [u8],
+) -> io::Result<bool> {
+    let key_ptr = key.map_or(std::ptr::null(), <[u8]>::as_ptr);
+    let mut attr = elem_attr(fd, key_ptr, next.as_mut_ptr() as u64, 0);
+    match sys_bpf(bpf_cmd::BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

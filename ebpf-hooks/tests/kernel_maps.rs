@@ -1,0 +1,125 @@
+//! Real kernel maps: needs root (or CAP_BPF) and bpffs. Under RAFTMAP_REQUIRE_BPF=1 (CI) a
+//! missing capability fails the test instead of skipping it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use raftmap_ebpf_hooks::{probe_bpf, HookError, KernelMap, MapKind, UpdateFlags};
+
+fn bpf_or_skip(test: &str) -> bool {
+    match probe_bpf() {
+        Ok(()) => true,
+        Err(e) if std::env::var("RAFTMAP_REQUIRE_BPF").as_deref() == Ok("1") => {
+            panic!("{test}: BPF is required (RAFTMAP_REQUIRE_BPF=1): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
+/// A bpffs path removed when dropped.
+struct Pin(PathBuf);
+impl Pin {
+    fn new(tag: &str) -> Self {
+        let p =
+            raftmap_ebpf_hooks::bpffs().join(format!("raftmap-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        Pin(p)
+    }
+}
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn read_write_iterate_with_run_time_sizes() {
+    if !bpf_or_skip("read_write_iterate_with_run_time_sizes") {
+        return;
+    }
+    let map = KernelMap::create(MapKind::Hash, 13, 24, 64, "rm_t_rw").unwrap();
+    let l = map.layout().clone();
+    assert_eq!(
+        (l.kind, l.key_size, l.value_size, l.max_entries),
+        (MapKind::Hash, 13, 24, 64)
+    );
+    let key = |i: u8| vec![i; 13];
+    let val = |i: u8| vec![i.wrapping_mul(3); 24];
+    for i in 0..10 {
+        map.update(&key(i), &val(i), UpdateFlags::Any).unwrap();
+    }
+    assert_eq!(map.lookup(&key(3)).unwrap(), Some(val(3)));
+    assert_eq!(map.lookup(&key(99)).unwrap(), None);
+    assert!(map.delete(&key(3)).unwrap());
+    assert!(!map.delete(&key(3)).unwrap());
+    let all = map.entries().unwrap();
+    assert_eq!(all.len(), 9);
+    assert_eq!(all.get(&key(7)), Some(&val(7)));
+    assert!(!all.contains_key(&key(3)));
+
+    // The kernel's own checks come back as errors naming the call and the map.
+    let e = map
+        .update(&key(1), &val(1), UpdateFlags::NoExist)
+        .unwrap_err();
+    assert!(
+        matches!(&e, HookError::Syscall { call: "BPF_MAP_UPDATE_ELEM", source, .. } if source.raw_os_error() == Some(EEXIST)),
+        "{e}"
+    );
+    let e = map.update(&key(1), &[0; 3], UpdateFlags::Any).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "map rm_t_rw: value is 3 bytes, the map's value size is 24"
+    );
+}
+
+/// errno for "exists", returned for BPF_NOEXIST on a present key.
+const EEXIST: i32 = 17;
+
+#[test]
+fn full_hash_map_refuses_lru_map_evicts() {
+    if !bpf_or_skip("full_hash_map_refuses_lru_map_evicts") {
+        return;
+    }
+    let hash = KernelMap::create(MapKind::Hash, 4, 4, 2, "rm_t_full").unwrap();
+    hash.update(&[1; 4], &[1; 4], UpdateFlags::Any).unwrap();
+    hash.update(&[2; 4], &[2; 4], UpdateFlags::Any).unwrap();
+    assert!(hash.update(&[3; 4], &[3; 4], UpdateFlags::Any).is_err());
+    let lru = KernelMap::create(MapKind::LruHash, 4, 4, 64, "rm_t_lru").unwrap();
+    for i in 0..200u32 {
+        lru.update(&i.to_ne_bytes(), &i.to_ne_bytes(), UpdateFlags::Any)
+            .unwrap();
+    }
+    let n = lru.entries().unwrap().len();
+    assert!(n > 0 && n <= 64, "LRU map holds {n} entries, max 64");
+}
+
+#[test]
+fn open_by_pin_and_by_name_refuses_ambiguity() {
+    if !bpf_or_skip("open_by_pin_and_by_name_refuses_ambiguity") {
+        return;
+    }
+    let pin = Pin::new("pin");
+    let name = format!("rm_n{}", std::process::id() % 100_000);
+    let map = KernelMap::create(MapKind::LruHash, 8, 8, 16, &name).unwrap();
+    map.pin(&pin.0).unwrap();
+    map.update(&[1; 8], &[2; 8], UpdateFlags::Any).unwrap();
+
+    let by_pin = KernelMap::open_pinned(&pin.0).unwrap();
+    assert_eq!(by_pin.layout(), map.layout());
+    assert_eq!(by_pin.lookup(&[1; 8]).unwrap(), Some(vec![2; 8]));
+    let by_name = KernelMap::open_by_name(&name).unwrap();
+    assert_eq!(by_name.layout().id, map.layout().id);
+
+    let twin = KernelMap::create(MapKind::LruHash, 8, 8, 16, &name).unwrap();
+    let e = KernelMap::open_by_name(&name).unwrap_err();
+    assert!(matches!(e, HookError::Ambiguous { count: 2, .. }), "{e}");
+    drop(twin);
+    let e = KernelMap::open_by_name("rm_no_such_map").unwrap_err();
+    assert!(matches!(e, HookError::NotFound(_)), "{e}");
+    let e = KernelMap::open_pinned(&pin.0.with_file_name("raftmap-test-missing")).unwrap_err();
+    assert!(e.to_string().contains("raftmap-test-missing"), "{e}");
+}
