@@ -211,6 +211,7 @@ async fn main() -> Result<()> {
             bin,
             agent_args,
             log_filter: "warn".into(),
+            node_args: Default::default(),
         },
         args.nodes,
         0,

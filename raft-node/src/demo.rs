@@ -59,6 +59,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bin,
         agent_args: vec![],
         log_filter: "info,openraft=warn".into(),
+        node_args: Default::default(),
     };
     let work = async {
         let mut cluster =

@@ -15,6 +15,7 @@ mod client;
 mod error;
 mod http;
 mod identity;
+mod kernel;
 pub mod local_cluster;
 mod metrics;
 mod network;
@@ -24,6 +25,7 @@ mod service;
 
 pub use client::{put, Client};
 pub use error::{NodeError, Result};
+pub use kernel::WatchSpec;
 pub use node::{NodeConfig, RunningNode};
 pub use propose::BatchConfig;
 pub use raftmap_proto as proto;

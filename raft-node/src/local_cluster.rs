@@ -41,6 +41,8 @@ pub struct ClusterOptions {
     pub agent_args: Vec<String>,
     /// `RUST_LOG` for the agents.
     pub log_filter: String,
+    /// Extra `raftmap agent` arguments for particular nodes.
+    pub node_args: BTreeMap<NodeId, Vec<String>>,
 }
 
 /// Nodes on loopback under one temporary directory.
@@ -166,6 +168,7 @@ impl LocalCluster {
             .arg(&node.data_dir)
             .args(extra)
             .args(&opts.agent_args)
+            .args(opts.node_args.get(&id).into_iter().flatten())
             .env("RUST_LOG", &opts.log_filter)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -180,6 +180,12 @@ struct AgentArgs {
     /// Build a snapshot and purge the log every N entries.
     #[arg(long)]
     snapshot_logs: Option<u64>,
+    /// Keep a kernel map in sync: NAME=/sys/fs/bpf/PIN or NAME=KERNEL_MAP_NAME (repeatable).
+    #[arg(long = "watch", value_name = "NAME=LOCATION")]
+    watch: Vec<raftmap_node::WatchSpec>,
+    /// How often watched kernel maps are scanned for changes.
+    #[arg(long)]
+    scan_interval_ms: Option<u64>,
     #[arg(long)]
     heartbeat_ms: Option<u64>,
     #[arg(long)]
@@ -549,6 +555,10 @@ async fn agent(a: AgentArgs) -> Result<()> {
     cfg.sync &= !a.no_sync;
     if let Some(v) = a.snapshot_logs {
         cfg.snapshot_logs = v;
+    }
+    cfg.watch.extend(a.watch);
+    if let Some(v) = a.scan_interval_ms {
+        cfg.scan_interval_ms = v;
     }
     if let Some(v) = a.heartbeat_ms {
         cfg.heartbeat_ms = v;

@@ -26,7 +26,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    pub fn new(kernel: &crate::kernel::KernelMetrics) -> Arc<Self> {
         let mut registry = Registry::with_prefix("raftmap");
         let m = Metrics {
             is_leader: Gauge::default(),
@@ -92,6 +92,36 @@ impl Metrics {
             "commit_latency_seconds",
             "Time from proposing an entry to its being applied",
             m.commit_latency.clone(),
+        );
+        registry.register(
+            "kernel_captured",
+            "Kernel map changes captured and proposed",
+            kernel.captured.clone(),
+        );
+        registry.register(
+            "kernel_applied",
+            "Committed changes written to the kernel map",
+            kernel.applied.clone(),
+        );
+        registry.register(
+            "kernel_deferred",
+            "Committed changes not written because a newer local change to the key is on its way",
+            kernel.deferred.clone(),
+        );
+        registry.register(
+            "kernel_apply_errors",
+            "Kernel map writes that failed",
+            kernel.apply_errors.clone(),
+        );
+        registry.register(
+            "kernel_scan_repairs",
+            "Kernel map entries rewritten by reconciliation",
+            kernel.scan_repairs.clone(),
+        );
+        registry.register(
+            "kernel_entries",
+            "Entries in the kernel map at the last scan",
+            kernel.entries.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 use crate::error::{NodeError, Result};
 use crate::identity;
+use crate::kernel::{KernelSync, WatchSpec};
 use crate::metrics::Metrics;
 use crate::network::{endpoint, Network, PeerPool, MAX_PEER_MESSAGE};
 use crate::propose::{BatchConfig, Batcher, Proposer};
@@ -50,6 +51,10 @@ pub struct NodeConfig {
     pub snapshot_logs: u64,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
+    /// Kernel maps to keep in sync (`[[watch]]` tables in the config file).
+    pub watch: Vec<WatchSpec>,
+    /// How often each watched kernel map is scanned for changes.
+    pub scan_interval_ms: u64,
     #[serde(skip)]
     pub batch: BatchConfig,
 }
@@ -68,6 +73,8 @@ impl Default for NodeConfig {
             snapshot_logs: 10_000,
             heartbeat_ms: 100,
             election_timeout_ms: 500,
+            watch: Vec::new(),
+            scan_interval_ms: 100,
             batch: BatchConfig::default(),
         }
     }
@@ -83,6 +90,7 @@ pub struct NodeShared {
     pub(crate) proposer: Proposer,
     pub(crate) batcher: Batcher,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) kernel: Arc<KernelSync>,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -110,8 +118,11 @@ impl RunningNode {
     pub async fn start(cfg: NodeConfig) -> Result<Self> {
         let (ident, fresh) = identity::load_or_create(&cfg.data_dir, cfg.node_id)?;
         let id = ident.node_id;
+        let kernel = KernelSync::new(id, &cfg.watch, &cfg.data_dir)?;
+        let hook: Option<Arc<dyn raftmap_storage::ApplyHook>> =
+            (!cfg.watch.is_empty()).then(|| kernel.clone() as Arc<dyn raftmap_storage::ApplyHook>);
         let (log, sm, view) =
-            raftmap_storage::open(&cfg.data_dir, StoreOptions { sync: cfg.sync })?;
+            raftmap_storage::open(&cfg.data_dir, StoreOptions { sync: cfg.sync }, hook)?;
         if fresh {
             ident.persist(&cfg.data_dir)?;
         }
@@ -148,7 +159,7 @@ impl RunningNode {
         let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(&kernel.metrics);
         let proposer = Proposer {
             raft: raft.clone(),
             id,
@@ -156,6 +167,11 @@ impl RunningNode {
             metrics: metrics.clone(),
         };
         let batcher = Batcher::start(proposer.clone(), cfg.batch);
+        kernel.start(
+            view.clone(),
+            batcher.clone(),
+            Duration::from_millis(cfg.scan_interval_ms.max(1)),
+        );
         let shared = Arc::new(NodeShared {
             id,
             info,
@@ -165,6 +181,7 @@ impl RunningNode {
             proposer,
             batcher,
             metrics,
+            kernel,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -291,8 +308,8 @@ async fn update_metrics(shared: Arc<NodeShared>) {
 }
 
 impl NodeShared {
-    /// True when this node may serve traffic: it is a member, a leader is known, and it has
-    /// applied everything it knows to be committed.
+    /// True when this node may serve traffic: it is a member, a leader is known, it has applied
+    /// everything it knows to be committed, and its kernel maps are reconciled.
     pub fn ready(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
         let member = m
@@ -301,7 +318,10 @@ impl NodeShared {
             .get_node(&self.id)
             .is_some();
         let applied = m.last_applied.map_or(0, |l| l.index);
-        member && m.current_leader.is_some() && applied >= self.log.committed_index().unwrap_or(0)
+        member
+            && m.current_leader.is_some()
+            && applied >= self.log.committed_index().unwrap_or(0)
+            && self.kernel.ready()
     }
 
     /// Admin client for the leader's API, or `None` when this node leads.

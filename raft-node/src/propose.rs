@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
-use raftmap_storage::{ApplyResult, BatchOutcome, ClientBatch, NodeId, Op, Proposal, Raft};
+use raftmap_storage::{ApplyResult, BatchOutcome, ClientBatch, NodeId, Op, Proposal, Raft, Source};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::{decode, encode, NodeError, ProposeError, Result};
@@ -171,6 +171,7 @@ pub struct WriteOutcome {
 
 struct Pending {
     ops: Vec<Op>,
+    source: Source,
     bytes: usize,
     reply: oneshot::Sender<Result<WriteOutcome>>,
 }
@@ -196,11 +197,16 @@ impl Batcher {
     }
 
     /// Submits one client batch and waits for its outcome.
-    pub async fn submit(&self, ops: Vec<Op>) -> Result<WriteOutcome> {
+    pub async fn submit(&self, ops: Vec<Op>, source: Source) -> Result<WriteOutcome> {
         let bytes = ops.iter().map(op_bytes).sum();
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Pending { ops, bytes, reply })
+            .send(Pending {
+                ops,
+                source,
+                bytes,
+                reply,
+            })
             .await
             .map_err(|_| NodeError::Unavailable("node is shutting down".into()))?;
         rx.await
@@ -270,6 +276,7 @@ async fn run(proposer: Proposer, cfg: BatchConfig, mut rx: mpsc::Receiver<Pendin
                 proposal.batches.push(ClientBatch {
                     origin: proposer.id,
                     seq: seq.fetch_add(1, Ordering::Relaxed),
+                    source: p.source,
                     ops: p.ops,
                 });
                 replies.push(p.reply);

@@ -9,7 +9,7 @@ use openraft::{ChangeMembers, ServerState};
 use raftmap_proto as pb;
 use raftmap_storage::{
     validate_batch, AdminOp, BatchOutcome, Change, MapSchema, MapType, NodeInfo, Op, Proposal,
-    SmEvent, ValidationError,
+    SmEvent, Source, ValidationError,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -208,7 +208,7 @@ impl pb::kv_server::Kv for KvService {
             self.shared.metrics.rejected_batches.inc();
             return Err(NodeError::Invalid(e).into());
         }
-        let out = self.shared.batcher.submit(ops).await?;
+        let out = self.shared.batcher.submit(ops, Source::Api).await?;
         match out.outcome {
             BatchOutcome::Applied => Ok(Response::new(pb::WriteResponse {
                 index: out.index,
@@ -671,6 +671,21 @@ impl pb::admin_server::Admin for AdminService {
             ready: s.ready(),
             raft_addr: s.info.raft_addr.clone(),
             api_addr: s.info.api_addr.clone(),
+            watched: s
+                .kernel
+                .states()
+                .into_iter()
+                .map(|(map, location, state)| pb::WatchedMap {
+                    map,
+                    location,
+                    state: match state {
+                        crate::kernel::MapSyncState::Synced => "synced".into(),
+                        crate::kernel::MapSyncState::Waiting(w) => format!("waiting: {w}"),
+                        crate::kernel::MapSyncState::Refused(r) => format!("refused: {r}"),
+                    },
+                    backend: "scan".into(),
+                })
+                .collect(),
         }))
     }
 }

@@ -20,6 +20,7 @@ fn opts(extra: &[&str]) -> ClusterOptions {
         bin: env!("CARGO_BIN_EXE_raftmap").into(),
         agent_args: extra.iter().map(|s| s.to_string()).collect(),
         log_filter: "info,openraft=warn".into(),
+        node_args: Default::default(),
     }
 }
 

@@ -15,18 +15,22 @@ mod model;
 mod state_machine;
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub use db::StoreOptions;
 pub use error::{StorageError, ValidationError};
 pub use log_store::LogStore;
 pub use model::*;
-pub use state_machine::{Change, SmEvent, SnapshotBuilder, StateMachine, StateView};
+pub use state_machine::{
+    ApplyHook, Change, MapContents, SmEvent, SnapshotBuilder, StateMachine, StateView,
+};
 
 /// Opens (creating if needed) the store under `dir`: RocksDB in `dir/db`, the current snapshot in
-/// `dir/snapshot.bin`.
+/// `dir/snapshot.bin`. `hook`, if any, sees every committed change as it is applied.
 pub fn open(
     dir: &Path,
     opts: StoreOptions,
+    hook: Option<Arc<dyn ApplyHook>>,
 ) -> Result<(LogStore, StateMachine, StateView), StorageError> {
     std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
         path: dir.display().to_string(),
@@ -34,6 +38,6 @@ pub fn open(
     })?;
     let db = db::Db::open(&dir.join("db"), opts)?;
     let log = LogStore::new(db.clone())?;
-    let (sm, view) = StateMachine::new(db, dir.join("snapshot.bin"))?;
+    let (sm, view) = StateMachine::new(db, dir.join("snapshot.bin"), hook)?;
     Ok((log, sm, view))
 }

@@ -197,6 +197,15 @@ impl Op {
     }
 }
 
+/// Where a client batch came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// A client of the API.
+    Api,
+    /// Captured from the origin node's kernel maps: that node's maps already hold it.
+    Kernel,
+}
+
 /// A batch submitted by one client: applied atomically (all operations or none).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientBatch {
@@ -204,6 +213,7 @@ pub struct ClientBatch {
     pub origin: NodeId,
     /// Per-origin sequence number, increasing.
     pub seq: u64,
+    pub source: Source,
     pub ops: Vec<Op>,
 }
 

@@ -22,7 +22,7 @@ use crate::db::{data_key, decode, encode, map_prefix, split_data_key, Db, CF_SM_
 use crate::error::{Result, StorageError, ValidationError};
 use crate::model::{
     validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, LogId, MapSchema,
-    MapType, NodeId, NodeInfo, Op, StoredMembership, TypeConfig,
+    MapType, NodeId, NodeInfo, Op, Source, StoredMembership, TypeConfig,
 };
 
 type StorageResult<T> = std::result::Result<T, openraft::StorageError<NodeId>>;
@@ -103,11 +103,33 @@ pub struct StateView {
     shared: Arc<Shared>,
 }
 
+/// Every map's full contents, by name: `(key, value)` pairs.
+pub type MapContents = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
+
+/// Receives every committed change as it is applied, in log order, before the state machine
+/// persists it: the kernel applier. Called from openraft's apply task, so it must not block for
+/// long.
+pub trait ApplyHook: Send + Sync + 'static {
+    /// The changes of one applied client batch that `origin` proposed, from `source`.
+    fn on_batch(&self, origin: NodeId, source: Source, changes: &[Change]);
+    /// A snapshot replaces the whole state: the full contents of every map, by name.
+    fn on_snapshot(&self, maps: &MapContents);
+}
+
 /// openraft state machine. Construct with [`crate::open`].
-#[derive(Debug)]
 pub struct StateMachine {
     shared: Arc<Shared>,
     snapshot_path: PathBuf,
+    hook: Option<Arc<dyn ApplyHook>>,
+}
+
+impl std::fmt::Debug for StateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("snapshot_path", &self.snapshot_path)
+            .field("hook", &self.hook.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The snapshot as it travels: the whole replicated state.
@@ -137,7 +159,11 @@ fn snap_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeI
 }
 
 impl StateMachine {
-    pub(crate) fn new(db: Arc<Db>, snapshot_path: PathBuf) -> Result<(Self, StateView)> {
+    pub(crate) fn new(
+        db: Arc<Db>,
+        snapshot_path: PathBuf,
+        hook: Option<Arc<dyn ApplyHook>>,
+    ) -> Result<(Self, StateView)> {
         let cache = load_cache(&db)?;
         let applied = cache.applied.map_or(0, |l| l.index);
         let (events, _) = broadcast::channel(1024);
@@ -156,6 +182,7 @@ impl StateMachine {
             Self {
                 shared: shared.clone(),
                 snapshot_path,
+                hook,
             },
             StateView { shared },
         ))
@@ -201,10 +228,14 @@ impl StateMachine {
                     let mut changes = Vec::new();
                     let mut origins = Vec::with_capacity(proposal.batches.len());
                     for batch in &proposal.batches {
+                        let start = changes.len();
                         let outcome =
                             stage_batch(db, &mut work, &mut pending, batch, &mut changes)?;
                         if outcome == BatchOutcome::Applied {
                             origins.push((batch.origin, batch.seq));
+                            if let Some(hook) = &self.hook {
+                                hook.on_batch(batch.origin, batch.source, &changes[start..]);
+                            }
                         }
                         outcomes.push(outcome);
                     }
@@ -291,11 +322,24 @@ impl StateMachine {
             cache.counts.insert(s.name.clone(), 0);
             cache.schemas.insert(s.name.clone(), s);
         }
+        let mut by_map = MapContents::new();
         for (k, v) in &payload.entries {
-            if let Some((map, _)) = split_data_key(k) {
+            if let Some((map, key)) = split_data_key(k) {
                 *cache.counts.entry(map.to_string()).or_default() += 1;
+                if self.hook.is_some() {
+                    by_map
+                        .entry(map.to_string())
+                        .or_default()
+                        .push((key.to_vec(), v.clone()));
+                }
             }
             batch.put_cf(data_cf, k, v);
+        }
+        if let Some(hook) = &self.hook {
+            for name in cache.schemas.keys() {
+                by_map.entry(name.clone()).or_default();
+            }
+            hook.on_snapshot(&by_map);
         }
         for (map, count) in &cache.counts {
             batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());

@@ -13,7 +13,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
         &self,
     ) -> Result<(TempDir, LogStore, StateMachine), openraft::StorageError<NodeId>> {
         let dir = TempDir::new().expect("temp dir");
-        let (log, sm, _view) = open(dir.path(), StoreOptions::default()).expect("open store");
+        let (log, sm, _view) = open(dir.path(), StoreOptions::default(), None).expect("open store");
         Ok((dir, log, sm))
     }
 }

@@ -16,6 +16,7 @@ fn entry(index: u64, batches: Vec<Vec<Op>>) -> Entry<TypeConfig> {
                 .map(|(i, ops)| ClientBatch {
                     origin: 1,
                     seq: index * 100 + i as u64,
+                    source: Source::Api,
                     ops,
                 })
                 .collect(),
@@ -49,7 +50,7 @@ fn dump(view: &StateView) -> Vec<(Vec<u8>, Vec<u8>)> {
 #[tokio::test]
 async fn batches_are_atomic_and_outcomes_are_per_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default()).unwrap();
+    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
     let mut events = view.subscribe();
     let res = sm
         .apply(vec![
@@ -142,7 +143,7 @@ async fn batches_are_atomic_and_outcomes_are_per_batch() {
 async fn state_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (_log, mut sm, _view) = open(dir.path(), StoreOptions::default()).unwrap();
+        let (_log, mut sm, _view) = open(dir.path(), StoreOptions::default(), None).unwrap();
         sm.apply(vec![entry(
             1,
             vec![vec![Op::DeclareMap(schema(10)), put(1, 1), put(2, 2)]],
@@ -159,7 +160,7 @@ async fn state_survives_reopen() {
         .await
         .unwrap();
     }
-    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default()).unwrap();
+    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
     assert_eq!(view.applied_index(), 2);
     assert_eq!(view.schema("ct"), Some(schema(10)));
     assert_eq!(view.entry_count("ct"), 1);
@@ -171,7 +172,7 @@ async fn state_survives_reopen() {
 #[tokio::test]
 async fn snapshot_replaces_the_state_of_another_node() {
     let a_dir = tempfile::tempdir().unwrap();
-    let (_la, mut a, _va) = open(a_dir.path(), StoreOptions::default()).unwrap();
+    let (_la, mut a, _va) = open(a_dir.path(), StoreOptions::default(), None).unwrap();
     a.apply(vec![entry(
         1,
         vec![vec![Op::DeclareMap(schema(10)), put(1, 1), put(2, 2)]],
@@ -188,7 +189,7 @@ async fn snapshot_replaces_the_state_of_another_node() {
 
     // B holds a stale, different state.
     let b_dir = tempfile::tempdir().unwrap();
-    let (_lb, mut b, vb) = open(b_dir.path(), StoreOptions::default()).unwrap();
+    let (_lb, mut b, vb) = open(b_dir.path(), StoreOptions::default(), None).unwrap();
     b.apply(vec![entry(
         1,
         vec![vec![Op::DeclareMap(schema(10)), put(9, 9)]],
@@ -210,7 +211,7 @@ async fn snapshot_replaces_the_state_of_another_node() {
     let current = b.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, snap.meta);
     drop((b, vb, _lb));
-    let (_lb, _b, vb) = open(b_dir.path(), StoreOptions::default()).unwrap();
+    let (_lb, _b, vb) = open(b_dir.path(), StoreOptions::default(), None).unwrap();
     assert_eq!(vb.applied_index(), 1);
     assert_eq!(vb.entry_count("ct"), 2);
 }

@@ -1,0 +1,693 @@
+//! Keeping this node's kernel maps in the committed order: capture (scan backend) and apply.
+//!
+//! For each watched map the node keeps a *shadow*: the contents it believes the kernel map has,
+//! either because it applied them or because it captured them. The two directions:
+//!
+//! - **capture**: a periodic scan diffs the kernel map against the shadow; every difference is a
+//!   local change. It is recorded in the shadow and as *pending* (on its way through the log),
+//!   then proposed through group commit.
+//! - **apply** ([`ApplyHook`]): a committed change made elsewhere is written to the kernel map and
+//!   the shadow, unless the key has a pending local change (a newer local value must not be
+//!   overwritten by an older committed one; the local change commits after it). A committed
+//!   change that this node proposed is never written back (the kernel already had it): it only
+//!   clears the key's pending mark.
+//!
+//! Because the applier records its writes in the shadow before making them, the scan never
+//! mistakes them for local changes (no echo). Keys the applier writes while a scan is reading
+//! the map are left out of that scan's diff and looked at again by the next one.
+//!
+//! On start, and whenever a map is recreated (its kernel id changes), the map is reconciled:
+//! the id last seen is persisted in the data dir; if it is the same map, entries that differ from
+//! the committed state are local changes made while the daemon was down and are proposed; if the
+//! map is new, it is filled from the committed state by diff (never cleared first).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use raftmap_ebpf_hooks::{diff, KernelMap, MapKind, UpdateFlags};
+use raftmap_storage::{
+    ApplyHook, BatchOutcome, Change, MapContents, MapSchema, MapType, NodeId, Op, Source,
+    StateView, MAX_BATCH_OPS,
+};
+use serde::Deserialize;
+
+use crate::error::{NodeError, Result};
+use crate::propose::Batcher;
+
+/// A watched map: its cluster-wide name and where the kernel map is on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchSpec {
+    /// Name of the replicated map.
+    pub map: String,
+    /// bpffs path of the kernel map.
+    pub pin: Option<PathBuf>,
+    /// Or: the kernel map's name (must be unique among loaded maps).
+    pub kernel_name: Option<String>,
+}
+
+impl std::str::FromStr for WatchSpec {
+    type Err = String;
+    /// `NAME=/sys/fs/bpf/PATH` (pinned) or `NAME=KERNEL_MAP_NAME`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (map, target) = s.split_once('=').ok_or_else(|| {
+            format!("--watch {s:?}: expected NAME=/bpffs/path or NAME=kernel_map_name")
+        })?;
+        raftmap_storage::validate_map_name(map).map_err(|e| format!("--watch {s:?}: {e}"))?;
+        let (pin, kernel_name) = if target.starts_with('/') {
+            (Some(PathBuf::from(target)), None)
+        } else if !target.is_empty() {
+            (None, Some(target.to_string()))
+        } else {
+            return Err(format!("--watch {s:?}: empty map location"));
+        };
+        Ok(WatchSpec {
+            map: map.to_string(),
+            pin,
+            kernel_name,
+        })
+    }
+}
+
+impl WatchSpec {
+    fn open(&self) -> std::result::Result<KernelMap, raftmap_ebpf_hooks::HookError> {
+        match (&self.pin, &self.kernel_name) {
+            (Some(p), _) => KernelMap::open_pinned(p),
+            (None, Some(n)) => KernelMap::open_by_name(n),
+            (None, None) => Err(raftmap_ebpf_hooks::HookError::NotFound(self.map.clone())),
+        }
+    }
+
+    fn location(&self) -> String {
+        match (&self.pin, &self.kernel_name) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(n)) => format!("kernel map {n:?}"),
+            (None, None) => "nowhere".into(),
+        }
+    }
+}
+
+/// The replicated schema a kernel map implies.
+fn schema_of(name: &str, map: &KernelMap) -> MapSchema {
+    let l = map.layout();
+    MapSchema {
+        name: name.to_string(),
+        map_type: match l.kind {
+            MapKind::Hash => MapType::Hash,
+            MapKind::LruHash => MapType::LruHash,
+            MapKind::Array => MapType::Array,
+        },
+        key_size: l.key_size,
+        value_size: l.value_size,
+        max_entries: l.max_entries,
+    }
+}
+
+/// Where a watched map stands, for status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MapSyncState {
+    /// Not opened yet (missing, or not reconciled yet).
+    Waiting(String),
+    /// Kernel map and committed state are being kept identical.
+    Synced,
+    /// The kernel map does not match the cluster's schema; not synced.
+    Refused(String),
+}
+
+#[derive(Debug, Default)]
+struct MapState {
+    kmap: Option<Arc<KernelMap>>,
+    /// Set while the map is being reconciled; committed changes are collected in `missed`
+    /// meanwhile and applied once the reconciled state is in place.
+    reconciling: bool,
+    /// `(captured here, key, value)`.
+    missed: Vec<(bool, Vec<u8>, Option<Vec<u8>>)>,
+    shadow: HashMap<Vec<u8>, Vec<u8>>,
+    /// Local changes on their way through the log: key -> captured value (`None`: deleted).
+    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    scanning: bool,
+    touched: HashSet<Vec<u8>>,
+    refused: Option<String>,
+}
+
+#[derive(Debug)]
+struct Watched {
+    spec: WatchSpec,
+    state: Mutex<MapState>,
+}
+
+fn lock(m: &Mutex<MapState>) -> MutexGuard<'_, MapState> {
+    // A panic while holding the lock leaves a state that the next reconciliation repairs.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Per-map kernel metrics.
+#[derive(Debug, Default)]
+pub struct KernelMetrics {
+    pub captured: Family<Vec<(String, String)>, Counter>,
+    pub applied: Family<Vec<(String, String)>, Counter>,
+    pub deferred: Family<Vec<(String, String)>, Counter>,
+    pub apply_errors: Family<Vec<(String, String)>, Counter>,
+    pub scan_repairs: Family<Vec<(String, String)>, Counter>,
+    pub entries: Family<Vec<(String, String)>, Gauge>,
+}
+
+fn label(map: &str) -> Vec<(String, String)> {
+    vec![
+        ("map".into(), map.into()),
+        ("backend".into(), "scan".into()),
+    ]
+}
+
+/// The kernel side of one node.
+#[derive(Debug)]
+pub struct KernelSync {
+    me: NodeId,
+    maps: BTreeMap<String, Watched>,
+    ids_path: PathBuf,
+    ready: AtomicBool,
+    view: OnceLock<StateView>,
+    pub metrics: Arc<KernelMetrics>,
+}
+
+impl KernelSync {
+    pub fn new(me: NodeId, specs: &[WatchSpec], data_dir: &Path) -> Result<Arc<Self>> {
+        let mut maps = BTreeMap::new();
+        for spec in specs {
+            if maps.contains_key(&spec.map) {
+                return Err(NodeError::BadRequest(format!(
+                    "map {} is watched twice",
+                    spec.map
+                )));
+            }
+            maps.insert(
+                spec.map.clone(),
+                Watched {
+                    spec: spec.clone(),
+                    state: Mutex::new(MapState::default()),
+                },
+            );
+        }
+        Ok(Arc::new(Self {
+            me,
+            ready: AtomicBool::new(maps.is_empty()),
+            maps,
+            ids_path: data_dir.join("kernel-maps.json"),
+            view: OnceLock::new(),
+            metrics: Arc::new(KernelMetrics::default()),
+        }))
+    }
+
+    /// True once every watched map is reconciled (or refused).
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Each watched map's state.
+    pub fn states(&self) -> Vec<(String, String, MapSyncState)> {
+        self.maps
+            .iter()
+            .map(|(name, w)| {
+                let st = lock(&w.state);
+                let s = match (&st.refused, &st.kmap) {
+                    (Some(r), _) => MapSyncState::Refused(r.clone()),
+                    (None, Some(_)) => MapSyncState::Synced,
+                    (None, None) => {
+                        MapSyncState::Waiting(format!("looking for {}", w.spec.location()))
+                    }
+                };
+                (name.clone(), w.spec.location(), s)
+            })
+            .collect()
+    }
+
+    fn load_ids(&self) -> BTreeMap<String, u32> {
+        std::fs::read(&self.ids_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_id(&self, map: &str, id: u32) {
+        let mut ids = self.load_ids();
+        ids.insert(map.to_string(), id);
+        let tmp = self.ids_path.with_extension("tmp");
+        let res = serde_json::to_vec(&ids)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.ids_path));
+        if let Err(e) = res {
+            tracing::warn!(error = %e, path = %self.ids_path.display(), "cannot record kernel map ids");
+        }
+    }
+
+    /// Starts the capture loop: reconcile, then scan every `interval`.
+    pub fn start(self: &Arc<Self>, view: StateView, batcher: Batcher, interval: Duration) {
+        if self.maps.is_empty() {
+            return;
+        }
+        let _ = self.view.set(view.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut round: u64 = 0;
+            loop {
+                tick.tick().await;
+                for (name, w) in &this.maps {
+                    if let Err(e) = this.step(name, w, &view, &batcher, round).await {
+                        tracing::warn!(map = %name, error = %e, "kernel map sync");
+                    }
+                }
+                let all = this.maps.values().all(|w| {
+                    let st = lock(&w.state);
+                    st.kmap.is_some() || st.refused.is_some()
+                });
+                this.ready.store(all, Ordering::Release);
+                round += 1;
+            }
+        });
+    }
+
+    async fn step(
+        &self,
+        name: &str,
+        w: &Watched,
+        view: &StateView,
+        batcher: &Batcher,
+        round: u64,
+    ) -> Result<()> {
+        if lock(&w.state).refused.is_some() {
+            return Ok(());
+        }
+        // (Re)open: at start, when the map was missing, and every 10 rounds to notice a map
+        // that was recreated under the same pin or name.
+        let need_open = lock(&w.state).kmap.is_none() || round % 10 == 0;
+        if need_open {
+            let opened = match w.spec.open() {
+                Ok(m) => m,
+                Err(e) => {
+                    // Keep the map open (our descriptor keeps it alive) until its successor
+                    // appears under the same pin or name.
+                    if round % 50 == 0 {
+                        tracing::warn!(map = %name, location = %w.spec.location(), error = %e, "kernel map not found");
+                    }
+                    if lock(&w.state).kmap.is_none() {
+                        return Ok(());
+                    }
+                    return self.scan(name, w, view, batcher).await;
+                }
+            };
+            let known = lock(&w.state).kmap.as_ref().map(|m| m.layout().id);
+            if known != Some(opened.layout().id) {
+                self.reconcile(name, w, opened, view, batcher).await?;
+            }
+        }
+        self.scan(name, w, view, batcher).await
+    }
+
+    /// First sight of a kernel map (start, or recreated): check the schema, then merge.
+    async fn reconcile(
+        &self,
+        name: &str,
+        w: &Watched,
+        kmap: KernelMap,
+        view: &StateView,
+        batcher: &Batcher,
+    ) -> Result<()> {
+        let wanted = schema_of(name, &kmap);
+        let mut declared = view.schema(name);
+        if declared.is_none() {
+            // Declaring an identical schema is idempotent; a conflicting one is refused and the
+            // cluster's schema is reported below.
+            tracing::info!(map = %name, schema = %wanted, "declaring the map from the kernel map's layout");
+            let out = batcher
+                .submit(vec![Op::DeclareMap(wanted.clone())], Source::Kernel)
+                .await?;
+            view.wait_applied(out.index, Duration::from_secs(10)).await;
+            declared = view.schema(name);
+        }
+        match declared {
+            None => {
+                return Err(NodeError::Unavailable(format!(
+                    "map {name} is not declared in the cluster yet"
+                )))
+            }
+            Some(s) if s != wanted => {
+                let reason = format!(
+                    "kernel map {} is {wanted} but the cluster declares {s}; not syncing it",
+                    w.spec.location()
+                );
+                tracing::error!(map = %name, "{reason}");
+                lock(&w.state).refused = Some(reason);
+                return Ok(());
+            }
+            Some(_) => {}
+        }
+        let id = kmap.layout().id;
+        let recorded = self.load_ids().get(name).copied();
+        let kmap = Arc::new(kmap);
+        lock(&w.state).reconciling = true;
+        let read = || -> Result<_> {
+            let committed: HashMap<Vec<u8>, Vec<u8>> = view
+                .scan(name, None, usize::MAX)
+                .map_err(NodeError::from)?
+                .into_iter()
+                .collect();
+            let kernel = kmap
+                .entries()
+                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            Ok((committed, kernel))
+        };
+        let (committed, kernel) = match read() {
+            Ok(r) => r,
+            Err(e) => {
+                let mut st = lock(&w.state);
+                st.reconciling = false;
+                st.missed.clear();
+                return Err(e);
+            }
+        };
+        let proposals = {
+            let mut st = lock(&w.state);
+            st.pending.clear();
+            st.touched.clear();
+            st.scanning = false;
+            st.shadow = committed;
+            let proposals = match recorded {
+                Some(r) if r == id => {
+                    // The map outlived the daemon: what differs from the committed state changed
+                    // while the daemon was down. Capture it.
+                    let changes = diff(&st.shadow, &kernel);
+                    tracing::info!(map = %name, id, local_changes = changes.len(), "kernel map outlived the daemon; proposing changes made while it was down");
+                    changes
+                }
+                Some(_) => {
+                    // The owning program recreated the map: fill it from the committed state by
+                    // diff, never clearing it first.
+                    let fixes = diff(&kernel, &st.shadow);
+                    let errors = fixes
+                        .iter()
+                        .filter(|c| write_kernel(&kmap, &c.key, c.value.as_deref()).is_err())
+                        .count();
+                    self.metrics
+                        .scan_repairs
+                        .get_or_create(&label(name))
+                        .inc_by(fixes.len() as u64);
+                    tracing::info!(map = %name, id, written = fixes.len(), errors, "kernel map was recreated; filled it from the committed state");
+                    Vec::new()
+                }
+                None => {
+                    // First sight on this node: adopt. Entries only the kernel has (or holds with
+                    // another value) are proposed; committed entries it lacks are written. Nothing
+                    // is deleted on either side.
+                    let (ours, theirs): (Vec<_>, Vec<_>) = diff(&st.shadow, &kernel)
+                        .into_iter()
+                        .partition(|c| c.value.is_some());
+                    let errors = theirs
+                        .iter()
+                        .filter(|c| {
+                            let v = st.shadow.get(&c.key).map(Vec::as_slice);
+                            write_kernel(&kmap, &c.key, v).is_err()
+                        })
+                        .count();
+                    tracing::info!(map = %name, id, proposed = ours.len(), written = theirs.len(), errors, "adopted kernel map");
+                    ours
+                }
+            };
+            for c in &proposals {
+                apply_to(&mut st.shadow, &c.key, c.value.as_deref());
+                st.pending.insert(c.key.clone(), c.value.clone());
+            }
+            st.kmap = Some(kmap);
+            st.reconciling = false;
+            // Changes committed while the state above was read, in log order. Replaying one the
+            // read already included ends at the same value.
+            for (captured_here, key, value) in std::mem::take(&mut st.missed) {
+                self.apply_change(&mut st, name, captured_here, &key, value.as_deref());
+            }
+            proposals
+        };
+        self.save_id(name, id);
+        self.propose(name, w, view, batcher, proposals).await
+    }
+
+    /// One scan: capture what changed in the kernel since the shadow.
+    async fn scan(
+        &self,
+        name: &str,
+        w: &Watched,
+        view: &StateView,
+        batcher: &Batcher,
+    ) -> Result<()> {
+        let kmap = {
+            let mut st = lock(&w.state);
+            let Some(kmap) = st.kmap.clone() else {
+                return Ok(());
+            };
+            st.scanning = true;
+            st.touched.clear();
+            kmap
+        };
+        // The walk runs without the lock; keys the applier writes meanwhile are recorded in
+        // `touched` and left out of this diff.
+        let entries = kmap.entries();
+        let changes = {
+            let mut st = lock(&w.state);
+            st.scanning = false;
+            let touched = std::mem::take(&mut st.touched);
+            let kernel = match entries {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(map = %name, error = %e, "scan failed");
+                    return Ok(());
+                }
+            };
+            self.metrics
+                .entries
+                .get_or_create(&label(name))
+                .set(kernel.len() as i64);
+            let changes: Vec<_> = diff(&st.shadow, &kernel)
+                .into_iter()
+                .filter(|c| !touched.contains(&c.key))
+                .collect();
+            for c in &changes {
+                apply_to(&mut st.shadow, &c.key, c.value.as_deref());
+                st.pending.insert(c.key.clone(), c.value.clone());
+            }
+            changes
+        };
+        self.propose(name, w, view, batcher, changes).await
+    }
+
+    async fn propose(
+        &self,
+        name: &str,
+        w: &Watched,
+        view: &StateView,
+        batcher: &Batcher,
+        changes: Vec<raftmap_ebpf_hooks::KernelChange>,
+    ) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.metrics
+            .captured
+            .get_or_create(&label(name))
+            .inc_by(changes.len() as u64);
+        for chunk in changes.chunks(MAX_BATCH_OPS) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .map(|c| match &c.value {
+                    Some(v) => Op::Put {
+                        map: name.to_string(),
+                        key: c.key.clone(),
+                        value: v.clone(),
+                    },
+                    None => Op::Delete {
+                        map: name.to_string(),
+                        key: c.key.clone(),
+                    },
+                })
+                .collect();
+            let (failed, rejected) = match batcher.submit(ops, Source::Kernel).await {
+                Ok(out) => match out.outcome {
+                    BatchOutcome::Applied => continue,
+                    BatchOutcome::Rejected(e) => (e.to_string(), true),
+                    BatchOutcome::CasFailed(_) => {
+                        ("unexpected compare-and-swap failure".to_string(), false)
+                    }
+                },
+                Err(e) => (e.to_string(), false),
+            };
+            // Not committed (or not known to be): forget the pending marks and put the committed
+            // value back in the shadow, so the next scan sees the difference again and retries.
+            // A change the cluster refuses is undone in the kernel map.
+            tracing::warn!(map = %name, keys = chunk.len(), reason = %failed, rejected, "captured changes not committed");
+            let mut st = lock(&w.state);
+            for c in chunk {
+                if st.pending.get(&c.key) == Some(&c.value) {
+                    st.pending.remove(&c.key);
+                    let committed = view.get(name, &c.key).map_err(NodeError::from)?;
+                    apply_to(&mut st.shadow, &c.key, committed.as_deref());
+                    if rejected {
+                        if let Some(k) = &st.kmap {
+                            let _ = write_kernel(k, &c.key, committed.as_deref());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply_to(shadow: &mut HashMap<Vec<u8>, Vec<u8>>, key: &[u8], value: Option<&[u8]>) {
+    match value {
+        Some(v) => {
+            shadow.insert(key.to_vec(), v.to_vec());
+        }
+        None => {
+            shadow.remove(key);
+        }
+    }
+}
+
+fn write_kernel(
+    map: &KernelMap,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> raftmap_ebpf_hooks::Result<()> {
+    match value {
+        Some(v) => map.update(key, v, UpdateFlags::Any),
+        None => map.delete(key).map(drop),
+    }
+}
+
+impl KernelSync {
+    /// Applies one committed change to a watched map's kernel map and shadow.
+    fn apply_change(
+        &self,
+        st: &mut MapState,
+        map: &str,
+        captured_here: bool,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) {
+        if captured_here {
+            // Our own capture committing: the kernel had it. Clear the pending mark if this is
+            // the latest value captured for the key.
+            if st.pending.get(key).map(|p| p.as_deref()) == Some(value) {
+                st.pending.remove(key);
+            }
+            return;
+        }
+        if st.pending.contains_key(key) {
+            // A newer local value is on its way through the log; it commits after this one.
+            self.metrics.deferred.get_or_create(&label(map)).inc();
+            return;
+        }
+        apply_to(&mut st.shadow, key, value);
+        if st.scanning {
+            st.touched.insert(key.to_vec());
+        }
+        let Some(kmap) = &st.kmap else { return };
+        match write_kernel(kmap, key, value) {
+            Ok(()) => {
+                self.metrics.applied.get_or_create(&label(map)).inc();
+            }
+            Err(e) => {
+                self.metrics.apply_errors.get_or_create(&label(map)).inc();
+                tracing::warn!(map = %map, error = %e, "applying a committed change to the kernel map failed");
+            }
+        }
+    }
+}
+
+impl ApplyHook for KernelSync {
+    fn on_batch(&self, origin: NodeId, source: Source, changes: &[Change]) {
+        // Only this node's own captures are already in its kernel maps.
+        let captured_here = source == Source::Kernel && origin == self.me;
+        for c in changes {
+            let (map, key, value) = match c {
+                Change::Put { map, key, value } => (map, key, Some(value.as_slice())),
+                Change::Delete { map, key } => (map, key, None),
+                Change::Declare(_) => continue,
+            };
+            let Some(w) = self.maps.get(map) else {
+                continue;
+            };
+            let mut st = lock(&w.state);
+            if st.refused.is_some() {
+                continue;
+            }
+            if st.reconciling {
+                st.missed
+                    .push((captured_here, key.clone(), value.map(<[u8]>::to_vec)));
+                continue;
+            }
+            if st.kmap.is_none() {
+                continue;
+            }
+            self.apply_change(&mut st, map, captured_here, key, value);
+        }
+    }
+
+    fn on_snapshot(&self, maps: &MapContents) {
+        for (name, w) in &self.maps {
+            let contents: HashMap<Vec<u8>, Vec<u8>> = maps
+                .get(name)
+                .map(|v| v.iter().cloned().collect())
+                .unwrap_or_default();
+            let mut st = lock(&w.state);
+            let Some(kmap) = st.kmap.as_ref() else {
+                continue;
+            };
+            let kernel = match kmap.entries() {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(map = %name, error = %e, "cannot read the kernel map to install a snapshot");
+                    continue;
+                }
+            };
+            // Install by diff: update what differs, delete what is extra, never clear first.
+            let fixes: Vec<_> = diff(&kernel, &contents)
+                .into_iter()
+                .filter(|c| !st.pending.contains_key(&c.key))
+                .collect();
+            let mut errors = 0u64;
+            for c in &fixes {
+                if write_kernel(kmap, &c.key, c.value.as_deref()).is_err() {
+                    errors += 1;
+                }
+            }
+            let pending: Vec<_> = st
+                .pending
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            st.shadow = contents;
+            for (k, v) in pending {
+                apply_to(&mut st.shadow, &k, v.as_deref());
+            }
+            if st.scanning {
+                st.touched.extend(fixes.iter().map(|c| c.key.clone()));
+            }
+            self.metrics
+                .applied
+                .get_or_create(&label(name))
+                .inc_by(fixes.len() as u64);
+            self.metrics
+                .apply_errors
+                .get_or_create(&label(name))
+                .inc_by(errors);
+            tracing::info!(map = %name, written = fixes.len(), errors, "installed snapshot into kernel map by diff");
+        }
+    }
+}

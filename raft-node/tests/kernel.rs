@@ -1,0 +1,261 @@
+//! Real kernel maps kept identical across nodes: three `raftmap agent` processes on one kernel,
+//! each watching its own pinned BPF map (scan capture on this kernel). Needs root and bpffs;
+//! under RAFTMAP_REQUIRE_BPF=1 (CI) a missing capability fails instead of skipping.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use raftmap_ebpf_hooks::{probe_bpf, KernelMap, MapKind, UpdateFlags};
+use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_node::Client;
+
+const T: Duration = Duration::from_secs(60);
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn bpf_or_skip(test: &str) -> bool {
+    match probe_bpf() {
+        Ok(()) => true,
+        Err(e) if std::env::var("RAFTMAP_REQUIRE_BPF").as_deref() == Ok("1") => {
+            panic!("{test}: BPF is required (RAFTMAP_REQUIRE_BPF=1): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
+/// One pinned map per node, unpinned when dropped.
+struct NodeMaps {
+    pins: BTreeMap<u64, PathBuf>,
+}
+
+impl NodeMaps {
+    fn create(tag: &str, nodes: &[u64], key: u32, value: u32) -> Self {
+        let mut pins = BTreeMap::new();
+        for &n in nodes {
+            let pin = raftmap_ebpf_hooks::bpffs()
+                .join(format!("raftmap-it-{}-{tag}-{n}", std::process::id()));
+            let _ = std::fs::remove_file(&pin);
+            KernelMap::create(MapKind::Hash, key, value, 4096, "rm_it")
+                .unwrap()
+                .pin(&pin)
+                .unwrap();
+            pins.insert(n, pin);
+        }
+        Self { pins }
+    }
+
+    fn open(&self, n: u64) -> KernelMap {
+        KernelMap::open_pinned(&self.pins[&n]).unwrap()
+    }
+
+    fn args(&self, map: &str) -> BTreeMap<u64, Vec<String>> {
+        self.pins
+            .iter()
+            .map(|(n, p)| {
+                (
+                    *n,
+                    vec![
+                        "--watch".to_string(),
+                        format!("{map}={}", p.display()),
+                        "--scan-interval-ms".into(),
+                        "20".into(),
+                    ],
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for NodeMaps {
+    fn drop(&mut self) {
+        for p in self.pins.values() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn opts(node_args: BTreeMap<u64, Vec<String>>) -> ClusterOptions {
+    ClusterOptions {
+        bin: env!("CARGO_BIN_EXE_raftmap").into(),
+        agent_args: vec![],
+        log_filter: "info,openraft=warn".into(),
+        node_args,
+    }
+}
+
+fn k(i: u64) -> Vec<u8> {
+    i.to_be_bytes().to_vec()
+}
+
+/// Waits until every listed node's kernel map equals `expected` (or, with `None`, until they all
+/// equal each other and the committed state read through `client`).
+async fn converge(
+    maps: &NodeMaps,
+    nodes: &[u64],
+    client: &Client,
+    what: &str,
+) -> HashMap<Vec<u8>, Vec<u8>> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let committed: HashMap<_, _> = client
+            .dump("ct", true)
+            .await
+            .unwrap()
+            .2
+            .into_iter()
+            .collect();
+        let kernels: Vec<_> = nodes
+            .iter()
+            .map(|&n| maps.open(n).entries().unwrap())
+            .collect();
+        if kernels.iter().all(|m| *m == committed) {
+            return committed;
+        }
+        if Instant::now() > deadline {
+            let sizes: Vec<_> = kernels.iter().map(HashMap::len).collect();
+            panic!(
+                "{what}: kernel maps did not converge to the committed state ({} entries); kernel sizes {sizes:?}",
+                committed.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_maps_follow_the_log_across_nodes_restarts_and_recreation() {
+    if !bpf_or_skip("kernel_maps_follow_the_log_across_nodes_restarts_and_recreation") {
+        return;
+    }
+    let maps = NodeMaps::create("sync", &[1, 2, 3], 8, 8);
+    let mut c = LocalCluster::start(opts(maps.args("ct")), 3, 0, T)
+        .await
+        .unwrap();
+    let client = c.client(1).await.unwrap();
+    // The first node to see its map declared the schema from the kernel map's layout.
+    let (schema, _, _) = client.dump("ct", true).await.unwrap();
+    assert_eq!(
+        (schema.key_size, schema.value_size, schema.max_entries),
+        (8, 8, 4096)
+    );
+    let all = [1, 2, 3];
+
+    // A syscall update on node 2 reaches nodes 1 and 3.
+    maps.open(2)
+        .update(&k(1), &k(100), UpdateFlags::Any)
+        .unwrap();
+    let m = converge(&maps, &all, &client, "update on node 2").await;
+    assert_eq!(m.get(&k(1)), Some(&k(100)));
+    // A delete on node 3 reaches the others.
+    maps.open(3)
+        .update(&k(2), &k(200), UpdateFlags::Any)
+        .unwrap();
+    converge(&maps, &all, &client, "second update").await;
+    assert!(maps.open(3).delete(&k(1)).unwrap());
+    let m = converge(&maps, &all, &client, "delete on node 3").await;
+    assert_eq!(m.len(), 1);
+    // A failed update (BPF_NOEXIST on an existing key) changes nothing anywhere.
+    assert!(maps
+        .open(1)
+        .update(&k(2), &k(999), UpdateFlags::NoExist)
+        .is_err());
+    let m = converge(&maps, &all, &client, "failed update").await;
+    assert_eq!(m.get(&k(2)), Some(&k(200)));
+    // A write through the API lands in every kernel map.
+    client.put("ct", k(3), k(300)).await.unwrap();
+    let m = converge(&maps, &all, &client, "API write").await;
+    assert_eq!(m.get(&k(3)), Some(&k(300)));
+
+    // Changes made while node 2's daemon is down are replicated when it comes back.
+    c.kill(2).unwrap();
+    let m2 = maps.open(2);
+    m2.update(&k(4), &k(400), UpdateFlags::Any).unwrap();
+    assert!(m2.delete(&k(2)).unwrap());
+    c.restart(2).unwrap();
+    c.wait_ready(2, T).await.unwrap();
+    let m = converge(&maps, &all, &client, "changes while down").await;
+    assert_eq!(m.get(&k(4)), Some(&k(400)));
+    assert!(!m.contains_key(&k(2)));
+
+    // The program on node 3 restarts and recreates its map empty: node 3 refills it.
+    std::fs::remove_file(&maps.pins[&3]).unwrap();
+    KernelMap::create(MapKind::Hash, 8, 8, 4096, "rm_it")
+        .unwrap()
+        .pin(&maps.pins[&3])
+        .unwrap();
+    let m = converge(&maps, &all, &client, "recreated map").await;
+    assert_eq!(m.len(), 2, "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_map_with_another_schema_is_refused_and_left_alone() {
+    if !bpf_or_skip("a_kernel_map_with_another_schema_is_refused_and_left_alone") {
+        return;
+    }
+    let maps = NodeMaps::create("schema", &[1], 8, 8);
+    let odd = NodeMaps::create("schema-odd", &[2], 8, 16);
+    let mut args = maps.args("ct");
+    args.extend(odd.args("ct"));
+    let mut c = LocalCluster::start(opts(args), 1, 0, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    client.put("ct", k(1), k(1)).await.unwrap();
+    c.spawn(2, Some(1), true).unwrap();
+    c.wait_for(2, T, "refuse its kernel map", |s| {
+        s.watched.iter().any(|w| w.state.starts_with("refused"))
+    })
+    .await
+    .unwrap();
+    let st = c.client(2).await.unwrap().status().await.unwrap();
+    let state = &st.watched[0].state;
+    assert!(
+        state.contains("value 16 B") && state.contains("value 8 B"),
+        "the refusal names both schemas: {state}"
+    );
+    assert!(
+        odd.open(2).entries().unwrap().is_empty(),
+        "a refused map was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_workload_on_every_node_converges_byte_for_byte() {
+    if !bpf_or_skip("random_workload_on_every_node_converges_byte_for_byte") {
+        return;
+    }
+    let maps = NodeMaps::create("random", &[1, 2, 3], 8, 8);
+    let c = LocalCluster::start(opts(maps.args("ct")), 3, 0, T)
+        .await
+        .unwrap();
+    let client = c.client(1).await.unwrap();
+    let kmaps: Vec<_> = [1, 2, 3].iter().map(|&n| maps.open(n)).collect();
+    // A small deterministic generator: bounded count, no time-based loop.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..400u64 {
+        let r = next();
+        let key = k(r % 40);
+        match r % 7 {
+            0 => {
+                let _ = kmaps[(r / 7 % 3) as usize].delete(&key);
+            }
+            1 => {
+                client.put("ct", key, k(round)).await.unwrap();
+            }
+            _ => kmaps[(r / 7 % 3) as usize]
+                .update(&key, &k(round), UpdateFlags::Any)
+                .unwrap(),
+        }
+    }
+    let m = converge(&maps, &[1, 2, 3], &client, "random workload").await;
+    assert!(!m.is_empty());
+}
