@@ -3,10 +3,12 @@
 #   librocksdb-dev     RocksDB, linked instead of compiled from source (minutes, not half an hour)
 #   libclang-dev       bindgen, used by the rocksdb crate's build script
 #   protobuf-compiler  protoc, for the gRPC definitions
+#   clang-19 libbpf-dev  the BPF programs in ebpf-hooks/bpf (compiled by ebpf-hooks/build.rs)
+#   bpftool            to look at kernel maps (the demo shows a dump)
 # and mounts bpffs at /sys/fs/bpf when it is missing.
 set -euo pipefail
 
-packages=(librocksdb-dev libclang-dev protobuf-compiler pkg-config)
+packages=(librocksdb-dev libclang-dev protobuf-compiler pkg-config clang-19 libbpf-dev bpftool)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

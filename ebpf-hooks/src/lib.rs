@@ -4,6 +4,7 @@
 //!
 //! This crate knows nothing about Raft: it sees kernel maps and byte strings.
 
+mod programs;
 mod scan;
 mod sys;
 
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
 
+pub use programs::{Conntrack, CT_KEY_SIZE, CT_VALUE_SIZE};
 pub use scan::{diff, KernelChange};
 
 /// Errors of kernel map access.

@@ -108,3 +108,18 @@ pub(crate) fn next_key(
         Err(e) => Err(e),
     }
 }
+
+/// BPF_PROG_TEST_RUN: runs the program once on `data`; returns its return value.
+pub(crate) fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32> {
+    let mut attr = zeroed();
+    // SAFETY (field access): BPF_PROG_TEST_RUN reads this union variant; `data` outlives the call
+    // and no output buffer is given.
+    let t = unsafe { &mut attr.test };
+    t.prog_fd = prog.as_raw_fd() as u32;
+    t.data_in = data.as_ptr() as u64;
+    t.data_size_in = data.len() as u32;
+    t.repeat = 1;
+    sys_bpf(bpf_cmd::BPF_PROG_TEST_RUN, &mut attr)?;
+    // SAFETY: the kernel filled in `retval` of the same variant.
+    Ok(unsafe { attr.test.retval })
+}

@@ -123,3 +123,33 @@ fn open_by_pin_and_by_name_refuses_ambiguity() {
     let e = KernelMap::open_pinned(&pin.0.with_file_name("raftmap-test-missing")).unwrap_err();
     assert!(e.to_string().contains("raftmap-test-missing"), "{e}");
 }
+
+#[test]
+fn conntrack_program_records_flows_in_its_map() {
+    if !bpf_or_skip("conntrack_program_records_flows_in_its_map") {
+        return;
+    }
+    use raftmap_ebpf_hooks::Conntrack;
+    let pin = Pin::new("ct");
+    let mut prog = Conntrack::load(&pin.0).unwrap();
+    let map = KernelMap::open_pinned(&pin.0).unwrap();
+    assert_eq!(map.layout().kind, MapKind::LruHash);
+    let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+    for _ in 0..3 {
+        assert_eq!(
+            prog.run(&Conntrack::frame(a, b, 40000, 443, true)).unwrap(),
+            2,
+            "XDP_PASS"
+        );
+    }
+    prog.run(&Conntrack::frame(b, a, 53, 40001, false)).unwrap();
+    let all = map.entries().unwrap();
+    assert_eq!(all.len(), 2);
+    let v = &all[&Conntrack::key(a, b, 40000, 443, true)];
+    assert_eq!(
+        u64::from_ne_bytes(v[..8].try_into().unwrap()),
+        3,
+        "packets counted in place"
+    );
+    assert!(all.contains_key(&Conntrack::key(b, a, 53, 40001, false)));
+}
