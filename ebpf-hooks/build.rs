@@ -23,12 +23,15 @@ fn clang() -> String {
     );
 }
 
+/// Every program in `bpf/`, by file stem.
+const PROGRAMS: &[&str] = &["conntrack"];
+
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let clang = clang();
     println!("cargo:rerun-if-env-changed=CLANG");
     let arch_include = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);
-    for name in ["conntrack"] {
+    for name in PROGRAMS {
         let src = format!("bpf/{name}.bpf.c");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.bpf.o"));
