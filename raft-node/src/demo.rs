@@ -1,9 +1,12 @@
 //! `raftmap demo`: a local cluster of separate processes, a workload, and proof of convergence.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use raftmap_ebpf_hooks::{Conntrack, KernelMap};
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::put;
@@ -23,6 +26,9 @@ pub struct DemoArgs {
     /// Keep the cluster running after the workload until Ctrl-C.
     #[arg(long)]
     keep_running: bool,
+    /// Replicate through the API only, even where BPF is available.
+    #[arg(long)]
+    no_bpf: bool,
 }
 
 const MAP: &str = "conntrack";
@@ -51,6 +57,20 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bail!("--voters must be at least 1");
     }
     let bin = std::env::current_exe().context("locating the raftmap binary")?;
+    let nodes = args.voters + args.learners;
+    let mut kernel = if args.no_bpf {
+        println!("--no-bpf: replicating through the API only");
+        None
+    } else {
+        match raftmap_ebpf_hooks::probe_bpf() {
+            Ok(()) => Some(KernelDemo::load(nodes)?),
+            Err(e) => {
+                println!("BPF is not available here ({e});");
+                println!("falling back to the replicated store alone: writes go through the API");
+                None
+            }
+        }
+    };
     println!(
         "raftmap demo: starting {} voters and {} learner(s) as separate processes on 127.0.0.1",
         args.voters, args.learners
@@ -59,13 +79,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         bin,
         agent_args: vec![],
         log_filter: "info,openraft=warn".into(),
-        node_args: Default::default(),
+        node_args: kernel
+            .as_ref()
+            .map(KernelDemo::agent_args)
+            .unwrap_or_default(),
     };
     let work = async {
         let mut cluster =
             LocalCluster::start(opts, args.voters, args.learners, Duration::from_secs(60)).await?;
         println!("data dirs and logs under {}", cluster.dir().display());
-        workload(&mut cluster, &args).await?;
+        match kernel.as_mut() {
+            Some(k) => kernel_workload(&mut cluster, k, &args).await?,
+            None => workload(&mut cluster, &args).await?,
+        }
         if args.keep_running {
             println!(
                 "cluster keeps running; endpoints: {}",
@@ -91,6 +117,180 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// One conntrack program and its pinned map per node, removed on drop.
+struct KernelDemo {
+    dir: PathBuf,
+    programs: BTreeMap<u64, Conntrack>,
+}
+
+impl KernelDemo {
+    fn load(nodes: u64) -> Result<Self> {
+        let dir = raftmap_ebpf_hooks::bpffs().join(format!("raftmap-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut demo = Self {
+            dir,
+            programs: BTreeMap::new(),
+        };
+        for id in 1..=nodes {
+            let prog = Conntrack::load(&demo.pin(id))?;
+            demo.programs.insert(id, prog);
+        }
+        println!(
+            "loaded the conntrack XDP program {nodes} times; node N's map is pinned at {}/node-N",
+            demo.dir.display()
+        );
+        Ok(demo)
+    }
+
+    fn pin(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("node-{id}"))
+    }
+
+    fn agent_args(&self) -> BTreeMap<u64, Vec<String>> {
+        self.programs
+            .keys()
+            .map(|&id| {
+                let watch = format!("{MAP}={}", self.pin(id).display());
+                (
+                    id,
+                    vec![
+                        "--watch".into(),
+                        watch,
+                        "--scan-interval-ms".into(),
+                        "20".into(),
+                    ],
+                )
+            })
+            .collect()
+    }
+
+    fn map(&self, id: u64) -> Result<KernelMap> {
+        Ok(KernelMap::open_pinned(&self.pin(id))?)
+    }
+}
+
+impl Drop for KernelDemo {
+    fn drop(&mut self) {
+        for id in self.programs.keys() {
+            let _ = std::fs::remove_file(self.pin(*id));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn flow(i: u32) -> ([u8; 4], [u8; 4], u16, u16, bool) {
+    (
+        [10, 0, (i >> 8) as u8, i as u8],
+        [10, 1, 0, 1],
+        1024 + (i % 50_000) as u16,
+        if i % 3 == 0 { 53 } else { 443 },
+        i % 3 != 0,
+    )
+}
+
+/// Packets through every node's program; replication is visible in the other nodes' maps.
+async fn kernel_workload(
+    cluster: &mut LocalCluster,
+    demo: &mut KernelDemo,
+    args: &DemoArgs,
+) -> Result<()> {
+    let ids = cluster.ids();
+    let n = ids.len() as u32;
+    let started = Instant::now();
+    let mut packets = 0;
+    for i in 0..args.entries {
+        let node = ids[(i % n) as usize];
+        let (s, d, sp, dp, tcp) = flow(i);
+        let prog = demo.programs.get_mut(&node).context("program per node")?;
+        // One to three packets per flow: the first inserts, the others count in place.
+        for _ in 0..=(i % 3) {
+            prog.run(&Conntrack::frame(s, d, sp, dp, tcp))?;
+            packets += 1;
+        }
+    }
+    println!(
+        "sent {packets} packets of {} flows through the XDP programs of all {n} nodes (each node sees a share)",
+        args.entries
+    );
+    let client = cluster.client(ids[0]).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let maps: Vec<KernelMap> = ids.iter().map(|&id| demo.map(id)).collect::<Result<_>>()?;
+    let contents = loop {
+        let committed: std::collections::HashMap<_, _> =
+            client.dump(MAP, true).await?.2.into_iter().collect();
+        let kernels = maps
+            .iter()
+            .map(|m| m.entries())
+            .collect::<Result<Vec<_>, _>>()?;
+        if committed.len() == args.entries as usize && kernels.iter().all(|k| *k == committed) {
+            break committed;
+        }
+        if Instant::now() > deadline {
+            let sizes: Vec<_> = kernels.iter().map(|k| k.len()).collect();
+            bail!(
+                "kernel maps did not converge: committed {} entries, kernel maps {sizes:?}",
+                committed.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!(
+        "every node's kernel map holds all {} flows, {:.2?} after the first packet",
+        contents.len(),
+        started.elapsed()
+    );
+    for (&id, m) in ids.iter().zip(&maps) {
+        let mut entries: Vec<_> = m.entries()?.into_iter().collect();
+        entries.sort();
+        println!(
+            "node {id}: kernel map {} holds {} entries, digest {:016x}",
+            demo.pin(id).display(),
+            entries.len(),
+            digest(&entries)
+        );
+    }
+
+    // Replication latency: a new flow on the first node until it is in the last node's map.
+    let (first, last) = (ids[0], ids[ids.len() - 1]);
+    let mut samples = Vec::new();
+    for j in 0..20u32 {
+        let (s, d, sp, dp, tcp) = flow(1_000_000 + j);
+        let key = Conntrack::key(s, d, sp, dp, tcp);
+        let t = Instant::now();
+        demo.programs
+            .get_mut(&first)
+            .context("program per node")?
+            .run(&Conntrack::frame(s, d, sp, dp, tcp))?;
+        while maps[maps.len() - 1].lookup(&key)?.is_none() {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("flow {j} did not reach node {last}");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    println!(
+        "kernel write on node {first} -> visible in node {last}'s kernel map: p50 {:.1?}, max {:.1?} (scan capture every 20 ms)",
+        samples[samples.len() / 2],
+        samples[samples.len() - 1]
+    );
+
+    bpftool_view(&demo.pin(last));
+
+    let mut rows = Vec::new();
+    for &id in &ids {
+        let c = cluster.client(id).await?;
+        rows.push((cluster.node(id)?.api_addr.clone(), Ok(c.status().await?)));
+    }
+    println!("\n{}\n", status_table(&rows));
+    println!(
+        "all {} nodes converged: their kernel maps are identical",
+        ids.len()
+    );
+    Ok(())
 }
 
 async fn workload(cluster: &mut LocalCluster, args: &DemoArgs) -> Result<()> {
@@ -204,8 +404,42 @@ async fn workload(cluster: &mut LocalCluster, args: &DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// What bpftool, the kernel's own tool, says about a node's map.
+fn bpftool_view(pin: &std::path::Path) {
+    let run = |args: &[&str]| {
+        std::process::Command::new("bpftool")
+            .args(args)
+            .arg(pin)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let (Some(show), Some(dump)) = (
+        run(&["map", "show", "pinned"]),
+        run(&["-j", "map", "dump", "pinned"]),
+    ) else {
+        println!("(bpftool is not installed: no independent dump)");
+        return;
+    };
+    println!("\n$ bpftool map show pinned {}", pin.display());
+    for line in show.lines() {
+        println!("  {}", line.trim());
+    }
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&dump).unwrap_or_default();
+    println!(
+        "$ bpftool -j map dump pinned {}   ({} entries; the first 3:)",
+        pin.display(),
+        entries.len()
+    );
+    for e in entries.iter().take(3) {
+        println!("  {}", e.get("formatted").unwrap_or(e));
+    }
+}
+
 /// FNV-1a over the entries, to show equality at a glance.
 fn digest(entries: &[(Vec<u8>, Vec<u8>)]) -> u64 {
+    // Same bytes in the same order, same digest: callers sort by key.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (k, v) in entries {
         for b in k.iter().chain(v.iter()) {
