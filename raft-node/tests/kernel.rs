@@ -259,3 +259,118 @@ async fn random_workload_on_every_node_converges_byte_for_byte() {
     let m = converge(&maps, &[1, 2, 3], &client, "random workload").await;
     assert!(!m.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_learner_adopts_its_map_and_gets_a_snapshot_without_losing_entries() {
+    if !bpf_or_skip("a_new_learner_adopts_its_map_and_gets_a_snapshot_without_losing_entries") {
+        return;
+    }
+    let maps = NodeMaps::create("snap", &[1, 2, 3, 4], 8, 8);
+    let mut o = opts(maps.args("ct"));
+    o.agent_args = vec!["--snapshot-logs".into(), "50".into()];
+    let mut c = LocalCluster::start(o, 3, 0, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    // One entry per write: several snapshots, and the log is purged.
+    for i in 0..300u64 {
+        client.put("ct", k(i), k(i + 1)).await.unwrap();
+    }
+    c.wait_for(1, T, "purge its log", |s| s.purged_index > 0)
+        .await
+        .unwrap();
+
+    // The learner's map already holds some of the entries, as after an earlier life.
+    let held: Vec<u64> = (0..300).step_by(7).collect();
+    let m4 = maps.open(4);
+    for &i in &held {
+        m4.update(&k(i), &k(i + 1), UpdateFlags::Any).unwrap();
+    }
+    // Watch them from a second thread for the whole install.
+    let (stop, watcher) = watch_entries(
+        maps.pins[&4].clone(),
+        held.iter().map(|&i| (k(i), k(i + 1))).collect(),
+    );
+    c.spawn(4, Some(1), true).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    let m = converge(&maps, &[1, 2, 3, 4], &client, "learner after snapshot").await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let checks = watcher
+        .join()
+        .expect("a held entry disappeared during the install");
+    assert!(checks > 0);
+    assert_eq!(m.len(), 300);
+    let st = c.client(4).await.unwrap().status().await.unwrap();
+    assert!(
+        st.snapshot_index > 0,
+        "the learner did not get a snapshot: {st:?}"
+    );
+}
+
+/// Watches `held` keys of a kernel map from a thread until stopped; panics if one is ever
+/// missing or has another value.
+fn watch_entries(
+    pin: PathBuf,
+    held: Vec<(Vec<u8>, Vec<u8>)>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<u64>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let handle = std::thread::spawn(move || {
+        let m = KernelMap::open_pinned(&pin).unwrap();
+        let mut checks = 0u64;
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            for (key, value) in &held {
+                assert_eq!(
+                    m.lookup(key).unwrap().as_ref(),
+                    Some(value),
+                    "entry {key:?} vanished or changed"
+                );
+            }
+            checks += 1;
+        }
+        checks
+    });
+    (stop, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff() {
+    if !bpf_or_skip("a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff") {
+        return;
+    }
+    let maps = NodeMaps::create("resnap", &[1, 2, 3, 4], 8, 8);
+    let mut o = opts(maps.args("ct"));
+    o.agent_args = vec!["--snapshot-logs".into(), "50".into()];
+    let mut c = LocalCluster::start(o, 3, 1, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    for i in 0..50u64 {
+        client.put("ct", k(i), k(i)).await.unwrap();
+    }
+    converge(&maps, &[1, 2, 3, 4], &client, "before the learner stops").await;
+    c.kill(4).unwrap();
+    // While it is down: overwrite half of what it holds, add more, and purge the log.
+    for i in 25..350u64 {
+        client.put("ct", k(i), k(i + 1000)).await.unwrap();
+    }
+    c.wait_for(1, T, "purge past the learner", |s| s.purged_index > 60)
+        .await
+        .unwrap();
+    let kept: Vec<_> = (0..25u64).map(|i| (k(i), k(i))).collect();
+    let (stop, watcher) = watch_entries(maps.pins[&4].clone(), kept);
+    c.restart(4).unwrap();
+    let m = converge(&maps, &[1, 2, 3, 4], &client, "learner back").await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        watcher
+            .join()
+            .expect("an entry the learner kept vanished during the install")
+            > 0
+    );
+    assert_eq!(m.len(), 350);
+    let log = c.log_tail(4, 200);
+    assert!(
+        log.contains("installed snapshot into kernel map by diff"),
+        "{log}"
+    );
+}
