@@ -24,7 +24,7 @@ fn clang() -> String {
 }
 
 /// Every program in `bpf/`, by file stem.
-const PROGRAMS: &[&str] = &["conntrack"];
+const PROGRAMS: &[&str] = &["conntrack", "capture_syscall"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -36,7 +36,16 @@ fn main() {
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.bpf.o"));
         let status = Command::new(&clang)
-            .args(["-target", "bpf", "-O2", "-g", "-Wall", "-Werror", "-c"])
+            .args([
+                "-target",
+                "bpf",
+                "-O2",
+                "-g",
+                "-Wall",
+                "-Werror",
+                "-D__TARGET_ARCH_x86",
+                "-c",
+            ])
             .arg(format!("-I{arch_include}"))
             .arg(&src)
             .arg("-o")

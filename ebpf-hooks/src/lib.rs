@@ -4,6 +4,7 @@
 //!
 //! This crate knows nothing about Raft: it sees kernel maps and byte strings.
 
+mod capture;
 mod programs;
 mod scan;
 mod sys;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
 
+pub use capture::{Backend, Capture, CaptureEvent, MAX_EVENT_KEY, MAX_EVENT_VALUE};
 pub use programs::{Conntrack, CT_KEY_SIZE, CT_VALUE_SIZE};
 pub use scan::{diff, KernelChange};
 

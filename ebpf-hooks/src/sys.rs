@@ -123,3 +123,12 @@ pub(crate) fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32
     // SAFETY: the kernel filled in `retval` of the same variant.
     Ok(unsafe { attr.test.retval })
 }
+
+/// Registers a ring buffer with tokio's reactor. Panics outside a tokio runtime.
+pub(crate) fn async_ring(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
+    // SAFETY: the ring buffer owns its map's file descriptor (MapData holds an OwnedFd) for its
+    // whole lifetime, which is the AsyncFd's, and `as_raw_fd` always returns that descriptor.
+    unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+}

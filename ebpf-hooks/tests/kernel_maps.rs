@@ -153,3 +153,96 @@ fn conntrack_program_records_flows_in_its_map() {
     );
     assert!(all.contains_key(&Conntrack::key(b, a, 53, 40001, false)));
 }
+
+fn bpftool(args: &[&str]) -> bool {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool is installed (scripts/install-deps.sh)");
+    out.status.success()
+}
+
+fn hex_args(bytes: &[u8]) -> Vec<String> {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn bpftool_update(pin: &std::path::Path, key: &[u8], value: &[u8], extra: &[&str]) -> bool {
+    let mut args = vec![
+        "map".to_string(),
+        "update".into(),
+        "pinned".into(),
+        pin.display().to_string(),
+        "key".into(),
+        "hex".into(),
+    ];
+    args.extend(hex_args(key));
+    args.extend(["value".to_string(), "hex".into()]);
+    args.extend(hex_args(value));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    bpftool(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscall_backend_reports_successful_changes_made_by_other_processes() {
+    if !bpf_or_skip("syscall_backend_reports_successful_changes_made_by_other_processes") {
+        return;
+    }
+    use raftmap_ebpf_hooks::{Backend, Capture, CaptureEvent};
+    let mut cap = Capture::syscall().expect("the syscall backend loads on this kernel");
+    assert_eq!(cap.backend(), Backend::Syscall);
+    let (pin, other_pin) = (Pin::new("cap"), Pin::new("cap-other"));
+    let map = KernelMap::create(MapKind::Hash, 4, 8, 64, "rm_t_cap").unwrap();
+    map.pin(&pin.0).unwrap();
+    let other = KernelMap::create(MapKind::Hash, 4, 8, 64, "rm_t_cap2").unwrap();
+    other.pin(&other_pin.0).unwrap();
+    cap.watch(map.layout().id).unwrap();
+    let id = map.layout().id;
+
+    assert!(
+        bpftool_update(&other_pin.0, &[9; 4], &[9; 8], &[]),
+        "unwatched map"
+    );
+    assert!(bpftool_update(&pin.0, &[1; 4], &[2; 8], &[]));
+    assert!(
+        !bpftool_update(&pin.0, &[1; 4], &[3; 8], &["noexist"]),
+        "a failing update"
+    );
+    let mut del = vec!["map", "delete", "pinned"];
+    let p = pin.0.display().to_string();
+    del.push(&p);
+    del.extend(["key", "hex", "01", "01", "01", "01"]);
+    assert!(bpftool(&del));
+    map.update(&[5; 4], &[5; 8], UpdateFlags::Any).unwrap(); // our own process: not reported
+    assert!(bpftool_update(&pin.0, &[7; 4], &[7; 8], &[]), "marker");
+
+    let mut events = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !events.iter().any(|e: &CaptureEvent| e.key == vec![7; 4]) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        tokio::time::timeout(left, cap.next_events(&mut events))
+            .await
+            .expect("events arrive")
+            .unwrap();
+    }
+    assert_eq!(
+        events,
+        vec![
+            CaptureEvent {
+                map_id: id,
+                key: vec![1; 4],
+                value: Some(vec![2; 8])
+            },
+            CaptureEvent {
+                map_id: id,
+                key: vec![1; 4],
+                value: None
+            },
+            CaptureEvent {
+                map_id: id,
+                key: vec![7; 4],
+                value: Some(vec![7; 8])
+            },
+        ]
+    );
+    assert_eq!(cap.drops().unwrap(), (0, 0));
+}

@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: GPL-2.0
+// raftmap's `syscall` capture backend: sees every successful bpf(2) map update and delete made
+// by any process other than raftmap itself, on the maps raftmap watches, with the full key and
+// value bytes. For kernels that refuse fentry/fexit programs. BPF programs' own map writes are
+// not syscalls; the scan backend covers them.
+//
+// sys_enter records the command, the map and copies of the key and value (user memory, read
+// before the kernel does); sys_exit forwards the record through the ring buffer only if the
+// syscall returned 0. CO-RE: the few kernel structures used are declared here with only the
+// fields read, and relocated against the running kernel's BTF at load time.
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#define RM_MAX_KEY 128
+#define RM_MAX_VALUE 1024
+#define RM_MAX_WATCHED 256
+
+// bpf(2) commands (uapi enum bpf_cmd).
+#define RM_MAP_UPDATE_ELEM 2
+#define RM_MAP_DELETE_ELEM 3
+#define RM_MAP_LOOKUP_AND_DELETE_ELEM 21
+#define RM_MAP_UPDATE_BATCH 26
+#define RM_MAP_DELETE_BATCH 27
+#define RM_NR_BPF 321 /* x86_64 */
+
+#define RM_OP_UPDATE 1
+#define RM_OP_DELETE 2
+
+// ---- kernel structures, only the fields used (CO-RE relocated) ----
+struct pt_regs {
+	unsigned long di;
+	unsigned long si;
+} __attribute__((preserve_access_index));
+
+struct bpf_map {
+	__u32 key_size;
+	__u32 value_size;
+	__u32 id;
+} __attribute__((preserve_access_index));
+
+struct file {
+	void *private_data;
+} __attribute__((preserve_access_index));
+
+struct fdtable {
+	unsigned int max_fds;
+	struct file **fd;
+} __attribute__((preserve_access_index));
+
+struct files_struct {
+	struct fdtable *fdt;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	struct files_struct *files;
+} __attribute__((preserve_access_index));
+
+// The part of union bpf_attr the element commands use (uapi layout, stable).
+struct rm_elem_attr {
+	__u32 map_fd;
+	__u32 pad;
+	__u64 key;
+	__u64 value;
+	__u64 flags;
+};
+
+// ---- what user space receives ----
+struct rm_event {
+	__u32 map_id;
+	__u32 op;
+	__u32 key_size;
+	__u32 value_size;
+	__u8 key[RM_MAX_KEY];
+	__u8 value[RM_MAX_VALUE];
+};
+
+// raftmap's own process: its applier's writes are not captured (no echo).
+const volatile __u32 rm_self_tgid = 0;
+
+// Ids of the kernel maps raftmap watches (set by user space).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RM_MAX_WATCHED);
+	__type(key, __u32);
+	__type(value, __u8);
+} rm_watched SEC(".maps");
+
+// Syscalls between enter and exit, by thread.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct rm_event);
+} rm_inflight SEC(".maps");
+
+// Scratch space to build an event (too large for the BPF stack).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rm_event);
+} rm_scratch SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 * 1024 * 1024);
+} rm_events SEC(".maps");
+
+// [0]: events lost (ring buffer full, in-flight table full, unreadable memory);
+// [1]: changes seen but not forwarded (batch commands, oversize keys or values).
+// Either moving makes user space scan the watched maps at once.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} rm_drops SEC(".maps");
+
+static __always_inline void rm_count(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&rm_drops, &which);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+static __always_inline struct bpf_map *rm_map_of_fd(__u32 fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = 0;
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return 0;
+	return BPF_CORE_READ(f, private_data);
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(rm_sys_enter, struct pt_regs *regs, long id)
+{
+	if (id != RM_NR_BPF)
+		return 0;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	if ((__u32)(pid_tgid >> 32) == rm_self_tgid)
+		return 0;
+	long cmd = regs->di;
+	if (cmd != RM_MAP_UPDATE_ELEM && cmd != RM_MAP_DELETE_ELEM &&
+	    cmd != RM_MAP_LOOKUP_AND_DELETE_ELEM && cmd != RM_MAP_UPDATE_BATCH &&
+	    cmd != RM_MAP_DELETE_BATCH)
+		return 0;
+
+	struct rm_elem_attr attr = {};
+	if (bpf_probe_read_user(&attr, sizeof(attr), (void *)regs->si))
+		return 0;
+	struct bpf_map *map = rm_map_of_fd(attr.map_fd);
+	if (!map)
+		return 0;
+	__u32 map_id = BPF_CORE_READ(map, id);
+	if (!bpf_map_lookup_elem(&rm_watched, &map_id))
+		return 0;
+	if (cmd == RM_MAP_UPDATE_BATCH || cmd == RM_MAP_DELETE_BATCH) {
+		// Not decoded element by element (yet): the scan picks the changes up.
+		rm_count(1);
+		return 0;
+	}
+
+	__u32 zero = 0;
+	struct rm_event *ev = bpf_map_lookup_elem(&rm_scratch, &zero);
+	if (!ev)
+		return 0;
+	__u32 ks = BPF_CORE_READ(map, key_size);
+	__u32 vs = BPF_CORE_READ(map, value_size);
+	if (ks == 0 || ks > RM_MAX_KEY || vs > RM_MAX_VALUE) {
+		rm_count(1);
+		return 0;
+	}
+	ev->map_id = map_id;
+	ev->key_size = ks;
+	ev->value_size = vs;
+	if (bpf_probe_read_user(ev->key, ks, (void *)attr.key)) {
+		rm_count(0);
+		return 0;
+	}
+	if (cmd == RM_MAP_UPDATE_ELEM) {
+		ev->op = RM_OP_UPDATE;
+		if (vs == 0 || bpf_probe_read_user(ev->value, vs, (void *)attr.value)) {
+			rm_count(0);
+			return 0;
+		}
+	} else {
+		ev->op = RM_OP_DELETE;
+	}
+	if (bpf_map_update_elem(&rm_inflight, &pid_tgid, ev, BPF_ANY))
+		rm_count(0);
+	return 0;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(rm_sys_exit, struct pt_regs *regs, long ret)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct rm_event *ev = bpf_map_lookup_elem(&rm_inflight, &pid_tgid);
+	if (!ev)
+		return 0;
+	// Only successful operations count: a failed update changed nothing.
+	if (ret == 0 && bpf_ringbuf_output(&rm_events, ev, sizeof(*ev), 0))
+		rm_count(0);
+	bpf_map_delete_elem(&rm_inflight, &pid_tgid);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
