@@ -30,12 +30,16 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use raftmap_ebpf_hooks::{diff, KernelMap, MapKind, UpdateFlags};
+use raftmap_ebpf_hooks::{
+    diff, Backend, Capture, CaptureEvent, KernelMap, MapKind, UpdateFlags, MAX_EVENT_KEY,
+    MAX_EVENT_VALUE,
+};
 use raftmap_storage::{
     ApplyHook, BatchOutcome, Change, MapContents, MapSchema, MapType, NodeId, Op, Source,
     StateView, MAX_BATCH_OPS,
 };
 use serde::Deserialize;
+use tokio::sync::{mpsc, Notify};
 
 use crate::error::{NodeError, Result};
 use crate::propose::Batcher;
@@ -156,6 +160,9 @@ pub struct KernelMetrics {
     pub apply_errors: Family<Vec<(String, String)>, Counter>,
     pub scan_repairs: Family<Vec<(String, String)>, Counter>,
     pub entries: Family<Vec<(String, String)>, Gauge>,
+    pub ring_drops: Family<Vec<(String, String)>, Counter>,
+    /// 1 for the capture backend in use.
+    pub backend: Family<Vec<(String, String)>, Gauge>,
 }
 
 fn label(map: &str) -> Vec<(String, String)> {
@@ -172,8 +179,21 @@ pub struct KernelSync {
     maps: BTreeMap<String, Watched>,
     ids_path: PathBuf,
     ready: AtomicBool,
-    view: OnceLock<StateView>,
+    /// The event-driven backend in use (the scan always runs too).
+    backend: Mutex<Backend>,
+    /// Commands to the event loop, which owns the capture programs.
+    capture_cmds: OnceLock<mpsc::UnboundedSender<CaptureCmd>>,
+    /// Kernel map id -> watched map name, for routing events.
+    ids: Mutex<HashMap<u32, String>>,
+    /// Wakes the scan loop early (events were lost, or could not be decoded).
+    scan_now: Notify,
     pub metrics: Arc<KernelMetrics>,
+}
+
+#[derive(Debug)]
+enum CaptureCmd {
+    Watch(u32),
+    Unwatch(u32),
 }
 
 impl KernelSync {
@@ -199,7 +219,10 @@ impl KernelSync {
             ready: AtomicBool::new(maps.is_empty()),
             maps,
             ids_path: data_dir.join("kernel-maps.json"),
-            view: OnceLock::new(),
+            backend: Mutex::new(Backend::Scan),
+            capture_cmds: OnceLock::new(),
+            ids: Mutex::new(HashMap::new()),
+            scan_now: Notify::new(),
             metrics: Arc::new(KernelMetrics::default()),
         }))
     }
@@ -209,12 +232,18 @@ impl KernelSync {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Each watched map's state.
-    pub fn states(&self) -> Vec<(String, String, MapSyncState)> {
+    /// Each watched map's state: (name, location, state, capture backend).
+    pub fn states(&self) -> Vec<(String, String, MapSyncState, Backend)> {
+        let backend = self.backend();
         self.maps
             .iter()
             .map(|(name, w)| {
                 let st = lock(&w.state);
+                // Keys and values too large for the event records are left to the scan.
+                let fits = st.kmap.as_ref().is_none_or(|m| {
+                    m.layout().key_size <= MAX_EVENT_KEY && m.layout().value_size <= MAX_EVENT_VALUE
+                });
+                let b = if fits { backend } else { Backend::Scan };
                 let s = match (&st.refused, &st.kmap) {
                     (Some(r), _) => MapSyncState::Refused(r.clone()),
                     (None, Some(_)) => MapSyncState::Synced,
@@ -222,7 +251,7 @@ impl KernelSync {
                         MapSyncState::Waiting(format!("looking for {}", w.spec.location()))
                     }
                 };
-                (name.clone(), w.spec.location(), s)
+                (name.clone(), w.spec.location(), s, b)
             })
             .collect()
     }
@@ -247,19 +276,49 @@ impl KernelSync {
         }
     }
 
-    /// Starts the capture loop: reconcile, then scan every `interval`.
+    /// The capture backend in use for maps whose keys and values fit its events.
+    pub fn backend(&self) -> Backend {
+        *self.backend.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts capturing: the best event-driven backend that loads, and the scan loop, which
+    /// reconciles each map and then scans it every `interval` (at once when events were lost).
     pub fn start(self: &Arc<Self>, view: StateView, batcher: Batcher, interval: Duration) {
         if self.maps.is_empty() {
             return;
         }
-        let _ = self.view.set(view.clone());
+        match Capture::syscall() {
+            Ok(capture) => {
+                tracing::info!(
+                    backend = %capture.backend(),
+                    "capturing kernel map changes from bpf(2) syscalls as they happen; BPF programs' own writes are caught by the scan every {interval:?}"
+                );
+                self.set_backend(capture.backend());
+                let (tx, rx) = mpsc::unbounded_channel();
+                let _ = self.capture_cmds.set(tx);
+                tokio::spawn(
+                    self.clone()
+                        .event_loop(capture, rx, view.clone(), batcher.clone()),
+                );
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "no event-driven capture backend loads here; capturing by scanning every {interval:?}"
+            ),
+        }
+        if self.backend() == Backend::Scan {
+            self.set_backend(Backend::Scan);
+        }
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut round: u64 = 0;
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = this.scan_now.notified() => {}
+                }
                 for (name, w) in &this.maps {
                     if let Err(e) = this.step(name, w, &view, &batcher, round).await {
                         tracing::warn!(map = %name, error = %e, "kernel map sync");
@@ -273,6 +332,126 @@ impl KernelSync {
                 round += 1;
             }
         });
+    }
+
+    fn set_backend(&self, b: Backend) {
+        let mut cur = self.backend.lock().unwrap_or_else(|p| p.into_inner());
+        self.metrics
+            .backend
+            .get_or_create(&vec![("backend".into(), cur.to_string())])
+            .set(0);
+        *cur = b;
+        self.metrics
+            .backend
+            .get_or_create(&vec![("backend".into(), b.to_string())])
+            .set(1);
+    }
+
+    /// Routes a (re)opened map's events to it.
+    fn track(&self, name: &str, old: Option<u32>, new: u32) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = old {
+            ids.remove(&o);
+        }
+        ids.insert(new, name.to_string());
+        if let Some(tx) = self.capture_cmds.get() {
+            if let Some(o) = old {
+                let _ = tx.send(CaptureCmd::Unwatch(o));
+            }
+            let _ = tx.send(CaptureCmd::Watch(new));
+        }
+    }
+
+    async fn event_loop(
+        self: Arc<Self>,
+        mut capture: Capture,
+        mut cmds: mpsc::UnboundedReceiver<CaptureCmd>,
+        view: StateView,
+        batcher: Batcher,
+    ) {
+        let mut drops = (0, 0);
+        let mut check = tokio::time::interval(Duration::from_millis(100));
+        let mut events = Vec::new();
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => {
+                    let res = match cmd {
+                        Some(CaptureCmd::Watch(id)) => capture.watch(id),
+                        Some(CaptureCmd::Unwatch(id)) => capture.unwatch(id),
+                        None => return,
+                    };
+                    if let Err(e) = res {
+                        tracing::warn!(error = %e, "updating the captured map set");
+                    }
+                }
+                res = capture.next_events(&mut events) => {
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "reading capture events; falling back to the scan");
+                        self.set_backend(Backend::Scan);
+                        return;
+                    }
+                    self.on_events(std::mem::take(&mut events), &view, &batcher).await;
+                }
+                _ = check.tick() => {
+                    match capture.drops() {
+                        Ok(d) if d != drops => {
+                            self.metrics.ring_drops.get_or_create(&vec![("backend".to_string(), capture.backend().to_string())]).inc_by((d.0 - drops.0) + (d.1 - drops.1));
+                            drops = d;
+                            tracing::debug!(lost = d.0, undecoded = d.1, "capture missed changes; scanning now");
+                            self.scan_now.notify_one();
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "reading the capture drop counters"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Captured changes: record them in the shadow as pending and propose them.
+    async fn on_events(&self, events: Vec<CaptureEvent>, view: &StateView, batcher: &Batcher) {
+        let mut by_map: BTreeMap<String, Vec<raftmap_ebpf_hooks::KernelChange>> = BTreeMap::new();
+        {
+            let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+            for ev in events {
+                if let Some(name) = ids.get(&ev.map_id) {
+                    by_map.entry(name.clone()).or_default().push(
+                        raftmap_ebpf_hooks::KernelChange {
+                            key: ev.key,
+                            value: ev.value,
+                        },
+                    );
+                }
+            }
+        }
+        for (name, changes) in by_map {
+            let Some(w) = self.maps.get(&name) else {
+                continue;
+            };
+            let fresh: Vec<_> = {
+                let mut st = lock(&w.state);
+                if st.kmap.is_none() || st.refused.is_some() {
+                    continue;
+                }
+                let mut fresh = Vec::new();
+                for c in changes {
+                    // Already known (the shadow has it): nothing to propose.
+                    if st.shadow.get(&c.key).map(Vec::as_slice) == c.value.as_deref() {
+                        continue;
+                    }
+                    apply_to(&mut st.shadow, &c.key, c.value.as_deref());
+                    if st.scanning {
+                        st.touched.insert(c.key.clone());
+                    }
+                    st.pending.insert(c.key.clone(), c.value.clone());
+                    fresh.push(c);
+                }
+                fresh
+            };
+            if let Err(e) = self.propose(&name, w, view, batcher, fresh).await {
+                tracing::warn!(map = %name, error = %e, "proposing captured changes");
+            }
+        }
     }
 
     async fn step(
@@ -352,6 +531,7 @@ impl KernelSync {
         }
         let id = kmap.layout().id;
         let recorded = self.load_ids().get(name).copied();
+        let old_id = lock(&w.state).kmap.as_ref().map(|m| m.layout().id);
         let kmap = Arc::new(kmap);
         lock(&w.state).reconciling = true;
         let read = || -> Result<_> {
@@ -435,6 +615,7 @@ impl KernelSync {
             proposals
         };
         self.save_id(name, id);
+        self.track(name, old_id, id);
         self.propose(name, w, view, batcher, proposals).await
     }
 

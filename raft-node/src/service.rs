@@ -675,7 +675,7 @@ impl pb::admin_server::Admin for AdminService {
                 .kernel
                 .states()
                 .into_iter()
-                .map(|(map, location, state)| pb::WatchedMap {
+                .map(|(map, location, state, backend)| pb::WatchedMap {
                     map,
                     location,
                     state: match state {
@@ -683,7 +683,7 @@ impl pb::admin_server::Admin for AdminService {
                         crate::kernel::MapSyncState::Waiting(w) => format!("waiting: {w}"),
                         crate::kernel::MapSyncState::Refused(r) => format!("refused: {r}"),
                     },
-                    backend: "scan".into(),
+                    backend: backend.to_string(),
                 })
                 .collect(),
         }))

@@ -374,3 +374,62 @@ async fn a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff()
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscall_capture_replicates_without_waiting_for_a_scan() {
+    if !bpf_or_skip("syscall_capture_replicates_without_waiting_for_a_scan") {
+        return;
+    }
+    let maps = NodeMaps::create("events", &[1, 2, 3], 8, 8);
+    // Scans every ten minutes: only event-driven capture can carry these changes in time.
+    let args = maps
+        .args("ct")
+        .into_iter()
+        .map(|(n, mut a)| {
+            a[3] = "600000".into();
+            (n, a)
+        })
+        .collect();
+    let c = LocalCluster::start(opts(args), 3, 0, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    let st = c.client(2).await.unwrap().status().await.unwrap();
+    assert_eq!(st.watched[0].backend, "syscall", "{st:?}");
+
+    // From this process (a bpf(2) client like any other).
+    maps.open(2)
+        .update(&k(1), &k(10), UpdateFlags::Any)
+        .unwrap();
+    let m = converge(&maps, &[1, 2, 3], &client, "syscall update").await;
+    assert_eq!(m.get(&k(1)), Some(&k(10)));
+    // From bpftool.
+    let pin = maps.pins[&3].display().to_string();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>();
+    let mut update = vec![
+        "map".to_string(),
+        "update".into(),
+        "pinned".into(),
+        pin.clone(),
+        "key".into(),
+        "hex".into(),
+    ];
+    update.extend(hex(&k(2)));
+    update.extend(["value".into(), "hex".into()]);
+    update.extend(hex(&k(20)));
+    let ok = std::process::Command::new("bpftool")
+        .args(&update)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "bpftool update");
+    let m = converge(&maps, &[1, 2, 3], &client, "bpftool update").await;
+    assert_eq!(m.get(&k(2)), Some(&k(20)));
+    // A delete, and a failed update that must not be replicated.
+    assert!(maps.open(1).delete(&k(1)).unwrap());
+    assert!(maps
+        .open(1)
+        .update(&k(2), &k(99), UpdateFlags::NoExist)
+        .is_err());
+    let m = converge(&maps, &[1, 2, 3], &client, "delete").await;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m.get(&k(2)), Some(&k(20)));
+}
