@@ -296,9 +296,68 @@ impl KernelMap {
         sys::delete(self.data.fd().as_fd(), key).map_err(self.syscall_err("BPF_MAP_DELETE_ELEM"))
     }
 
-    /// Every entry, keyed by key bytes. Entries changed during the walk may or may not appear
-    /// with their new value; the walk is bounded even if the map changes under it.
+    /// Every entry, keyed by key bytes, read in batches (BPF_MAP_LOOKUP_BATCH), or key by key
+    /// where the kernel has no batch lookup for the map. Entries changed during the walk may
+    /// or may not appear with their new value.
     pub fn entries(&self) -> Result<HashMap<Vec<u8>, Vec<u8>>> {
+        match self.entries_batched() {
+            Err(HookError::Syscall { source, .. })
+                // ENOTSUPP (524) is the kernel's own "not supported" code.
+                if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524)) =>
+            {
+                self.entries_by_key()
+            }
+            other => other,
+        }
+    }
+
+    fn entries_batched(&self) -> Result<HashMap<Vec<u8>, Vec<u8>>> {
+        let fd = self.data.fd().as_fd();
+        let (ks, vs) = (
+            self.layout.key_size as usize,
+            self.layout.value_size as usize,
+        );
+        let token_len = ks.max(8);
+        let mut out = HashMap::new();
+        let mut cap: usize = 1024.min(self.layout.max_entries.max(1) as usize);
+        let mut token: Option<Vec<u8>> = None;
+        let mut next = vec![0u8; token_len];
+        let mut keys = vec![0u8; cap * ks];
+        let mut values = vec![0u8; cap * vs];
+        loop {
+            let mut count = cap as u32;
+            let more = match sys::lookup_batch(
+                fd,
+                token.as_deref(),
+                &mut next,
+                &mut keys,
+                &mut values,
+                &mut count,
+            ) {
+                Ok(more) => more,
+                // A hash bucket holds more entries than fit: retry the same step with room.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && cap < (1 << 20) => {
+                    cap *= 2;
+                    keys.resize(cap * ks, 0);
+                    values.resize(cap * vs, 0);
+                    continue;
+                }
+                Err(e) => return Err(self.syscall_err("BPF_MAP_LOOKUP_BATCH")(e)),
+            };
+            for i in 0..(count as usize).min(cap) {
+                out.insert(
+                    keys[i * ks..(i + 1) * ks].to_vec(),
+                    values[i * vs..(i + 1) * vs].to_vec(),
+                );
+            }
+            if !more {
+                return Ok(out);
+            }
+            token = Some(next.clone());
+        }
+    }
+
+    fn entries_by_key(&self) -> Result<HashMap<Vec<u8>, Vec<u8>>> {
         let fd = self.data.fd().as_fd();
         let ks = self.layout.key_size as usize;
         let mut out = HashMap::new();

@@ -132,3 +132,35 @@ pub(crate) fn async_ring(
     // whole lifetime, which is the AsyncFd's, and `as_raw_fd` always returns that descriptor.
     unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
 }
+
+/// BPF_MAP_LOOKUP_BATCH: copies up to `*count` entries after `in_token` (from the start when
+/// `None`) into `keys` and `values`, sets `*count` to the number copied and `out_token` to where
+/// to resume. `Ok(false)`: the walk is complete (the entries copied are the last ones).
+pub(crate) fn lookup_batch(
+    fd: BorrowedFd<'_>,
+    in_token: Option<&[u8]>,
+    out_token: &mut [u8],
+    keys: &mut [u8],
+    values: &mut [u8],
+    count: &mut u32,
+) -> io::Result<bool> {
+    let mut attr = zeroed();
+    // SAFETY (field access): BPF_MAP_LOOKUP_BATCH reads this union variant. The key and value
+    // buffers hold `*count` entries of the map's sizes, the tokens are at least as large as the
+    // map's key (and 8 bytes), all outliving the call.
+    let b = unsafe { &mut attr.batch };
+    b.map_fd = fd.as_raw_fd() as u32;
+    b.in_batch = in_token.map_or(0, |t| t.as_ptr() as u64);
+    b.out_batch = out_token.as_mut_ptr() as u64;
+    b.keys = keys.as_mut_ptr() as u64;
+    b.values = values.as_mut_ptr() as u64;
+    b.count = *count;
+    let res = sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr);
+    // SAFETY: the kernel wrote back `count` in the same variant.
+    *count = unsafe { attr.batch.count };
+    match res {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}

@@ -246,3 +246,22 @@ async fn syscall_backend_reports_successful_changes_made_by_other_processes() {
     );
     assert_eq!(cap.drops().unwrap(), (0, 0));
 }
+
+#[test]
+fn large_maps_are_read_whole_in_batches() {
+    if !bpf_or_skip("large_maps_are_read_whole_in_batches") {
+        return;
+    }
+    for kind in [MapKind::Hash, MapKind::LruHash] {
+        let map = KernelMap::create(kind, 8, 32, 20_000, "rm_t_large").unwrap();
+        for i in 0..5000u64 {
+            map.update(&i.to_ne_bytes(), &[i as u8; 32], UpdateFlags::Any)
+                .unwrap();
+        }
+        let all = map.entries().unwrap();
+        assert_eq!(all.len(), 5000, "{kind}");
+        for i in (0..5000u64).step_by(97) {
+            assert_eq!(all[&i.to_ne_bytes().to_vec()], vec![i as u8; 32]);
+        }
+    }
+}
