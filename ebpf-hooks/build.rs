@@ -24,7 +24,7 @@ fn clang() -> String {
 }
 
 /// Every program in `bpf/`, by file stem.
-const PROGRAMS: &[&str] = &["conntrack", "capture_syscall"];
+const PROGRAMS: &[&str] = &["conntrack", "capture_syscall", "capture_fexit"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -76,6 +76,7 @@ struct rm_event {
 	__u32 value_size;
 	__u8 key[RM_MAX_KEY];
 	__u8 value[RM_MAX_VALUE];
+	__u64 pid_tgid;
 };
 
 // raftmap's own process: its applier's writes are not captured (no echo).
@@ -180,6 +181,7 @@ int BPF_PROG(rm_sys_enter, struct pt_regs *regs, long id)
 		return 0;
 	}
 	ev->map_id = map_id;
+	ev->pid_tgid = pid_tgid;
 	ev->key_size = ks;
 	ev->value_size = vs;
 	if (bpf_probe_read_user(ev->key, ks, (void *)attr.key)) {

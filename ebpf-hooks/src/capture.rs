@@ -6,7 +6,7 @@
 use std::fmt;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
-use aya::programs::BtfTracePoint;
+use aya::programs::{BtfTracePoint, FExit};
 use aya::{include_bytes_aligned, Btf, Ebpf, EbpfLoader};
 use tokio::io::unix::AsyncFd;
 
@@ -14,12 +14,28 @@ use crate::{HookError, Result};
 
 static CAPTURE_SYSCALL: &[u8] =
     include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture_syscall.bpf.o"));
+static CAPTURE_FEXIT: &[u8] =
+    include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture_fexit.bpf.o"));
+
+/// fexit programs and the kernel functions they attach to; the first four are required.
+const FEXIT_HOOKS: &[(&str, &str)] = &[
+    ("rm_htab_update", "htab_map_update_elem"),
+    ("rm_htab_delete", "htab_map_delete_elem"),
+    ("rm_lru_update", "htab_lru_map_update_elem"),
+    ("rm_lru_delete", "htab_lru_map_delete_elem"),
+    ("rm_htab_lookup_delete", "htab_map_lookup_and_delete_elem"),
+    (
+        "rm_lru_lookup_delete",
+        "htab_lru_map_lookup_and_delete_elem",
+    ),
+    ("rm_lru_evict", "htab_lru_map_delete_node"),
+];
 
 /// Largest key the event-driven backends carry; larger maps are covered by the scan alone.
 pub const MAX_EVENT_KEY: u32 = 128;
 /// Largest value the event-driven backends carry.
 pub const MAX_EVENT_VALUE: u32 = 1024;
-const EVENT_SIZE: usize = 16 + MAX_EVENT_KEY as usize + MAX_EVENT_VALUE as usize;
+const EVENT_SIZE: usize = 16 + MAX_EVENT_KEY as usize + MAX_EVENT_VALUE as usize + 8;
 
 /// How changes are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +64,13 @@ pub struct CaptureEvent {
     /// Kernel id of the map.
     pub map_id: u32,
     pub key: Vec<u8>,
-    /// `None`: the key was deleted.
+    /// `None`: the key was deleted (or evicted).
     pub value: Option<Vec<u8>>,
+    /// The key left an LRU map to make room for another.
+    pub evicted: bool,
+    /// Thread that was current when the change happened (in softirq context, whichever thread
+    /// was interrupted: not a reliable author for BPF program writes).
+    pub tid: u32,
 }
 
 fn parse(b: &[u8]) -> Option<CaptureEvent> {
@@ -67,12 +88,21 @@ fn parse(b: &[u8]) -> Option<CaptureEvent> {
         return None;
     }
     let key = b[16..16 + ks].to_vec();
-    let value = match op {
-        1 => Some(b[16 + MAX_EVENT_KEY as usize..16 + MAX_EVENT_KEY as usize + vs].to_vec()),
-        2 => None,
+    let vstart = 16 + MAX_EVENT_KEY as usize;
+    let (value, evicted) = match op {
+        1 => (Some(b[vstart..vstart + vs].to_vec()), false),
+        2 => (None, false),
+        3 => (None, true),
         _ => return None,
     };
-    Some(CaptureEvent { map_id, key, value })
+    let tid = u32_at(vstart + MAX_EVENT_VALUE as usize);
+    Some(CaptureEvent {
+        map_id,
+        key,
+        value,
+        evicted,
+        tid,
+    })
 }
 
 fn err(call: &'static str) -> impl Fn(String) -> HookError {
@@ -123,6 +153,55 @@ impl Capture {
             p.attach()
                 .map_err(|e| err("BPF_RAW_TRACEPOINT_OPEN")(format!("{prog}: {e}")))?;
         }
+        Self::from_loaded(Backend::Syscall, ebpf)
+    }
+
+    /// Loads and attaches the fexit backend. Must run inside a tokio runtime. Fails on kernels
+    /// that refuse tracing programs.
+    pub fn fexit() -> Result<Self> {
+        let btf = Btf::from_sys_fs()
+            .map_err(|e| err("BTF")(format!("reading /sys/kernel/btf/vmlinux: {e}")))?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .load(CAPTURE_FEXIT)
+            .map_err(|e| err("BPF_PROG_LOAD")(e.to_string()))?;
+        for (i, (prog, func)) in FEXIT_HOOKS.iter().enumerate() {
+            let p: &mut FExit = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| err("BPF_PROG_LOAD")(format!("{prog} missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| err("BPF_PROG_LOAD")(e.to_string()))?;
+            let res = p
+                .load(func, &btf)
+                .map_err(|e| format!("loading fexit/{func}: {e}"))
+                .and_then(|()| {
+                    p.attach()
+                        .map(drop)
+                        .map_err(|e| format!("attaching fexit/{func}: {e}"))
+                });
+            match res {
+                Ok(()) => {}
+                Err(e) if i < 4 => return Err(err("BPF_PROG_LOAD")(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "optional fexit hook unavailable; the scan covers it")
+                }
+            }
+        }
+        Self::from_loaded(Backend::Fexit, ebpf)
+    }
+
+    /// The best event-driven backend that loads here: fexit, else syscall. The error lists
+    /// why each failed.
+    pub fn best() -> Result<Self> {
+        let fexit = match Self::fexit() {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        Self::syscall()
+            .map_err(|sys| err("BPF_PROG_LOAD")(format!("fexit: {fexit}; syscall: {sys}")))
+    }
+
+    fn from_loaded(backend: Backend, mut ebpf: Ebpf) -> Result<Self> {
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
                 .ok_or_else(|| err("BPF_MAP_CREATE")(format!("map {name} missing")))
@@ -135,7 +214,7 @@ impl Capture {
         let drops = Array::try_from(take(&mut ebpf, "rm_drops")?)
             .map_err(|e| err("rm_drops")(e.to_string()))?;
         Ok(Self {
-            backend: Backend::Syscall,
+            backend,
             _ebpf: ebpf,
             events,
             watched,
@@ -193,5 +272,61 @@ impl Capture {
                 return Ok(());
             }
         }
+    }
+}
+
+/// `(map id, key, value)` of an expected write.
+type EchoKey = (u32, Vec<u8>, Option<Vec<u8>>);
+
+/// Recognises the applier's own writes in the event stream of a backend that reports them
+/// (fexit sees every write): each registered `(map, key, value)` consumes exactly one matching
+/// event. A change someone else makes at the same moment is not consumed unless it is the very
+/// same write, in which case the map holds that value either way.
+#[derive(Debug, Default)]
+pub struct EchoFilter {
+    expected: std::collections::HashMap<EchoKey, u32>,
+}
+
+impl EchoFilter {
+    /// Records a write about to be made.
+    pub fn register(&mut self, map_id: u32, key: &[u8], value: Option<&[u8]>) {
+        *self
+            .expected
+            .entry((map_id, key.to_vec(), value.map(<[u8]>::to_vec)))
+            .or_default() += 1;
+    }
+
+    /// Forgets a registration whose write failed (no event will come).
+    pub fn unregister(&mut self, map_id: u32, key: &[u8], value: Option<&[u8]>) {
+        let k = (map_id, key.to_vec(), value.map(<[u8]>::to_vec));
+        if let Some(n) = self.expected.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                self.expected.remove(&k);
+            }
+        }
+    }
+
+    /// True (and consumes the registration) when `ev` is one of the registered writes.
+    pub fn is_echo(&mut self, ev: &CaptureEvent) -> bool {
+        if ev.evicted {
+            return false;
+        }
+        let k = (ev.map_id, ev.key.clone(), ev.value.clone());
+        match self.expected.get_mut(&k) {
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    self.expected.remove(&k);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Registrations not yet matched.
+    pub fn outstanding(&self) -> usize {
+        self.expected.values().map(|n| *n as usize).sum()
     }
 }

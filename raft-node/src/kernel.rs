@@ -31,8 +31,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use raftmap_ebpf_hooks::{
-    diff, Backend, Capture, CaptureEvent, KernelMap, MapKind, UpdateFlags, MAX_EVENT_KEY,
-    MAX_EVENT_VALUE,
+    diff, Backend, Capture, CaptureEvent, EchoFilter, KernelMap, MapKind, UpdateFlags,
+    MAX_EVENT_KEY, MAX_EVENT_VALUE,
 };
 use raftmap_storage::{
     ApplyHook, BatchOutcome, Change, MapContents, MapSchema, MapType, NodeId, Op, Source,
@@ -161,6 +161,7 @@ pub struct KernelMetrics {
     pub scan_repairs: Family<Vec<(String, String)>, Counter>,
     pub entries: Family<Vec<(String, String)>, Gauge>,
     pub ring_drops: Family<Vec<(String, String)>, Counter>,
+    pub echoes: Family<Vec<(String, String)>, Counter>,
     /// 1 for the capture backend in use.
     pub backend: Family<Vec<(String, String)>, Gauge>,
 }
@@ -187,6 +188,9 @@ pub struct KernelSync {
     ids: Mutex<HashMap<u32, String>>,
     /// Wakes the scan loop early (events were lost, or could not be decoded).
     scan_now: Notify,
+    /// The applier's own writes, to recognise them among fexit events (which report every
+    /// writer; the syscall backend leaves raftmap's process out in the kernel).
+    echoes: Mutex<EchoFilter>,
     pub metrics: Arc<KernelMetrics>,
 }
 
@@ -223,6 +227,7 @@ impl KernelSync {
             capture_cmds: OnceLock::new(),
             ids: Mutex::new(HashMap::new()),
             scan_now: Notify::new(),
+            echoes: Mutex::new(EchoFilter::default()),
             metrics: Arc::new(KernelMetrics::default()),
         }))
     }
@@ -287,12 +292,18 @@ impl KernelSync {
         if self.maps.is_empty() {
             return;
         }
-        match Capture::syscall() {
+        match Capture::best() {
             Ok(capture) => {
-                tracing::info!(
-                    backend = %capture.backend(),
-                    "capturing kernel map changes from bpf(2) syscalls as they happen; BPF programs' own writes are caught by the scan every {interval:?}"
-                );
+                match capture.backend() {
+                    Backend::Fexit => tracing::info!(
+                        backend = "fexit",
+                        "capturing every change to watched maps as it happens (fexit on the kernel's hash map operations)"
+                    ),
+                    b => tracing::info!(
+                        backend = %b,
+                        "fexit is not available; capturing bpf(2) syscalls as they happen, and BPF programs' own writes by scanning every {interval:?}"
+                    ),
+                }
                 self.set_backend(capture.backend());
                 let (tx, rx) = mpsc::unbounded_channel();
                 let _ = self.capture_cmds.set(tx);
@@ -345,6 +356,36 @@ impl KernelSync {
             .backend
             .get_or_create(&vec![("backend".into(), b.to_string())])
             .set(1);
+    }
+
+    /// Writes a committed value into a kernel map (`None`: delete), first registering the write
+    /// as an expected echo when the capture backend reports the applier's own writes.
+    fn write_kernel(
+        &self,
+        map: &KernelMap,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> raftmap_ebpf_hooks::Result<()> {
+        let register = self.backend() == Backend::Fexit;
+        let id = map.layout().id;
+        if register {
+            self.echoes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .register(id, key, value);
+        }
+        let res = match value {
+            Some(v) => map.update(key, v, UpdateFlags::Any).map(|()| true),
+            None => map.delete(key),
+        };
+        // No event follows a failed write, nor a delete of an absent key.
+        if register && !matches!(res, Ok(true)) {
+            self.echoes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unregister(id, key, value);
+        }
+        res.map(drop)
     }
 
     /// Routes a (re)opened map's events to it.
@@ -408,12 +449,51 @@ impl KernelSync {
         }
     }
 
+    /// Evictions the applier's writes caused: the keys left this node's map only, so they leave
+    /// the shadow without being proposed (the next scan must not propose them either).
+    fn forget_evicted(&self, ids: &HashMap<u32, String>, evicted: &[CaptureEvent]) {
+        for ev in evicted {
+            let Some(w) = ids.get(&ev.map_id).and_then(|n| self.maps.get(n)) else {
+                continue;
+            };
+            lock(&w.state).shadow.remove(&ev.key);
+        }
+    }
+
     /// Captured changes: record them in the shadow as pending and propose them.
     async fn on_events(&self, events: Vec<CaptureEvent>, view: &StateView, batcher: &Batcher) {
         let mut by_map: BTreeMap<String, Vec<raftmap_ebpf_hooks::KernelChange>> = BTreeMap::new();
         {
             let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+            let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
+            // LRU evictions are held until the same thread's next change to the same map: if
+            // that change is the applier's own write, the write caused them and they stay local
+            // (no cascade of deletes across the cluster); otherwise they replicate as deletes.
+            let mut held: Vec<CaptureEvent> = Vec::new();
+            let mut accepted = Vec::with_capacity(events.len());
             for ev in events {
+                if ev.evicted {
+                    held.push(ev);
+                    continue;
+                }
+                let echo = echoes.is_echo(&ev);
+                let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut held)
+                    .into_iter()
+                    .partition(|h| h.tid == ev.tid && h.map_id == ev.map_id);
+                held = others;
+                if echo {
+                    self.metrics
+                        .echoes
+                        .get_or_create(&vec![("backend".into(), "fexit".into())])
+                        .inc();
+                    self.forget_evicted(&ids, &mine);
+                } else {
+                    accepted.extend(mine);
+                    accepted.push(ev);
+                }
+            }
+            accepted.extend(held);
+            for ev in accepted {
                 if let Some(name) = ids.get(&ev.map_id) {
                     by_map.entry(name.clone()).or_default().push(
                         raftmap_ebpf_hooks::KernelChange {
@@ -574,7 +654,10 @@ impl KernelSync {
                     let fixes = diff(&kernel, &st.shadow);
                     let errors = fixes
                         .iter()
-                        .filter(|c| write_kernel(&kmap, &c.key, c.value.as_deref()).is_err())
+                        .filter(|c| {
+                            self.write_kernel(&kmap, &c.key, c.value.as_deref())
+                                .is_err()
+                        })
                         .count();
                     self.metrics
                         .scan_repairs
@@ -594,7 +677,7 @@ impl KernelSync {
                         .iter()
                         .filter(|c| {
                             let v = st.shadow.get(&c.key).map(Vec::as_slice);
-                            write_kernel(&kmap, &c.key, v).is_err()
+                            self.write_kernel(&kmap, &c.key, v).is_err()
                         })
                         .count();
                     tracing::info!(map = %name, id, proposed = ours.len(), written = theirs.len(), errors, "adopted kernel map");
@@ -719,7 +802,7 @@ impl KernelSync {
                     apply_to(&mut st.shadow, &c.key, committed.as_deref());
                     if rejected {
                         if let Some(k) = &st.kmap {
-                            let _ = write_kernel(k, &c.key, committed.as_deref());
+                            let _ = self.write_kernel(k, &c.key, committed.as_deref());
                         }
                     }
                 }
@@ -737,17 +820,6 @@ fn apply_to(shadow: &mut HashMap<Vec<u8>, Vec<u8>>, key: &[u8], value: Option<&[
         None => {
             shadow.remove(key);
         }
-    }
-}
-
-fn write_kernel(
-    map: &KernelMap,
-    key: &[u8],
-    value: Option<&[u8]>,
-) -> raftmap_ebpf_hooks::Result<()> {
-    match value {
-        Some(v) => map.update(key, v, UpdateFlags::Any),
-        None => map.delete(key).map(drop),
     }
 }
 
@@ -779,7 +851,7 @@ impl KernelSync {
             st.touched.insert(key.to_vec());
         }
         let Some(kmap) = &st.kmap else { return };
-        match write_kernel(kmap, key, value) {
+        match self.write_kernel(kmap, key, value) {
             Ok(()) => {
                 self.metrics.applied.get_or_create(&label(map)).inc();
             }
@@ -844,7 +916,7 @@ impl ApplyHook for KernelSync {
                 .collect();
             let mut errors = 0u64;
             for c in &fixes {
-                if write_kernel(kmap, &c.key, c.value.as_deref()).is_err() {
+                if self.write_kernel(kmap, &c.key, c.value.as_deref()).is_err() {
                     errors += 1;
                 }
             }

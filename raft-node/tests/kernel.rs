@@ -393,7 +393,10 @@ async fn syscall_capture_replicates_without_waiting_for_a_scan() {
     let c = LocalCluster::start(opts(args), 3, 0, T).await.unwrap();
     let client = c.client(1).await.unwrap();
     let st = c.client(2).await.unwrap().status().await.unwrap();
-    assert_eq!(st.watched[0].backend, "syscall", "{st:?}");
+    assert!(
+        ["syscall", "fexit"].contains(&st.watched[0].backend.as_str()),
+        "an event-driven backend loads on this kernel: {st:?}"
+    );
 
     // From this process (a bpf(2) client like any other).
     maps.open(2)

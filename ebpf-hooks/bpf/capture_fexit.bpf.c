@@ -1,0 +1,175 @@
+// SPDX-License-Identifier: GPL-2.0
+// raftmap's `fexit` capture backend: runs after the kernel's hash map operations return, so it
+// sees every change to a watched map whoever makes it (bpf(2) syscalls, BPF programs, batch
+// commands, which call the same operations), and reports only the successful ones (return 0).
+// LRU evictions are reported from htab_lru_map_delete_node, which returns true when it removed
+// an element. CO-RE: `struct bpf_map` and the hash table element differ between kernels (and
+// the operations return long on newer kernels, int on older ones: the return value is cast to
+// 32 bits).
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+
+#define RM_MAX_KEY 128
+#define RM_MAX_VALUE 1024
+#define RM_MAX_WATCHED 256
+
+#define RM_OP_UPDATE 1
+#define RM_OP_DELETE 2
+#define RM_OP_EVICT 3
+
+struct bpf_map {
+	__u32 key_size;
+	__u32 value_size;
+	__u32 id;
+} __attribute__((preserve_access_index));
+
+struct bpf_htab {
+	struct bpf_map map;
+} __attribute__((preserve_access_index));
+
+struct bpf_lru_node {
+	__u8 ref;
+} __attribute__((preserve_access_index));
+
+// The kernel's element: fields found by name (they sit in anonymous unions there).
+struct htab_elem {
+	struct bpf_lru_node lru_node;
+	__u32 hash;
+	char key[];
+} __attribute__((preserve_access_index));
+
+// Same layout as the syscall backend's events, plus who made the change.
+struct rm_event {
+	__u32 map_id;
+	__u32 op;
+	__u32 key_size;
+	__u32 value_size;
+	__u8 key[RM_MAX_KEY];
+	__u8 value[RM_MAX_VALUE];
+	__u64 pid_tgid;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RM_MAX_WATCHED);
+	__type(key, __u32);
+	__type(value, __u8);
+} rm_watched SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 * 1024 * 1024);
+} rm_events SEC(".maps");
+
+// [0]: events lost; [1]: changes seen but not forwarded (oversize key or value).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} rm_drops SEC(".maps");
+
+static __always_inline void rm_count(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&rm_drops, &which);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+static __always_inline int rm_emit(struct bpf_map *map, __u32 op, const void *key, const void *value)
+{
+	__u32 id = BPF_CORE_READ(map, id);
+	if (!bpf_map_lookup_elem(&rm_watched, &id))
+		return 0;
+	__u32 ks = BPF_CORE_READ(map, key_size);
+	__u32 vs = op == RM_OP_UPDATE ? BPF_CORE_READ(map, value_size) : 0;
+	if (ks == 0 || ks > RM_MAX_KEY || vs > RM_MAX_VALUE) {
+		rm_count(1);
+		return 0;
+	}
+	struct rm_event *ev = bpf_ringbuf_reserve(&rm_events, sizeof(*ev), 0);
+	if (!ev) {
+		rm_count(0);
+		return 0;
+	}
+	ev->map_id = id;
+	ev->op = op;
+	ev->key_size = ks;
+	ev->value_size = vs;
+	ev->pid_tgid = bpf_get_current_pid_tgid();
+	if (bpf_probe_read_kernel(ev->key, ks, key) ||
+	    (vs && bpf_probe_read_kernel(ev->value, vs, value))) {
+		bpf_ringbuf_discard(ev, 0);
+		rm_count(0);
+		return 0;
+	}
+	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
+
+SEC("fexit/htab_map_update_elem")
+int BPF_PROG(rm_htab_update, struct bpf_map *map, void *key, void *value, __u64 flags, long ret)
+{
+	if ((int)ret == 0)
+		rm_emit(map, RM_OP_UPDATE, key, value);
+	return 0;
+}
+
+SEC("fexit/htab_lru_map_update_elem")
+int BPF_PROG(rm_lru_update, struct bpf_map *map, void *key, void *value, __u64 flags, long ret)
+{
+	if ((int)ret == 0)
+		rm_emit(map, RM_OP_UPDATE, key, value);
+	return 0;
+}
+
+SEC("fexit/htab_map_delete_elem")
+int BPF_PROG(rm_htab_delete, struct bpf_map *map, void *key, long ret)
+{
+	if ((int)ret == 0)
+		rm_emit(map, RM_OP_DELETE, key, 0);
+	return 0;
+}
+
+SEC("fexit/htab_lru_map_delete_elem")
+int BPF_PROG(rm_lru_delete, struct bpf_map *map, void *key, long ret)
+{
+	if ((int)ret == 0)
+		rm_emit(map, RM_OP_DELETE, key, 0);
+	return 0;
+}
+
+SEC("fexit/htab_map_lookup_and_delete_elem")
+int BPF_PROG(rm_htab_lookup_delete, struct bpf_map *map, void *key, void *value, __u64 flags, long ret)
+{
+	if ((int)ret == 0)
+		rm_emit(map, RM_OP_DELETE, key, 0);
+	return 0;
+}
+
+SEC("fexit/htab_lru_map_lookup_and_delete_elem")
+int BPF_PROG(rm_lru_lookup_delete, struct bpf_map *map, void *key, void *value, __u64 flags, long ret)
+{
+	if ((int)ret == 0)
+		rm_emit(map, RM_OP_DELETE, key, 0);
+	return 0;
+}
+
+// An LRU map evicting an element to make room: the element's key is reported as evicted.
+SEC("fexit/htab_lru_map_delete_node")
+int BPF_PROG(rm_lru_evict, void *arg, struct bpf_lru_node *node, long ret)
+{
+	if (!(ret & 0xff)) /* bool */
+		return 0;
+	struct bpf_htab *htab = arg;
+	void *elem = (void *)node - bpf_core_field_offset(struct htab_elem, lru_node);
+	void *key = elem + bpf_core_field_offset(struct htab_elem, key);
+	rm_emit(&htab->map, RM_OP_EVICT, key, 0);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "GPL";
