@@ -5,21 +5,24 @@
 #   protobuf-compiler  protoc, for the gRPC definitions
 #   clang-19 libbpf-dev  the BPF programs in ebpf-hooks/bpf (compiled by ebpf-hooks/build.rs)
 #   bpftool            to look at kernel maps (the demo shows a dump)
-# and mounts bpffs at /sys/fs/bpf when it is missing.
+#   qemu-system-x86 busybox-static cpio  scripts/vm-run.sh, a QEMU guest on Debian's 6.1 kernel (fexit)
+# all without Recommends (qemu's are ~150 GUI packages); mounts bpffs at /sys/fs/bpf when it is
+# missing, and caches the guest kernel for scripts/vm-run.sh.
 set -euo pipefail
 
-packages=(librocksdb-dev libclang-dev protobuf-compiler pkg-config clang-19 libbpf-dev bpftool)
+packages=(librocksdb-dev libclang-dev protobuf-compiler pkg-config clang-19 libbpf-dev bpftool
+  qemu-system-x86 busybox-static cpio)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "cargo is missing: install a Rust toolchain (rustup) first" >&2; exit 1; }
@@ -31,4 +34,25 @@ if ! mount | grep -q ' /sys/fs/bpf type bpf'; then
   else
     echo "note: /sys/fs/bpf is not mounted (mount -t bpf bpf /sys/fs/bpf as root)" >&2
   fi
+fi
+
+# The guest kernel for scripts/vm-run.sh: the vmlinuz of Debian 12's stock cloud kernel, whose
+# fexit works where this host's kernel refuses it. The image package's name moves with point
+# releases, so it is resolved through the metapackage; apt-get update only when that fails.
+vm_dir=${RAFTMAP_VM_DIR:-/var/cache/raftmap-vm}
+if [ ! -e "$vm_dir/vmlinuz" ]; then
+  fetch_kernel() { # the Sandbox option: apt's _apt user cannot write to $vm_dir
+    kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+      awk '$1 == "Depends:" { print $2; exit }')
+    [ -n "$kernel_pkg" ] &&
+      (cd "$vm_dir" && $sudo apt-get download -qq -o APT::Sandbox::User=root "$kernel_pkg")
+  }
+  $sudo mkdir -p "$vm_dir"
+  fetch_kernel || { $sudo apt-get update -qq && fetch_kernel; }
+  echo "guest kernel: $kernel_pkg -> $vm_dir/vmlinuz"
+  kernel_tmp=$(mktemp -d)
+  trap 'rm -rf "$kernel_tmp"' EXIT
+  dpkg-deb -x "$vm_dir/$kernel_pkg"_*.deb "$kernel_tmp"
+  $sudo install -m 644 "$kernel_tmp"/boot/vmlinuz-* "$vm_dir/vmlinuz"
+  $sudo rm -f "$vm_dir/$kernel_pkg"_*.deb
 fi

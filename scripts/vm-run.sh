@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs a binary in a QEMU guest booting Debian 12's stock cloud kernel (6.1), for the BPF tests
+# that need fentry/fexit, which this host's kernel refuses:
+#   scripts/vm-run.sh BINARY [ARGS...]
+# Exits 77 when a VM asset (qemu, busybox, cpio, the guest kernel) is missing.
+# Prints the guest console and exits 0 only if BINARY exited 0 in the guest (the guest's /init
+# prints "VM-RESULT: ok", or "VM-RESULT: fail STATUS"). The guest is an initramfs holding a static
+# busybox, BINARY at /test/NAME and the libraries ldd lists; no disk, no network but lo.
+# Emulated (TCG), not KVM: /dev/kvm here hangs. Assets come from scripts/install-deps.sh.
+#   RAFTMAP_VM_DIR      where the guest kernel is cached (default /var/cache/raftmap-vm)
+#   RAFTMAP_VM_TIMEOUT  seconds before the guest is killed (default 600)
+set -euo pipefail
+
+[ $# -ge 1 ] || { echo "usage: $0 BINARY [ARGS...]" >&2; exit 2; }
+bin=$1
+shift
+[ -f "$bin" ] || { echo "vm-run: no such file: $bin" >&2; exit 2; }
+vm_dir=${RAFTMAP_VM_DIR:-/var/cache/raftmap-vm}
+
+need() { echo "vm-run: $1 is missing; scripts/install-deps.sh installs it" >&2; exit 77; }
+command -v qemu-system-x86_64 >/dev/null || need "qemu-system-x86_64 (package qemu-system-x86)"
+[ -x /bin/busybox ] || need "/bin/busybox (package busybox-static)"
+command -v cpio >/dev/null || need "cpio"
+[ -f "$vm_dir/vmlinuz" ] || need "the guest kernel $vm_dir/vmlinuz"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root=$work/root
+name=$(basename "$bin")
+mkdir -p "$root"/{bin,test,proc,sys,dev,tmp}
+cp /bin/busybox "$root/bin/"
+cp "$bin" "$root/test/$name"
+# Shared libraries at the paths the loader looks for them (ldd fails on a static binary: none).
+{ ldd "$bin" 2>/dev/null || true; echo /lib64/ld-linux-x86-64.so.2; } |
+  grep -o '/[^ ]*' | sort -u | xargs cp -L --parents -t "$root"
+
+# The command line, quoted for the guest's shell (printf %q output that busybox ash reads).
+printf '%q ' "/test/$name" "$@" >"$root/test/cmdline"
+cat >"$root/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/test
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /sys/fs/bpf
+mount -t bpf bpf /sys/fs/bpf
+mount -t tmpfs tmpfs /tmp
+ip link set lo up
+echo "vm-run: guest kernel $(uname -r)"
+. /test/cmdline
+status=$?
+if [ "$status" -eq 0 ]; then
+  printf '\nVM-RESULT: ok\n'
+else
+  printf '\nVM-RESULT: fail %s\n' "$status"
+fi
+poweroff -f
+EOF
+chmod +x "$root/init"
+(cd "$root" && find . | cpio --quiet -o -H newc -R 0:0) | gzip -1 >"$work/initramfs.gz"
+
+# --foreground and </dev/null: Ctrl-C reaches qemu, and qemu leaves the terminal alone. sed drops
+# the CRs and the escape sequences the firmware sends (one turns off the terminal's line wrap).
+log=$work/console.log
+status=0
+timeout --foreground -k 10 "${RAFTMAP_VM_TIMEOUT:-600}" \
+  qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2048 -nographic -no-reboot \
+  -kernel "$vm_dir/vmlinuz" -initrd "$work/initramfs.gz" \
+  -append "console=ttyS0 panic=-1 quiet" -nic none </dev/null |
+  sed -u 's/\x1bc/\n/g; s/\x1b[^a-zA-Z]*[a-zA-Z]//g; s/\r$//' | tee "$log" || status=$?
+((status == 0)) || echo "vm-run: qemu exited with status $status (124: timed out)" >&2
+grep -qx 'VM-RESULT: ok' "$log"
