@@ -14,6 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
+#include <stdbool.h>
 
 #define RM_MAX_KEY 128
 #define RM_MAX_VALUE 1024
@@ -66,6 +67,16 @@ struct rm_elem_attr {
 	__u64 key;
 	__u64 value;
 	__u64 flags;
+};
+
+// The part of union bpf_attr the batch commands use.
+struct rm_batch_attr {
+	__u64 in_batch;
+	__u64 out_batch;
+	__u64 keys;
+	__u64 values;
+	__u32 count;
+	__u32 map_fd;
 };
 
 // ---- what user space receives ----
@@ -155,16 +166,19 @@ int BPF_PROG(rm_sys_enter, struct pt_regs *regs, long id)
 	    cmd != RM_MAP_DELETE_BATCH)
 		return 0;
 
+	bool batch = cmd == RM_MAP_UPDATE_BATCH || cmd == RM_MAP_DELETE_BATCH;
 	struct rm_elem_attr attr = {};
-	if (bpf_probe_read_user(&attr, sizeof(attr), (void *)regs->si))
+	struct rm_batch_attr battr = {};
+	if (batch ? bpf_probe_read_user(&battr, sizeof(battr), (void *)regs->si)
+		  : bpf_probe_read_user(&attr, sizeof(attr), (void *)regs->si))
 		return 0;
-	struct bpf_map *map = rm_map_of_fd(attr.map_fd);
+	struct bpf_map *map = rm_map_of_fd(batch ? battr.map_fd : attr.map_fd);
 	if (!map)
 		return 0;
 	__u32 map_id = BPF_CORE_READ(map, id);
 	if (!bpf_map_lookup_elem(&rm_watched, &map_id))
 		return 0;
-	if (cmd == RM_MAP_UPDATE_BATCH || cmd == RM_MAP_DELETE_BATCH) {
+	if (batch) {
 		// Not decoded element by element (yet): the scan picks the changes up.
 		rm_count(1);
 		return 0;

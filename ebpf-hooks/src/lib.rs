@@ -290,6 +290,38 @@ impl KernelMap {
             .map_err(self.syscall_err("BPF_MAP_UPDATE_ELEM"))
     }
 
+    /// Writes many entries with one BPF_MAP_UPDATE_BATCH call (BPF_ANY). On error, the entries
+    /// before the returned count were written.
+    pub fn update_batch(
+        &self,
+        entries: &[(&[u8], &[u8])],
+    ) -> std::result::Result<(), (usize, HookError)> {
+        let (ks, vs) = (
+            self.layout.key_size as usize,
+            self.layout.value_size as usize,
+        );
+        let mut keys = Vec::with_capacity(entries.len() * ks);
+        let mut values = Vec::with_capacity(entries.len() * vs);
+        for (k, v) in entries {
+            self.check_key(k).map_err(|e| (0, e))?;
+            if v.len() != vs {
+                return Err((
+                    0,
+                    HookError::ValueSize {
+                        map: self.label.clone(),
+                        expected: self.layout.value_size,
+                        actual: v.len(),
+                    },
+                ));
+            }
+            keys.extend_from_slice(k);
+            values.extend_from_slice(v);
+        }
+        let mut count = entries.len() as u32;
+        sys::update_batch(self.data.fd().as_fd(), &keys, &values, &mut count)
+            .map_err(|e| (count as usize, self.syscall_err("BPF_MAP_UPDATE_BATCH")(e)))
+    }
+
     /// Deletes `key`; `Ok(false)` when it was not there.
     pub fn delete(&self, key: &[u8]) -> Result<bool> {
         self.check_key(key)?;

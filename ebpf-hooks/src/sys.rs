@@ -164,3 +164,25 @@ pub(crate) fn lookup_batch(
         Err(e) => Err(e),
     }
 }
+
+/// BPF_MAP_UPDATE_BATCH: writes `*count` entries from `keys` and `values` (packed, the map's
+/// sizes); on return `*count` is the number written.
+pub(crate) fn update_batch(
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: &mut u32,
+) -> io::Result<()> {
+    let mut attr = zeroed();
+    // SAFETY (field access): BPF_MAP_UPDATE_BATCH reads this union variant; the buffers hold
+    // `*count` packed keys and values of the map's sizes and outlive the call.
+    let b = unsafe { &mut attr.batch };
+    b.map_fd = fd.as_raw_fd() as u32;
+    b.keys = keys.as_ptr() as u64;
+    b.values = values.as_ptr() as u64;
+    b.count = *count;
+    let res = sys_bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr);
+    // SAFETY: the kernel wrote back `count` in the same variant.
+    *count = unsafe { attr.batch.count };
+    res.map(drop)
+}

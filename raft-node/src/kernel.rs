@@ -113,6 +113,9 @@ fn schema_of(name: &str, map: &KernelMap) -> MapSchema {
     }
 }
 
+/// A key and its new value (`None`: deleted).
+type KeyChange = (Vec<u8>, Option<Vec<u8>>);
+
 /// Where a watched map stands, for status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapSyncState {
@@ -513,6 +516,19 @@ impl KernelSync {
                 if st.kmap.is_none() || st.refused.is_some() {
                     continue;
                 }
+                // Repeated writes to a key within this batch of events: only the last counts.
+                let mut last: HashMap<Vec<u8>, Option<Vec<u8>>> =
+                    HashMap::with_capacity(changes.len());
+                let mut order = Vec::with_capacity(changes.len());
+                for c in changes {
+                    if last.insert(c.key.clone(), c.value).is_none() {
+                        order.push(c.key);
+                    }
+                }
+                let changes = order.into_iter().filter_map(|key| {
+                    let value = last.remove(&key)?;
+                    Some(raftmap_ebpf_hooks::KernelChange { key, value })
+                });
                 let mut fresh = Vec::new();
                 for c in changes {
                     // Already known (the shadow has it): nothing to propose.
@@ -610,6 +626,17 @@ impl KernelSync {
             Some(_) => {}
         }
         let id = kmap.layout().id;
+        let l = kmap.layout();
+        if self.backend() != Backend::Scan
+            && (l.key_size > MAX_EVENT_KEY || l.value_size > MAX_EVENT_VALUE)
+        {
+            tracing::warn!(
+                map = %name,
+                key_size = l.key_size,
+                value_size = l.value_size,
+                "keys over {MAX_EVENT_KEY} B or values over {MAX_EVENT_VALUE} B do not fit capture events; this map's changes are captured by the scan only"
+            );
+        }
         let recorded = self.load_ids().get(name).copied();
         let old_id = lock(&w.state).kmap.as_ref().map(|m| m.layout().id);
         let kmap = Arc::new(kmap);
@@ -693,7 +720,7 @@ impl KernelSync {
             // Changes committed while the state above was read, in log order. Replaying one the
             // read already included ends at the same value.
             for (captured_here, key, value) in std::mem::take(&mut st.missed) {
-                self.apply_change(&mut st, name, captured_here, &key, value.as_deref());
+                self.apply_changes(&mut st, name, captured_here, vec![(key, value)]);
             }
             proposals
         };
@@ -737,6 +764,7 @@ impl KernelSync {
                 .entries
                 .get_or_create(&label(name))
                 .set(kernel.len() as i64);
+
             let changes: Vec<_> = diff(&st.shadow, &kernel)
                 .into_iter()
                 .filter(|c| !touched.contains(&c.key))
@@ -744,6 +772,14 @@ impl KernelSync {
             for c in &changes {
                 apply_to(&mut st.shadow, &c.key, c.value.as_deref());
                 st.pending.insert(c.key.clone(), c.value.clone());
+            }
+            if !changes.is_empty() && self.backend() != Backend::Scan {
+                // Found by the scan although events are on: in-place writes, BPF programs'
+                // writes the backend cannot see, or lost events.
+                self.metrics
+                    .scan_repairs
+                    .get_or_create(&label(name))
+                    .inc_by(changes.len() as u64);
             }
             changes
         };
@@ -824,41 +860,98 @@ fn apply_to(shadow: &mut HashMap<Vec<u8>, Vec<u8>>, key: &[u8], value: Option<&[
 }
 
 impl KernelSync {
-    /// Applies one committed change to a watched map's kernel map and shadow.
-    fn apply_change(
+    /// Applies committed changes (in log order) to a watched map's kernel map and shadow, with
+    /// as few syscalls as possible: repeated changes to a key collapse into the last one, puts
+    /// go in one BPF_MAP_UPDATE_BATCH.
+    fn apply_changes(
         &self,
         st: &mut MapState,
         map: &str,
         captured_here: bool,
-        key: &[u8],
-        value: Option<&[u8]>,
+        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     ) {
-        if captured_here {
-            // Our own capture committing: the kernel had it. Clear the pending mark if this is
-            // the latest value captured for the key.
-            if st.pending.get(key).map(|p| p.as_deref()) == Some(value) {
-                st.pending.remove(key);
+        let mut last: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::with_capacity(changes.len());
+        let mut order = Vec::with_capacity(changes.len());
+        for (k, v) in changes {
+            if last.insert(k.clone(), v).is_none() {
+                order.push(k);
             }
-            return;
         }
-        if st.pending.contains_key(key) {
-            // A newer local value is on its way through the log; it commits after this one.
-            self.metrics.deferred.get_or_create(&label(map)).inc();
-            return;
-        }
-        apply_to(&mut st.shadow, key, value);
-        if st.scanning {
-            st.touched.insert(key.to_vec());
-        }
-        let Some(kmap) = &st.kmap else { return };
-        match self.write_kernel(kmap, key, value) {
-            Ok(()) => {
-                self.metrics.applied.get_or_create(&label(map)).inc();
+        let mut puts: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut deletes: Vec<Vec<u8>> = Vec::new();
+        for key in order {
+            let Some(value) = last.remove(&key) else {
+                continue;
+            };
+            if captured_here {
+                // Our own capture committing: the kernel had it. Clear the pending mark if
+                // this is the latest value captured for the key.
+                if st.pending.get(&key) == Some(&value) {
+                    st.pending.remove(&key);
+                }
+                continue;
             }
-            Err(e) => {
-                self.metrics.apply_errors.get_or_create(&label(map)).inc();
-                tracing::warn!(map = %map, error = %e, "applying a committed change to the kernel map failed");
+            if st.pending.contains_key(&key) {
+                // A newer local value is on its way through the log; it commits after this.
+                self.metrics.deferred.get_or_create(&label(map)).inc();
+                continue;
             }
+            apply_to(&mut st.shadow, &key, value.as_deref());
+            if st.scanning {
+                st.touched.insert(key.clone());
+            }
+            match value {
+                Some(v) => puts.push((key, v)),
+                None => deletes.push(key),
+            }
+        }
+        let Some(kmap) = st.kmap.clone() else { return };
+        let (mut ok, mut errors) = (0u64, Vec::new());
+        if !puts.is_empty() {
+            let fexit = self.backend() == Backend::Fexit;
+            let id = kmap.layout().id;
+            if fexit {
+                let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
+                for (k, v) in &puts {
+                    echoes.register(id, k, Some(v));
+                }
+            }
+            let refs: Vec<(&[u8], &[u8])> = puts
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect();
+            let done = match kmap.update_batch(&refs) {
+                Ok(()) => puts.len(),
+                Err((n, _)) => n.min(puts.len()),
+            };
+            ok += done as u64;
+            // What the batch did not write is retried one by one, for a per-key error.
+            for (k, v) in &puts[done..] {
+                if fexit {
+                    self.echoes
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .unregister(id, k, Some(v));
+                }
+                match self.write_kernel(&kmap, k, Some(v)) {
+                    Ok(()) => ok += 1,
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        for k in &deletes {
+            match self.write_kernel(&kmap, k, None) {
+                Ok(()) => ok += 1,
+                Err(e) => errors.push(e),
+            }
+        }
+        self.metrics.applied.get_or_create(&label(map)).inc_by(ok);
+        if let Some(e) = errors.first() {
+            self.metrics
+                .apply_errors
+                .get_or_create(&label(map))
+                .inc_by(errors.len() as u64);
+            tracing::warn!(map = %map, failed = errors.len(), error = %e, "applying committed changes to the kernel map failed");
         }
     }
 }
@@ -867,12 +960,21 @@ impl ApplyHook for KernelSync {
     fn on_batch(&self, origin: NodeId, source: Source, changes: &[Change]) {
         // Only this node's own captures are already in its kernel maps.
         let captured_here = source == Source::Kernel && origin == self.me;
+        let mut by_map: BTreeMap<&str, Vec<KeyChange>> = BTreeMap::new();
         for c in changes {
             let (map, key, value) = match c {
-                Change::Put { map, key, value } => (map, key, Some(value.as_slice())),
+                Change::Put { map, key, value } => (map, key, Some(value.clone())),
                 Change::Delete { map, key } => (map, key, None),
                 Change::Declare(_) => continue,
             };
+            if self.maps.contains_key(map) {
+                by_map
+                    .entry(map.as_str())
+                    .or_default()
+                    .push((key.clone(), value));
+            }
+        }
+        for (map, changes) in by_map {
             let Some(w) = self.maps.get(map) else {
                 continue;
             };
@@ -882,13 +984,13 @@ impl ApplyHook for KernelSync {
             }
             if st.reconciling {
                 st.missed
-                    .push((captured_here, key.clone(), value.map(<[u8]>::to_vec)));
+                    .extend(changes.into_iter().map(|(k, v)| (captured_here, k, v)));
                 continue;
             }
             if st.kmap.is_none() {
                 continue;
             }
-            self.apply_change(&mut st, map, captured_here, key, value);
+            self.apply_changes(&mut st, map, captured_here, changes);
         }
     }
 

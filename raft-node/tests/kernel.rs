@@ -435,4 +435,56 @@ async fn syscall_capture_replicates_without_waiting_for_a_scan() {
     let m = converge(&maps, &[1, 2, 3], &client, "delete").await;
     assert_eq!(m.len(), 1);
     assert_eq!(m.get(&k(2)), Some(&k(20)));
+    // A batch syscall: the capture program does not decode it element by element, it counts it,
+    // and the node scans at once.
+    let (a, b, c3) = (k(5), k(6), k(7));
+    maps.open(3)
+        .update_batch(&[(&a, &k(50)), (&b, &k(60)), (&c3, &k(70))])
+        .unwrap();
+    let m = converge(&maps, &[1, 2, 3], &client, "batch update").await;
+    assert_eq!(m.get(&k(6)), Some(&k(60)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bpf_program_writes_replicate() {
+    if !bpf_or_skip("bpf_program_writes_replicate") {
+        return;
+    }
+    use raftmap_ebpf_hooks::{Conntrack, CT_KEY_SIZE, CT_VALUE_SIZE};
+    // Node 1 runs the conntrack XDP program; nodes 2 and 3 have maps of the same layout.
+    let dir = |n: u64| {
+        raftmap_ebpf_hooks::bpffs().join(format!("raftmap-it-{}-prog-{n}", std::process::id()))
+    };
+    let maps = NodeMaps {
+        pins: (1..=3).map(|n| (n, dir(n))).collect(),
+    };
+    for p in maps.pins.values() {
+        let _ = std::fs::remove_file(p);
+    }
+    let mut prog = Conntrack::load(&maps.pins[&1]).unwrap();
+    for n in [2, 3] {
+        KernelMap::create(MapKind::LruHash, CT_KEY_SIZE, CT_VALUE_SIZE, 65536, "ct")
+            .unwrap()
+            .pin(&maps.pins[&n])
+            .unwrap();
+    }
+    let c = LocalCluster::start(opts(maps.args("ct")), 3, 0, T)
+        .await
+        .unwrap();
+    let client = c.client(1).await.unwrap();
+    for i in 0..100u16 {
+        let frame = Conntrack::frame([10, 0, 0, 1], [10, 0, 0, 2], 10_000 + i, 443, true);
+        prog.run(&frame).unwrap();
+        if i % 10 == 0 {
+            prog.run(&frame).unwrap(); // counted in place
+        }
+    }
+    let m = converge(&maps, &[1, 2, 3], &client, "program writes").await;
+    assert_eq!(m.len(), 100);
+    let v = &m[&Conntrack::key([10, 0, 0, 1], [10, 0, 0, 2], 10_000, 443, true)];
+    assert_eq!(
+        u64::from_ne_bytes(v[..8].try_into().unwrap()),
+        2,
+        "in-place count replicated"
+    );
 }
