@@ -30,6 +30,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let clang = clang();
     println!("cargo:rerun-if-env-changed=CLANG");
+    println!("cargo:rerun-if-changed=bpf/raftmap.h");
     let arch_include = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);
     for name in PROGRAMS {
         let src = format!("bpf/{name}.bpf.c");

@@ -7,25 +7,9 @@
 // the operations return long on newer kernels, int on older ones: the return value is cast to
 // 32 bits).
 
-#include <linux/types.h>
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_core_read.h>
+#include <stdbool.h>
+#include "raftmap.h"
 #include <bpf/bpf_tracing.h>
-
-#define RM_MAX_KEY 128
-#define RM_MAX_VALUE 1024
-#define RM_MAX_WATCHED 256
-
-#define RM_OP_UPDATE 1
-#define RM_OP_DELETE 2
-#define RM_OP_EVICT 3
-
-struct bpf_map {
-	__u32 key_size;
-	__u32 value_size;
-	__u32 id;
-} __attribute__((preserve_access_index));
 
 struct bpf_htab {
 	struct bpf_map map;
@@ -42,48 +26,10 @@ struct htab_elem {
 	char key[];
 } __attribute__((preserve_access_index));
 
-// Same layout as the syscall backend's events, plus who made the change.
-struct rm_event {
-	__u32 map_id;
-	__u32 op;
-	__u32 key_size;
-	__u32 value_size;
-	__u8 key[RM_MAX_KEY];
-	__u8 value[RM_MAX_VALUE];
-	__u64 pid_tgid;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, RM_MAX_WATCHED);
-	__type(key, __u32);
-	__type(value, __u8);
-} rm_watched SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 * 1024 * 1024);
-} rm_events SEC(".maps");
-
-// [0]: events lost; [1]: changes seen but not forwarded (oversize key or value).
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, __u64);
-} rm_drops SEC(".maps");
-
-static __always_inline void rm_count(__u32 which)
-{
-	__u64 *n = bpf_map_lookup_elem(&rm_drops, &which);
-	if (n)
-		__sync_fetch_and_add(n, 1);
-}
-
 static __always_inline int rm_emit(struct bpf_map *map, __u32 op, const void *key, const void *value)
 {
 	__u32 id = BPF_CORE_READ(map, id);
-	if (!bpf_map_lookup_elem(&rm_watched, &id))
+	if (!rm_is_watched(id))
 		return 0;
 	__u32 ks = BPF_CORE_READ(map, key_size);
 	__u32 vs = op == RM_OP_UPDATE ? BPF_CORE_READ(map, value_size) : 0;

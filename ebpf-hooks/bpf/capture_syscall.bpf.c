@@ -9,16 +9,9 @@
 // syscall returned 0. CO-RE: the few kernel structures used are declared here with only the
 // fields read, and relocated against the running kernel's BTF at load time.
 
-#include <linux/types.h>
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_core_read.h>
-#include <bpf/bpf_tracing.h>
 #include <stdbool.h>
-
-#define RM_MAX_KEY 128
-#define RM_MAX_VALUE 1024
-#define RM_MAX_WATCHED 256
+#include "raftmap.h"
+#include <bpf/bpf_tracing.h>
 
 // bpf(2) commands (uapi enum bpf_cmd).
 #define RM_MAP_UPDATE_ELEM 2
@@ -28,19 +21,10 @@
 #define RM_MAP_DELETE_BATCH 27
 #define RM_NR_BPF 321 /* x86_64 */
 
-#define RM_OP_UPDATE 1
-#define RM_OP_DELETE 2
-
 // ---- kernel structures, only the fields used (CO-RE relocated) ----
 struct pt_regs {
 	unsigned long di;
 	unsigned long si;
-} __attribute__((preserve_access_index));
-
-struct bpf_map {
-	__u32 key_size;
-	__u32 value_size;
-	__u32 id;
 } __attribute__((preserve_access_index));
 
 struct file {
@@ -79,27 +63,8 @@ struct rm_batch_attr {
 	__u32 map_fd;
 };
 
-// ---- what user space receives ----
-struct rm_event {
-	__u32 map_id;
-	__u32 op;
-	__u32 key_size;
-	__u32 value_size;
-	__u8 key[RM_MAX_KEY];
-	__u8 value[RM_MAX_VALUE];
-	__u64 pid_tgid;
-};
-
 // raftmap's own process: its applier's writes are not captured (no echo).
 const volatile __u32 rm_self_tgid = 0;
-
-// Ids of the kernel maps raftmap watches (set by user space).
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, RM_MAX_WATCHED);
-	__type(key, __u32);
-	__type(value, __u8);
-} rm_watched SEC(".maps");
 
 // Syscalls between enter and exit, by thread.
 struct {
@@ -116,28 +81,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct rm_event);
 } rm_scratch SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 * 1024 * 1024);
-} rm_events SEC(".maps");
-
-// [0]: events lost (ring buffer full, in-flight table full, unreadable memory);
-// [1]: changes seen but not forwarded (batch commands, oversize keys or values).
-// Either moving makes user space scan the watched maps at once.
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
-	__type(key, __u32);
-	__type(value, __u64);
-} rm_drops SEC(".maps");
-
-static __always_inline void rm_count(__u32 which)
-{
-	__u64 *n = bpf_map_lookup_elem(&rm_drops, &which);
-	if (n)
-		__sync_fetch_and_add(n, 1);
-}
 
 static __always_inline struct bpf_map *rm_map_of_fd(__u32 fd)
 {
@@ -176,7 +119,7 @@ int BPF_PROG(rm_sys_enter, struct pt_regs *regs, long id)
 	if (!map)
 		return 0;
 	__u32 map_id = BPF_CORE_READ(map, id);
-	if (!bpf_map_lookup_elem(&rm_watched, &map_id))
+	if (!rm_is_watched(map_id))
 		return 0;
 	if (batch) {
 		// Not decoded element by element (yet): the scan picks the changes up.

@@ -424,6 +424,22 @@ pub fn probe_bpf() -> std::result::Result<(), String> {
         .map_err(|e| format!("cannot create a BPF map ({e}); raftmap needs root or CAP_BPF and a kernel with BPF"))
 }
 
+/// For tests that need BPF: true when it is available. Otherwise the test should return at
+/// once: this prints why it is skipped, or panics when `RAFTMAP_REQUIRE_BPF=1` (as in CI), so
+/// that a missing capability fails the run instead of skipping silently.
+pub fn bpf_or_skip(test: &str) -> bool {
+    match probe_bpf() {
+        Ok(()) => true,
+        Err(e) if std::env::var("RAFTMAP_REQUIRE_BPF").as_deref() == Ok("1") => {
+            panic!("{test}: BPF is required (RAFTMAP_REQUIRE_BPF=1): {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
 /// The default bpffs mount point.
 pub fn bpffs() -> PathBuf {
     PathBuf::from("/sys/fs/bpf")

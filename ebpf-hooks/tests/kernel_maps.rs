@@ -5,20 +5,7 @@
 
 use std::path::PathBuf;
 
-use raftmap_ebpf_hooks::{probe_bpf, HookError, KernelMap, MapKind, UpdateFlags};
-
-fn bpf_or_skip(test: &str) -> bool {
-    match probe_bpf() {
-        Ok(()) => true,
-        Err(e) if std::env::var("RAFTMAP_REQUIRE_BPF").as_deref() == Ok("1") => {
-            panic!("{test}: BPF is required (RAFTMAP_REQUIRE_BPF=1): {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
-            false
-        }
-    }
-}
+use raftmap_ebpf_hooks::{bpf_or_skip, HookError, KernelMap, MapKind, UpdateFlags};
 
 /// A bpffs path removed when dropped.
 struct Pin(PathBuf);

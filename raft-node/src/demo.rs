@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use raftmap_ebpf_hooks::{Conntrack, KernelMap};
+use raftmap_ebpf_hooks::{Conntrack, KernelMap, UpdateFlags};
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::put;
@@ -252,48 +252,25 @@ async fn kernel_workload(
         );
     }
 
-    // Replication latency: a new flow on the first node until it is in the last node's map.
+    // Replication latency: a new flow on the first node until it is in the last node's map,
+    // written by the XDP program (captured by the scan) and through bpf(2) (captured as it
+    // happens by the event-driven backend).
     let (first, last) = (ids[0], ids[ids.len() - 1]);
-    let mut samples = Vec::new();
-    for j in 0..20u32 {
-        let (s, d, sp, dp, tcp) = flow(1_000_000 + j);
-        let key = Conntrack::key(s, d, sp, dp, tcp);
-        let t = Instant::now();
-        demo.programs
-            .get_mut(&first)
-            .context("program per node")?
-            .run(&Conntrack::frame(s, d, sp, dp, tcp))?;
-        while maps[maps.len() - 1].lookup(&key)?.is_none() {
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("flow {j} did not reach node {last}");
-            }
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-        samples.push(t.elapsed());
-    }
-    samples.sort();
-    println!(
-        "XDP program write on node {first} -> node {last}'s kernel map: p50 {:.1?}, max {:.1?} (program writes are caught by the scan, every 20 ms)",
-        samples[samples.len() / 2],
-        samples[samples.len() - 1]
-    );
-    // The same through bpf(2), which the syscall capture backend reports as it happens.
-    let mut samples = Vec::new();
+    let target = &maps[maps.len() - 1];
+    let prog = demo.programs.get_mut(&first).context("program per node")?;
+    let xdp = latency(target, 20, 1_000_000, |(s, d, sp, dp, tcp)| {
+        prog.run(&Conntrack::frame(s, d, sp, dp, tcp)).map(drop)
+    })
+    .await?;
     let origin = &maps[0];
-    for j in 0..50u32 {
-        let (s, d, sp, dp, tcp) = flow(2_000_000 + j);
-        let key = Conntrack::key(s, d, sp, dp, tcp);
-        let t = Instant::now();
-        origin.update(&key, &[1; 16], raftmap_ebpf_hooks::UpdateFlags::Any)?;
-        while maps[maps.len() - 1].lookup(&key)?.is_none() {
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("syscall write {j} did not reach node {last}");
-            }
-            tokio::time::sleep(Duration::from_micros(100)).await;
-        }
-        samples.push(t.elapsed());
-    }
-    samples.sort();
+    let syscall = latency(target, 50, 2_000_000, |(s, d, sp, dp, tcp)| {
+        origin.update(
+            &Conntrack::key(s, d, sp, dp, tcp),
+            &[1; 16],
+            UpdateFlags::Any,
+        )
+    })
+    .await?;
     let backend = cluster
         .client(first)
         .await?
@@ -304,10 +281,15 @@ async fn kernel_workload(
         .map(|w| w.backend.clone())
         .unwrap_or_default();
     println!(
+        "XDP program write on node {first} -> node {last}'s kernel map: p50 {:.1?}, max {:.1?} (program writes are caught by the scan, every 20 ms)",
+        xdp[xdp.len() / 2],
+        xdp[xdp.len() - 1]
+    );
+    println!(
         "bpf(2) update on node {first} -> node {last}'s kernel map: p50 {:.1?}, p90 {:.1?}, max {:.1?} (capture backend: {backend})",
-        samples[samples.len() / 2],
-        samples[samples.len() * 9 / 10],
-        samples[samples.len() - 1]
+        syscall[syscall.len() / 2],
+        syscall[syscall.len() * 9 / 10],
+        syscall[syscall.len() - 1]
     );
 
     bpftool_view(&demo.pin(last));
@@ -434,6 +416,35 @@ async fn workload(cluster: &mut LocalCluster, args: &DemoArgs) -> Result<()> {
     }
     println!("\nall {} nodes converged: {n} identical entries", ids.len());
     Ok(())
+}
+
+/// Sorted times from `write` creating a new flow (numbered from `first_flow`) until `target`
+/// holds it, over `n` flows.
+async fn latency(
+    target: &KernelMap,
+    n: u32,
+    first_flow: u32,
+    mut write: impl FnMut(([u8; 4], [u8; 4], u16, u16, bool)) -> raftmap_ebpf_hooks::Result<()>,
+) -> Result<Vec<Duration>> {
+    let mut samples = Vec::new();
+    for j in 0..n {
+        let f = flow(first_flow + j);
+        let key = Conntrack::key(f.0, f.1, f.2, f.3, f.4);
+        let t = Instant::now();
+        write(f)?;
+        while target.lookup(&key)?.is_none() {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "flow {} did not reach the last node within 10 s",
+                    first_flow + j
+                );
+            }
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(samples)
 }
 
 /// What bpftool, the kernel's own tool, says about a node's map.

@@ -8,25 +8,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use raftmap_ebpf_hooks::{probe_bpf, KernelMap, MapKind, UpdateFlags};
+use raftmap_ebpf_hooks::{bpf_or_skip, KernelMap, MapKind, UpdateFlags};
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::Client;
 
 const T: Duration = Duration::from_secs(60);
 const CONVERGE: Duration = Duration::from_secs(20);
-
-fn bpf_or_skip(test: &str) -> bool {
-    match probe_bpf() {
-        Ok(()) => true,
-        Err(e) if std::env::var("RAFTMAP_REQUIRE_BPF").as_deref() == Ok("1") => {
-            panic!("{test}: BPF is required (RAFTMAP_REQUIRE_BPF=1): {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
-            false
-        }
-    }
-}
 
 /// One pinned map per node, unpinned when dropped.
 struct NodeMaps {

@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: GPL-2.0
+// What raftmap's capture programs share: the event user space reads (parsed by
+// ebpf-hooks/src/capture.rs, which must match this layout), the watched-map set, the ring
+// buffer and the loss counters.
+#pragma once
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+
+#define RM_MAX_KEY 128
+#define RM_MAX_VALUE 1024
+#define RM_MAX_WATCHED 256
+
+#define RM_OP_UPDATE 1
+#define RM_OP_DELETE 2
+#define RM_OP_EVICT 3
+
+// Only the fields read; relocated against the running kernel's BTF (CO-RE).
+struct bpf_map {
+	__u32 key_size;
+	__u32 value_size;
+	__u32 id;
+} __attribute__((preserve_access_index));
+
+struct rm_event {
+	__u32 map_id;
+	__u32 op;
+	__u32 key_size;
+	__u32 value_size;
+	__u8 key[RM_MAX_KEY];
+	__u8 value[RM_MAX_VALUE];
+	__u64 pid_tgid;
+};
+
+// Ids of the kernel maps raftmap watches (set by user space).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, RM_MAX_WATCHED);
+	__type(key, __u32);
+	__type(value, __u8);
+} rm_watched SEC(".maps");
+
+// 4 MiB: a tight update loop lost no events at this size (256 KiB lost most of them).
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4 * 1024 * 1024);
+} rm_events SEC(".maps");
+
+// [0]: events lost (ring buffer full, unreadable memory, in-flight table full);
+// [1]: changes seen but not forwarded (batch syscalls, oversize keys or values).
+// Either moving makes user space scan the watched maps at once.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} rm_drops SEC(".maps");
+
+static __always_inline void rm_count(__u32 which)
+{
+	__u64 *n = bpf_map_lookup_elem(&rm_drops, &which);
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+static __always_inline bool rm_is_watched(__u32 map_id)
+{
+	return bpf_map_lookup_elem(&rm_watched, &map_id) != 0;
+}
