@@ -105,6 +105,14 @@ int BPF_PROG(rm_lru_lookup_delete, struct bpf_map *map, void *key, void *value, 
 	return 0;
 }
 
+SEC("fexit/array_map_update_elem")
+int BPF_PROG(rm_array_update, struct bpf_map *map, void *key, void *value, __u64 flags, long ret)
+{
+	if ((int)ret == 0)
+		rm_emit(map, RM_OP_UPDATE, key, value);
+	return 0;
+}
+
 // An LRU map evicting an element to make room: the element's key is reported as evicted.
 SEC("fexit/htab_lru_map_delete_node")
 int BPF_PROG(rm_lru_evict, void *arg, struct bpf_lru_node *node, long ret)

@@ -2,7 +2,8 @@
 // A minimal connection tracker: the kind of stateful program raftmap exists for. For every IPv4
 // TCP or UDP packet it records the flow in the LRU hash `ct`: a new flow is inserted with
 // bpf_map_update_elem, a known one is updated in place through the pointer from the lookup
-// (a write no map hook can see; raftmap's scan catches it).
+// (a write no map hook can see; raftmap's scan catches it), and a TCP FIN or RST removes the
+// flow with bpf_map_delete_elem.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -37,6 +38,19 @@ struct ports {
 	__u16 dest;
 };
 
+// The start of a TCP header, up to the flags.
+struct tcp_start {
+	__u16 source;
+	__u16 dest;
+	__u32 seq;
+	__u32 ack_seq;
+	__u8 doff;
+	__u8 flags;
+};
+
+#define RM_TCP_FIN 0x01
+#define RM_TCP_RST 0x04
+
 SEC("xdp")
 int ct_track(struct xdp_md *ctx)
 {
@@ -61,6 +75,13 @@ int ct_track(struct xdp_md *ctx)
 		.dport = p->dest,
 		.proto = ip->protocol,
 	};
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcp_start *t = (void *)(ip + 1);
+		if ((void *)(t + 1) <= end && (t->flags & (RM_TCP_FIN | RM_TCP_RST))) {
+			bpf_map_delete_elem(&ct, &key);
+			return XDP_PASS;
+		}
+	}
 	__u64 len = end - data;
 	struct ct_val *v = bpf_map_lookup_elem(&ct, &key);
 	if (v) {

@@ -29,6 +29,7 @@ const FEXIT_HOOKS: &[(&str, &str)] = &[
         "htab_lru_map_lookup_and_delete_elem",
     ),
     ("rm_lru_evict", "htab_lru_map_delete_node"),
+    ("rm_array_update", "array_map_update_elem"),
 ];
 
 /// Largest key the event-driven backends carry; larger maps are covered by the scan alone.

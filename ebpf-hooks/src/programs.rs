@@ -16,8 +16,9 @@ pub const CT_KEY_SIZE: u32 = 16;
 pub const CT_VALUE_SIZE: u32 = 16;
 
 /// The example connection tracker (`bpf/conntrack.bpf.c`): an XDP program that records every
-/// IPv4 TCP/UDP flow in an LRU hash map `ct`, inserting new flows with `bpf_map_update_elem`
-/// and counting packets of known flows in place. Each load has its own map.
+/// IPv4 TCP/UDP flow in an LRU hash map `ct`, inserting new flows with `bpf_map_update_elem`,
+/// counting packets of known flows in place, and removing a flow on a TCP FIN or RST with
+/// `bpf_map_delete_elem`. Each load has its own map.
 #[derive(Debug)]
 pub struct Conntrack {
     ebpf: Ebpf,
@@ -68,6 +69,13 @@ impl Conntrack {
         })
     }
 
+    /// A TCP FIN for a flow: the program removes the flow from its map.
+    pub fn fin_frame(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+        let mut f = Self::frame(saddr, daddr, sport, dport, true);
+        f[14 + 20 + 13] = 0x11; // FIN | ACK
+        f
+    }
+
     /// An Ethernet + IPv4 + TCP (or UDP) frame for a flow.
     pub fn frame(saddr: [u8; 4], daddr: [u8; 4], sport: u16, dport: u16, tcp: bool) -> Vec<u8> {
         let mut f = vec![0u8; 14 + 20 + 20];
@@ -81,6 +89,8 @@ impl Conntrack {
         ip[16..20].copy_from_slice(&daddr);
         f[34..36].copy_from_slice(&sport.to_be_bytes());
         f[36..38].copy_from_slice(&dport.to_be_bytes());
+        f[46] = 0x50; // TCP data offset: 5 words
+        f[47] = 0x10; // ACK
         f
     }
 

@@ -139,6 +139,9 @@ fn conntrack_program_records_flows_in_its_map() {
         "packets counted in place"
     );
     assert!(all.contains_key(&Conntrack::key(b, a, 53, 40001, false)));
+    prog.run(&Conntrack::fin_frame(a, b, 40000, 443)).unwrap();
+    let all = map.entries().unwrap();
+    assert_eq!(all.len(), 1, "a FIN removes the flow");
 }
 
 fn bpftool(args: &[&str]) -> bool {

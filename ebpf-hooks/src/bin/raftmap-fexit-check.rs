@@ -71,6 +71,8 @@ async fn run(c: &mut Checks) -> Result<(), String> {
         KernelMap::create(MapKind::LruHash, 4, 4, 16, "rm_f_lru").map_err(|e| e.to_string())?;
     let marker =
         KernelMap::create(MapKind::Hash, 4, 4, 4, "rm_f_mark").map_err(|e| e.to_string())?;
+    let array =
+        KernelMap::create(MapKind::Array, 4, 8, 4, "rm_f_array").map_err(|e| e.to_string())?;
     let pin = PathBuf::from("/sys/fs/bpf/rm_f_ct");
     let _ = std::fs::remove_file(&pin);
     let mut prog = Conntrack::load(&pin).map_err(|e| e.to_string())?;
@@ -81,7 +83,8 @@ async fn run(c: &mut Checks) -> Result<(), String> {
         marker.layout().id,
         ct.layout().id,
     );
-    for id in [h, l, m, t] {
+    let arr = array.layout().id;
+    for id in [h, l, m, t, arr] {
         cap.watch(id).map_err(|e| e.to_string())?;
     }
     let err = |e: raftmap_ebpf_hooks::HookError| e.to_string();
@@ -95,6 +98,15 @@ async fn run(c: &mut Checks) -> Result<(), String> {
     // A BPF program's write (the conntrack program inserting a flow).
     let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
     prog.run(&Conntrack::frame(a, b, 1000, 80, true))
+        .map_err(err)?;
+    // ... and its delete (the program removes a flow on FIN).
+    prog.run(&Conntrack::frame(a, b, 1001, 80, true))
+        .map_err(err)?;
+    prog.run(&Conntrack::fin_frame(a, b, 1001, 80))
+        .map_err(err)?;
+    // An array element update.
+    array
+        .update(&2u32.to_ne_bytes(), &[4; 8], UpdateFlags::Any)
         .map_err(err)?;
     // LRU evictions: far more keys than the map holds.
     for i in 0..200u32 {
@@ -122,6 +134,19 @@ async fn run(c: &mut Checks) -> Result<(), String> {
     c.check(
         "a BPF program's update reported with its key and value",
         of(t).any(|e| e.key == flow && e.value.as_ref().is_some_and(|v| v.len() == 16)),
+        format!("{:?}", of(t).collect::<Vec<_>>()),
+    );
+    c.check(
+        "array updates reported",
+        of(arr)
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .eq([(2u32.to_ne_bytes().to_vec(), Some(vec![4; 8]))]),
+        format!("{:?}", of(arr).collect::<Vec<_>>()),
+    );
+    let closed = Conntrack::key(a, b, 1001, 80, true);
+    c.check(
+        "a BPF program's delete reported",
+        of(t).any(|e| e.key == closed && e.value.is_none()),
         format!("{:?}", of(t).collect::<Vec<_>>()),
     );
     let evicted: HashSet<Vec<u8>> = events
