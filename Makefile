@@ -7,8 +7,8 @@ deps:
 	@scripts/install-deps.sh
 
 demo: deps
-	cargo build --bin raftmap
-	cargo run --quiet --bin raftmap -- demo
+	cargo build --release --bin raftmap
+	cargo run --release --quiet --bin raftmap -- demo
 
 lint: deps
 	cargo fmt --all -- --check

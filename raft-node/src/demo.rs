@@ -215,31 +215,31 @@ async fn kernel_workload(
         args.entries
     );
     let client = cluster.client(ids[0]).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
     let maps: Vec<KernelMap> = ids.iter().map(|&id| demo.map(id)).collect::<Result<_>>()?;
-    let contents = loop {
-        let committed: std::collections::HashMap<_, _> =
-            client.dump(MAP, true).await?.2.into_iter().collect();
-        let kernels = maps
-            .iter()
-            .map(|m| m.entries())
-            .collect::<Result<Vec<_>, _>>()?;
-        if committed.len() >= args.entries as usize && kernels.iter().all(|k| *k == committed) {
-            break committed;
-        }
-        if Instant::now() > deadline {
-            let sizes: Vec<_> = kernels.iter().map(|k| k.len()).collect();
-            bail!(
-                "kernel maps did not converge: committed {} entries, kernel maps {sizes:?}",
-                committed.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let contents = converged(&client, &maps, |n| n == args.entries as usize).await?;
     println!(
         "every node's kernel map holds all {} flows, {:.2?} after the first packet",
         contents.len(),
         started.elapsed()
+    );
+    // Close every tenth TCP flow with a FIN through the node that saw it: the program deletes it.
+    let started = Instant::now();
+    let mut closed = 0;
+    for i in (0..args.entries).filter(|i| i % 10 == 1) {
+        let (s, d, sp, dp, tcp) = flow(i);
+        if tcp {
+            let node = ids[(i % n) as usize];
+            let prog = demo.programs.get_mut(&node).context("program per node")?;
+            prog.run(&Conntrack::fin_frame(s, d, sp, dp))?;
+            closed += 1;
+        }
+    }
+    let expected = args.entries as usize - closed;
+    let contents = converged(&client, &maps, |n| n == expected).await?;
+    println!(
+        "closed {closed} flows with TCP FINs; every node's map dropped them within {:.2?} ({} flows left)",
+        started.elapsed(),
+        contents.len()
     );
     for (&id, m) in ids.iter().zip(&maps) {
         let mut entries: Vec<_> = m.entries()?.into_iter().collect();
@@ -416,6 +416,35 @@ async fn workload(cluster: &mut LocalCluster, args: &DemoArgs) -> Result<()> {
     }
     println!("\nall {} nodes converged: {n} identical entries", ids.len());
     Ok(())
+}
+
+/// Waits until every kernel map equals the committed state and that holds a number of entries
+/// `size_ok` accepts.
+async fn converged(
+    client: &raftmap_node::Client,
+    maps: &[KernelMap],
+    size_ok: impl Fn(usize) -> bool,
+) -> Result<std::collections::HashMap<Vec<u8>, Vec<u8>>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let committed: std::collections::HashMap<_, _> =
+            client.dump(MAP, true).await?.2.into_iter().collect();
+        let kernels = maps
+            .iter()
+            .map(|m| m.entries())
+            .collect::<Result<Vec<_>, _>>()?;
+        if size_ok(committed.len()) && kernels.iter().all(|k| *k == committed) {
+            return Ok(committed);
+        }
+        if Instant::now() > deadline {
+            let sizes: Vec<_> = kernels.iter().map(|k| k.len()).collect();
+            bail!(
+                "kernel maps did not converge: committed {} entries, kernel maps {sizes:?}",
+                committed.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Sorted times from `write` creating a new flow (numbered from `first_flow`) until `target`
