@@ -326,6 +326,11 @@ impl EchoFilter {
         }
     }
 
+    /// Forgets every registration (after events were lost, some will never be matched).
+    pub fn clear(&mut self) {
+        self.expected.clear();
+    }
+
     /// Registrations not yet matched.
     pub fn outstanding(&self) -> usize {
         self.expected.values().map(|n| *n as usize).sum()

@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -127,17 +127,39 @@ pub enum MapSyncState {
     Refused(String),
 }
 
+/// A local change on its way through the log.
+#[derive(Debug, Clone)]
+struct Mark {
+    value: Option<Vec<u8>>,
+    /// Which capture of the key this is; only the latest one settles the key.
+    gen: u64,
+}
+
+/// A committed change that arrived while its map was being reconciled.
+#[derive(Debug)]
+enum Missed {
+    Change {
+        captured_here: bool,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+    Snapshot(HashMap<Vec<u8>, Vec<u8>>),
+}
+
 #[derive(Debug, Default)]
 struct MapState {
     kmap: Option<Arc<KernelMap>>,
     /// Set while the map is being reconciled; committed changes are collected in `missed`
     /// meanwhile and applied once the reconciled state is in place.
     reconciling: bool,
-    /// `(captured here, key, value)`.
-    missed: Vec<(bool, Vec<u8>, Option<Vec<u8>>)>,
+    missed: Vec<Missed>,
     shadow: HashMap<Vec<u8>, Vec<u8>>,
-    /// Local changes on their way through the log: key -> captured value (`None`: deleted).
-    pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Local changes on their way through the log.
+    pending: HashMap<Vec<u8>, Mark>,
+    /// For keys with a pending mark: the latest committed value the applier saw (and did not
+    /// write, so as not to overwrite the newer local value). Settling the key writes it if the
+    /// log ended somewhere else than the local value.
+    committed_while_pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
     scanning: bool,
     touched: HashSet<Vec<u8>>,
     refused: Option<String>,
@@ -194,6 +216,10 @@ pub struct KernelSync {
     /// The applier's own writes, to recognise them among fexit events (which report every
     /// writer; the syscall backend leaves raftmap's process out in the kernel).
     echoes: Mutex<EchoFilter>,
+    /// Capture generation counter (see `Mark::gen`).
+    gen: AtomicU64,
+    /// Highest log index the apply hook has seen.
+    hooked_index: AtomicU64,
     pub metrics: Arc<KernelMetrics>,
 }
 
@@ -231,6 +257,8 @@ impl KernelSync {
             ids: Mutex::new(HashMap::new()),
             scan_now: Notify::new(),
             echoes: Mutex::new(EchoFilter::default()),
+            gen: AtomicU64::new(0),
+            hooked_index: AtomicU64::new(0),
             metrics: Arc::new(KernelMetrics::default()),
         }))
     }
@@ -361,6 +389,15 @@ impl KernelSync {
             .set(1);
     }
 
+    /// Whether the capture backend reports raftmap's own writes to this map, so that they must
+    /// be registered as expected echoes: fexit does, for maps whose keys and values fit events.
+    fn reports_own_writes(&self, map: &KernelMap) -> bool {
+        let l = map.layout();
+        self.backend() == Backend::Fexit
+            && l.key_size <= MAX_EVENT_KEY
+            && l.value_size <= MAX_EVENT_VALUE
+    }
+
     /// Writes a committed value into a kernel map (`None`: delete), first registering the write
     /// as an expected echo when the capture backend reports the applier's own writes.
     fn write_kernel(
@@ -369,7 +406,7 @@ impl KernelSync {
         key: &[u8],
         value: Option<&[u8]>,
     ) -> raftmap_ebpf_hooks::Result<()> {
-        let register = self.backend() == Backend::Fexit;
+        let register = self.reports_own_writes(map);
         let id = map.layout().id;
         if register {
             self.echoes
@@ -389,6 +426,15 @@ impl KernelSync {
                 .unregister(id, key, value);
         }
         res.map(drop)
+    }
+
+    /// After a failed write the shadow must hold what the kernel really has, or the next scan
+    /// would propose the difference (a delete of a committed key) to the whole cluster.
+    fn resync_key(st: &mut MapState, kmap: &KernelMap, key: &[u8]) {
+        match kmap.lookup(key) {
+            Ok(v) => apply_to(&mut st.shadow, key, v.as_deref()),
+            Err(e) => tracing::warn!(error = %e, "reading back a key after a failed write"),
+        }
     }
 
     /// Routes a (re)opened map's events to it.
@@ -416,6 +462,7 @@ impl KernelSync {
         let mut drops = (0, 0);
         let mut check = tokio::time::interval(Duration::from_millis(100));
         let mut events = Vec::new();
+        let mut held = Vec::new();
         loop {
             tokio::select! {
                 cmd = cmds.recv() => {
@@ -434,13 +481,16 @@ impl KernelSync {
                         self.set_backend(Backend::Scan);
                         return;
                     }
-                    self.on_events(std::mem::take(&mut events), &view, &batcher).await;
+                    self.on_events(std::mem::take(&mut events), &mut held, &view, &batcher).await;
                 }
                 _ = check.tick() => {
                     match capture.drops() {
                         Ok(d) if d != drops => {
                             self.metrics.ring_drops.get_or_create(&vec![("backend".to_string(), capture.backend().to_string())]).inc_by((d.0 - drops.0) + (d.1 - drops.1));
                             drops = d;
+                            // Echoes whose events were lost would otherwise wait forever (and
+                            // could swallow a real write); the scan repairs whatever follows.
+                            self.echoes.lock().unwrap_or_else(|p| p.into_inner()).clear();
                             tracing::debug!(lost = d.0, undecoded = d.1, "capture missed changes; scanning now");
                             self.scan_now.notify_one();
                         }
@@ -452,27 +502,23 @@ impl KernelSync {
         }
     }
 
-    /// Evictions the applier's writes caused: the keys left this node's map only, so they leave
-    /// the shadow without being proposed (the next scan must not propose them either).
-    fn forget_evicted(&self, ids: &HashMap<u32, String>, evicted: &[CaptureEvent]) {
-        for ev in evicted {
-            let Some(w) = ids.get(&ev.map_id).and_then(|n| self.maps.get(n)) else {
-                continue;
-            };
-            lock(&w.state).shadow.remove(&ev.key);
-        }
-    }
-
-    /// Captured changes: record them in the shadow as pending and propose them.
-    async fn on_events(&self, events: Vec<CaptureEvent>, view: &StateView, batcher: &Batcher) {
+    /// Captured changes: record them in the shadow as pending and propose them. `held` carries
+    /// LRU evictions over to the next call while their cause is not known yet.
+    async fn on_events(
+        &self,
+        events: Vec<CaptureEvent>,
+        held: &mut Vec<CaptureEvent>,
+        view: &StateView,
+        batcher: &Batcher,
+    ) {
         let mut by_map: BTreeMap<String, Vec<raftmap_ebpf_hooks::KernelChange>> = BTreeMap::new();
+        let mut applier_evicted: Vec<(String, Vec<u8>)> = Vec::new();
         {
             let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
             let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
             // LRU evictions are held until the same thread's next change to the same map: if
             // that change is the applier's own write, the write caused them and they stay local
             // (no cascade of deletes across the cluster); otherwise they replicate as deletes.
-            let mut held: Vec<CaptureEvent> = Vec::new();
             let mut accepted = Vec::with_capacity(events.len());
             for ev in events {
                 if ev.evicted {
@@ -480,22 +526,29 @@ impl KernelSync {
                     continue;
                 }
                 let echo = echoes.is_echo(&ev);
-                let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut held)
+                let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(held)
                     .into_iter()
                     .partition(|h| h.tid == ev.tid && h.map_id == ev.map_id);
-                held = others;
+                *held = others;
                 if echo {
                     self.metrics
                         .echoes
                         .get_or_create(&vec![("backend".into(), "fexit".into())])
                         .inc();
-                    self.forget_evicted(&ids, &mine);
+                    applier_evicted.extend(
+                        mine.into_iter()
+                            .filter_map(|h| Some((ids.get(&h.map_id)?.clone(), h.key))),
+                    );
                 } else {
                     accepted.extend(mine);
                     accepted.push(ev);
                 }
             }
-            accepted.extend(held);
+            // Evictions whose thread made no other change are released after a while (a
+            // bounded number stay held for the next batch).
+            if held.len() > 1024 {
+                accepted.extend(held.drain(..held.len() - 1024));
+            }
             for ev in accepted {
                 if let Some(name) = ids.get(&ev.map_id) {
                     by_map.entry(name.clone()).or_default().push(
@@ -505,6 +558,15 @@ impl KernelSync {
                         },
                     );
                 }
+            }
+        }
+        // The keys evictions caused by the applier removed left this node's map only: they
+        // leave the shadow without being proposed, so the scan does not propose them either.
+        // (Taken after releasing the id and echo locks: the apply path takes a map's state
+        // lock before the echo lock.)
+        for (name, key) in applier_evicted {
+            if let Some(w) = self.maps.get(&name) {
+                lock(&w.state).shadow.remove(&key);
             }
         }
         for (name, changes) in by_map {
@@ -529,20 +591,11 @@ impl KernelSync {
                     let value = last.remove(&key)?;
                     Some(raftmap_ebpf_hooks::KernelChange { key, value })
                 });
-                let mut fresh = Vec::new();
-                for c in changes {
-                    // Already known (the shadow has it): nothing to propose.
-                    if st.shadow.get(&c.key).map(Vec::as_slice) == c.value.as_deref() {
-                        continue;
-                    }
-                    apply_to(&mut st.shadow, &c.key, c.value.as_deref());
-                    if st.scanning {
-                        st.touched.insert(c.key.clone());
-                    }
-                    st.pending.insert(c.key.clone(), c.value.clone());
-                    fresh.push(c);
-                }
-                fresh
+                // Already known (the shadow has it): nothing to propose.
+                let fresh: Vec<_> = changes
+                    .filter(|c| st.shadow.get(&c.key).map(Vec::as_slice) != c.value.as_deref())
+                    .collect();
+                self.mark_captured(&mut st, fresh)
             };
             if let Err(e) = self.propose(&name, w, view, batcher, fresh).await {
                 tracing::warn!(map = %name, error = %e, "proposing captured changes");
@@ -640,7 +693,12 @@ impl KernelSync {
         let recorded = self.load_ids().get(name).copied();
         let old_id = lock(&w.state).kmap.as_ref().map(|m| m.layout().id);
         let kmap = Arc::new(kmap);
+        // From here on the apply hook collects this map's committed changes in `missed`. Those
+        // it saw before are persisted once the state machine reaches the index it had seen,
+        // so the read below includes them.
         lock(&w.state).reconciling = true;
+        let seen = self.hooked_index.load(Ordering::Acquire);
+        view.wait_applied(seen, Duration::from_secs(30)).await;
         let read = || -> Result<_> {
             let committed: HashMap<Vec<u8>, Vec<u8>> = view
                 .scan(name, None, usize::MAX)
@@ -661,9 +719,13 @@ impl KernelSync {
                 return Err(e);
             }
         };
+        // Events of the new map flow before anything is written to it, so that the applier's
+        // writes below meet their echoes.
+        self.track(name, old_id, id);
         let proposals = {
             let mut st = lock(&w.state);
             st.pending.clear();
+            st.committed_while_pending.clear();
             st.touched.clear();
             st.scanning = false;
             st.shadow = committed;
@@ -679,13 +741,7 @@ impl KernelSync {
                     // The owning program recreated the map: fill it from the committed state by
                     // diff, never clearing it first.
                     let fixes = diff(&kernel, &st.shadow);
-                    let errors = fixes
-                        .iter()
-                        .filter(|c| {
-                            self.write_kernel(&kmap, &c.key, c.value.as_deref())
-                                .is_err()
-                        })
-                        .count();
+                    let errors = self.write_all(&mut st, &kmap, &fixes);
                     self.metrics
                         .scan_repairs
                         .get_or_create(&label(name))
@@ -700,33 +756,55 @@ impl KernelSync {
                     let (ours, theirs): (Vec<_>, Vec<_>) = diff(&st.shadow, &kernel)
                         .into_iter()
                         .partition(|c| c.value.is_some());
-                    let errors = theirs
-                        .iter()
-                        .filter(|c| {
-                            let v = st.shadow.get(&c.key).map(Vec::as_slice);
-                            self.write_kernel(&kmap, &c.key, v).is_err()
+                    let writes: Vec<_> = theirs
+                        .into_iter()
+                        .map(|c| raftmap_ebpf_hooks::KernelChange {
+                            value: st.shadow.get(&c.key).cloned(),
+                            key: c.key,
                         })
-                        .count();
-                    tracing::info!(map = %name, id, proposed = ours.len(), written = theirs.len(), errors, "adopted kernel map");
+                        .collect();
+                    let errors = self.write_all(&mut st, &kmap, &writes);
+                    tracing::info!(map = %name, id, proposed = ours.len(), written = writes.len(), errors, "adopted kernel map");
                     ours
                 }
             };
-            for c in &proposals {
-                apply_to(&mut st.shadow, &c.key, c.value.as_deref());
-                st.pending.insert(c.key.clone(), c.value.clone());
-            }
+            let proposals = self.mark_captured(&mut st, proposals);
             st.kmap = Some(kmap);
             st.reconciling = false;
             // Changes committed while the state above was read, in log order. Replaying one the
             // read already included ends at the same value.
-            for (captured_here, key, value) in std::mem::take(&mut st.missed) {
-                self.apply_changes(&mut st, name, captured_here, vec![(key, value)]);
+            for m in std::mem::take(&mut st.missed) {
+                match m {
+                    Missed::Change {
+                        captured_here,
+                        key,
+                        value,
+                    } => self.apply_changes(&mut st, name, captured_here, vec![(key, value)]),
+                    Missed::Snapshot(contents) => self.install(&mut st, name, contents),
+                }
             }
             proposals
         };
         self.save_id(name, id);
-        self.track(name, old_id, id);
         self.propose(name, w, view, batcher, proposals).await
+    }
+
+    /// Writes changes into a kernel map; a key whose write fails takes the kernel's actual value
+    /// in the shadow. Returns how many failed.
+    fn write_all(
+        &self,
+        st: &mut MapState,
+        kmap: &KernelMap,
+        changes: &[raftmap_ebpf_hooks::KernelChange],
+    ) -> usize {
+        let mut errors = 0;
+        for c in changes {
+            if self.write_kernel(kmap, &c.key, c.value.as_deref()).is_err() {
+                Self::resync_key(st, kmap, &c.key);
+                errors += 1;
+            }
+        }
+        errors
     }
 
     /// One scan: capture what changed in the kernel since the shadow.
@@ -769,10 +847,7 @@ impl KernelSync {
                 .into_iter()
                 .filter(|c| !touched.contains(&c.key))
                 .collect();
-            for c in &changes {
-                apply_to(&mut st.shadow, &c.key, c.value.as_deref());
-                st.pending.insert(c.key.clone(), c.value.clone());
-            }
+            let changes = self.mark_captured(&mut st, changes);
             if !changes.is_empty() && self.backend() != Backend::Scan {
                 // Found by the scan although events are on: in-place writes, BPF programs'
                 // writes the backend cannot see, or lost events.
@@ -786,13 +861,40 @@ impl KernelSync {
         self.propose(name, w, view, batcher, changes).await
     }
 
+    /// Records captured changes in the shadow and marks them pending; returns them with their
+    /// capture generation, ready to propose.
+    fn mark_captured(
+        &self,
+        st: &mut MapState,
+        changes: Vec<raftmap_ebpf_hooks::KernelChange>,
+    ) -> Vec<Captured> {
+        changes
+            .into_iter()
+            .map(|c| {
+                apply_to(&mut st.shadow, &c.key, c.value.as_deref());
+                if st.scanning {
+                    st.touched.insert(c.key.clone());
+                }
+                let gen = self.gen.fetch_add(1, Ordering::Relaxed);
+                st.pending.insert(
+                    c.key.clone(),
+                    Mark {
+                        value: c.value.clone(),
+                        gen,
+                    },
+                );
+                Captured { change: c, gen }
+            })
+            .collect()
+    }
+
     async fn propose(
         &self,
         name: &str,
         w: &Watched,
         view: &StateView,
         batcher: &Batcher,
-        changes: Vec<raftmap_ebpf_hooks::KernelChange>,
+        changes: Vec<Captured>,
     ) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
@@ -804,48 +906,106 @@ impl KernelSync {
         for chunk in changes.chunks(MAX_BATCH_OPS) {
             let ops: Vec<Op> = chunk
                 .iter()
-                .map(|c| match &c.value {
+                .map(|c| match &c.change.value {
                     Some(v) => Op::Put {
                         map: name.to_string(),
-                        key: c.key.clone(),
+                        key: c.change.key.clone(),
                         value: v.clone(),
                     },
                     None => Op::Delete {
                         map: name.to_string(),
-                        key: c.key.clone(),
+                        key: c.change.key.clone(),
                     },
                 })
                 .collect();
-            let (failed, rejected) = match batcher.submit(ops, Source::Kernel).await {
+            let outcome = match batcher.submit(ops, Source::Kernel).await {
                 Ok(out) => match out.outcome {
-                    BatchOutcome::Applied => continue,
-                    BatchOutcome::Rejected(e) => (e.to_string(), true),
-                    BatchOutcome::CasFailed(_) => {
-                        ("unexpected compare-and-swap failure".to_string(), false)
+                    BatchOutcome::Applied => {
+                        // Committed. Once applied here, each key settles on the last value the
+                        // log gave it (the apply path skipped any that came in meanwhile).
+                        view.wait_applied(out.index, Duration::from_secs(10)).await;
+                        Settle::Committed
                     }
+                    BatchOutcome::Rejected(e) => {
+                        tracing::warn!(map = %name, keys = chunk.len(), reason = %e, "the cluster refused captured changes; undoing them here");
+                        Settle::Refused
+                    }
+                    BatchOutcome::CasFailed(_) => Settle::Unknown,
                 },
-                Err(e) => (e.to_string(), false),
+                Err(e) => {
+                    tracing::warn!(map = %name, keys = chunk.len(), error = %e, "captured changes not committed; the next scan retries them");
+                    Settle::Unknown
+                }
             };
-            // Not committed (or not known to be): forget the pending marks and put the committed
-            // value back in the shadow, so the next scan sees the difference again and retries.
-            // A change the cluster refuses is undone in the kernel map.
-            tracing::warn!(map = %name, keys = chunk.len(), reason = %failed, rejected, "captured changes not committed");
             let mut st = lock(&w.state);
             for c in chunk {
-                if st.pending.get(&c.key) == Some(&c.value) {
-                    st.pending.remove(&c.key);
-                    let committed = view.get(name, &c.key).map_err(NodeError::from)?;
-                    apply_to(&mut st.shadow, &c.key, committed.as_deref());
-                    if rejected {
-                        if let Some(k) = &st.kmap {
-                            let _ = self.write_kernel(k, &c.key, committed.as_deref());
-                        }
-                    }
-                }
+                self.settle(&mut st, name, view, c, outcome);
             }
         }
         Ok(())
     }
+
+    /// Ends the pending mark of one capture, if it is still the key's latest one, and brings
+    /// shadow and kernel in line with the log.
+    fn settle(
+        &self,
+        st: &mut MapState,
+        name: &str,
+        view: &StateView,
+        c: &Captured,
+        outcome: Settle,
+    ) {
+        let key = &c.change.key;
+        if st.pending.get(key).map(|m| m.gen) != Some(c.gen) {
+            return; // a newer capture of the key settles it
+        }
+        st.pending.remove(key);
+        let seen = st.committed_while_pending.remove(key);
+        let committed = match seen {
+            Some(v) => v,
+            None => match view.get(name, key) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(map = %name, error = %e, "reading a committed value to settle a key");
+                    return;
+                }
+            },
+        };
+        match outcome {
+            // The log's last value for the key wins in the kernel too.
+            Settle::Committed | Settle::Refused => {
+                if st.shadow.get(key) != committed.as_ref() {
+                    apply_to(&mut st.shadow, key, committed.as_deref());
+                    if st.scanning {
+                        st.touched.insert(key.clone());
+                    }
+                    if let Some(kmap) = st.kmap.clone() {
+                        if self.write_kernel(&kmap, key, committed.as_deref()).is_err() {
+                            Self::resync_key(st, &kmap, key);
+                        }
+                    }
+                }
+            }
+            // Not known to be committed: the shadow takes the committed value, so the next
+            // scan sees the kernel's value as a change again and proposes it once more.
+            Settle::Unknown => apply_to(&mut st.shadow, key, committed.as_deref()),
+        }
+    }
+}
+
+/// A captured change and its capture generation.
+#[derive(Debug)]
+struct Captured {
+    change: raftmap_ebpf_hooks::KernelChange,
+    gen: u64,
+}
+
+/// How a proposal of captured changes ended.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Committed,
+    Refused,
+    Unknown,
 }
 
 fn apply_to(shadow: &mut HashMap<Vec<u8>, Vec<u8>>, key: &[u8], value: Option<&[u8]>) {
@@ -883,18 +1043,18 @@ impl KernelSync {
             let Some(value) = last.remove(&key) else {
                 continue;
             };
-            if captured_here {
-                // Our own capture committing: the kernel had it. Clear the pending mark if
-                // this is the latest value captured for the key.
-                if st.pending.get(&key) == Some(&value) {
-                    st.pending.remove(&key);
+            if st.pending.contains_key(&key) {
+                // A local change to the key is on its way through the log: it is newer than
+                // this one (or is this one). Remember where the log is; settling the key ends
+                // there.
+                if !captured_here {
+                    self.metrics.deferred.get_or_create(&label(map)).inc();
                 }
+                st.committed_while_pending.insert(key, value);
                 continue;
             }
-            if st.pending.contains_key(&key) {
-                // A newer local value is on its way through the log; it commits after this.
-                self.metrics.deferred.get_or_create(&label(map)).inc();
-                continue;
+            if captured_here && st.shadow.get(&key) == value.as_ref() {
+                continue; // our own capture: the kernel has it
             }
             apply_to(&mut st.shadow, &key, value.as_deref());
             if st.scanning {
@@ -906,11 +1066,11 @@ impl KernelSync {
             }
         }
         let Some(kmap) = st.kmap.clone() else { return };
-        let (mut ok, mut errors) = (0u64, Vec::new());
+        let (mut ok, mut failed) = (0u64, Vec::new());
         if !puts.is_empty() {
-            let fexit = self.backend() == Backend::Fexit;
+            let register = self.reports_own_writes(&kmap);
             let id = kmap.layout().id;
-            if fexit {
+            if register {
                 let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
                 for (k, v) in &puts {
                     echoes.register(id, k, Some(v));
@@ -927,7 +1087,7 @@ impl KernelSync {
             ok += done as u64;
             // What the batch did not write is retried one by one, for a per-key error.
             for (k, v) in &puts[done..] {
-                if fexit {
+                if register {
                     self.echoes
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -935,29 +1095,76 @@ impl KernelSync {
                 }
                 match self.write_kernel(&kmap, k, Some(v)) {
                     Ok(()) => ok += 1,
-                    Err(e) => errors.push(e),
+                    Err(e) => failed.push((k.clone(), e)),
                 }
             }
         }
         for k in &deletes {
             match self.write_kernel(&kmap, k, None) {
                 Ok(()) => ok += 1,
-                Err(e) => errors.push(e),
+                Err(e) => failed.push((k.clone(), e)),
             }
         }
         self.metrics.applied.get_or_create(&label(map)).inc_by(ok);
-        if let Some(e) = errors.first() {
+        if let Some((_, e)) = failed.first() {
             self.metrics
                 .apply_errors
                 .get_or_create(&label(map))
-                .inc_by(errors.len() as u64);
-            tracing::warn!(map = %map, failed = errors.len(), error = %e, "applying committed changes to the kernel map failed");
+                .inc_by(failed.len() as u64);
+            tracing::warn!(map = %map, failed = failed.len(), error = %e, "applying committed changes to the kernel map failed");
         }
+        for (k, _) in &failed {
+            Self::resync_key(st, &kmap, k);
+        }
+    }
+
+    /// Installs a snapshot's contents into a kernel map by diff: update what differs, delete
+    /// what is extra, never clear first. Keys with a local change on its way keep it.
+    fn install(&self, st: &mut MapState, name: &str, contents: HashMap<Vec<u8>, Vec<u8>>) {
+        let Some(kmap) = st.kmap.clone() else { return };
+        let kernel = match kmap.entries() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(map = %name, error = %e, "cannot read the kernel map to install a snapshot");
+                return;
+            }
+        };
+        let pending: Vec<(Vec<u8>, Mark)> = st
+            .pending
+            .iter()
+            .map(|(k, m)| (k.clone(), m.clone()))
+            .collect();
+        for (k, _) in &pending {
+            st.committed_while_pending
+                .insert(k.clone(), contents.get(k).cloned());
+        }
+        let fixes: Vec<_> = diff(&kernel, &contents)
+            .into_iter()
+            .filter(|c| !st.pending.contains_key(&c.key))
+            .collect();
+        st.shadow = contents;
+        for (k, m) in pending {
+            apply_to(&mut st.shadow, &k, m.value.as_deref());
+        }
+        if st.scanning {
+            st.touched.extend(fixes.iter().map(|c| c.key.clone()));
+        }
+        let errors = self.write_all(st, &kmap, &fixes);
+        self.metrics
+            .applied
+            .get_or_create(&label(name))
+            .inc_by(fixes.len() as u64);
+        self.metrics
+            .apply_errors
+            .get_or_create(&label(name))
+            .inc_by(errors as u64);
+        tracing::info!(map = %name, written = fixes.len(), errors, "installed snapshot into kernel map by diff");
     }
 }
 
 impl ApplyHook for KernelSync {
-    fn on_batch(&self, origin: NodeId, source: Source, changes: &[Change]) {
+    fn on_batch(&self, index: u64, origin: NodeId, source: Source, changes: &[Change]) {
+        self.hooked_index.fetch_max(index, Ordering::AcqRel);
         // Only this node's own captures are already in its kernel maps.
         let captured_here = source == Source::Kernel && origin == self.me;
         let mut by_map: BTreeMap<&str, Vec<KeyChange>> = BTreeMap::new();
@@ -984,65 +1191,36 @@ impl ApplyHook for KernelSync {
             }
             if st.reconciling {
                 st.missed
-                    .extend(changes.into_iter().map(|(k, v)| (captured_here, k, v)));
+                    .extend(changes.into_iter().map(|(key, value)| Missed::Change {
+                        captured_here,
+                        key,
+                        value,
+                    }));
                 continue;
             }
             if st.kmap.is_none() {
-                continue;
+                continue; // reconciliation reads the committed state when the map appears
             }
             self.apply_changes(&mut st, map, captured_here, changes);
         }
     }
 
-    fn on_snapshot(&self, maps: &MapContents) {
+    fn on_snapshot(&self, index: u64, maps: &MapContents) {
+        self.hooked_index.fetch_max(index, Ordering::AcqRel);
         for (name, w) in &self.maps {
             let contents: HashMap<Vec<u8>, Vec<u8>> = maps
                 .get(name)
                 .map(|v| v.iter().cloned().collect())
                 .unwrap_or_default();
             let mut st = lock(&w.state);
-            let Some(kmap) = st.kmap.as_ref() else {
+            if st.refused.is_some() {
                 continue;
-            };
-            let kernel = match kmap.entries() {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::warn!(map = %name, error = %e, "cannot read the kernel map to install a snapshot");
-                    continue;
-                }
-            };
-            // Install by diff: update what differs, delete what is extra, never clear first.
-            let fixes: Vec<_> = diff(&kernel, &contents)
-                .into_iter()
-                .filter(|c| !st.pending.contains_key(&c.key))
-                .collect();
-            let mut errors = 0u64;
-            for c in &fixes {
-                if self.write_kernel(kmap, &c.key, c.value.as_deref()).is_err() {
-                    errors += 1;
-                }
             }
-            let pending: Vec<_> = st
-                .pending
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            st.shadow = contents;
-            for (k, v) in pending {
-                apply_to(&mut st.shadow, &k, v.as_deref());
+            if st.reconciling {
+                st.missed.push(Missed::Snapshot(contents));
+                continue;
             }
-            if st.scanning {
-                st.touched.extend(fixes.iter().map(|c| c.key.clone()));
-            }
-            self.metrics
-                .applied
-                .get_or_create(&label(name))
-                .inc_by(fixes.len() as u64);
-            self.metrics
-                .apply_errors
-                .get_or_create(&label(name))
-                .inc_by(errors);
-            tracing::info!(map = %name, written = fixes.len(), errors, "installed snapshot into kernel map by diff");
+            self.install(&mut st, name, contents);
         }
     }
 }

@@ -451,8 +451,13 @@ async fn join_cluster(shared: &NodeShared, join: &str, learner: bool) -> Result<
                 tracing::info!(node = shared.id, "promoted to voter");
                 return Ok(());
             }
+            // NOT_FOUND: the leader's view of the membership may not show the learner yet.
             Err(s)
-                if (retryable(&s) || s.code() == tonic::Code::FailedPrecondition)
+                if (retryable(&s)
+                    || matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                    ))
                     && Instant::now() < deadline =>
             {
                 tracing::info!(reason = %s.message(), "not promoted yet; retrying");

@@ -110,10 +110,11 @@ pub type MapContents = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
 /// persists it: the kernel applier. Called from openraft's apply task, so it must not block for
 /// long.
 pub trait ApplyHook: Send + Sync + 'static {
-    /// The changes of one applied client batch that `origin` proposed, from `source`.
-    fn on_batch(&self, origin: NodeId, source: Source, changes: &[Change]);
-    /// A snapshot replaces the whole state: the full contents of every map, by name.
-    fn on_snapshot(&self, maps: &MapContents);
+    /// The changes of one applied client batch, in the entry at `index`, that `origin` proposed
+    /// from `source`.
+    fn on_batch(&self, index: u64, origin: NodeId, source: Source, changes: &[Change]);
+    /// A snapshot ending at `index` replaces the whole state: the full contents of every map.
+    fn on_snapshot(&self, index: u64, maps: &MapContents);
 }
 
 /// openraft state machine. Construct with [`crate::open`].
@@ -234,7 +235,12 @@ impl StateMachine {
                         if outcome == BatchOutcome::Applied {
                             origins.push((batch.origin, batch.seq));
                             if let Some(hook) = &self.hook {
-                                hook.on_batch(batch.origin, batch.source, &changes[start..]);
+                                hook.on_batch(
+                                    entry.log_id.index,
+                                    batch.origin,
+                                    batch.source,
+                                    &changes[start..],
+                                );
                             }
                         }
                         outcomes.push(outcome);
@@ -339,7 +345,7 @@ impl StateMachine {
             for name in cache.schemas.keys() {
                 by_map.entry(name.clone()).or_default();
             }
-            hook.on_snapshot(&by_map);
+            hook.on_snapshot(meta.last_log_id.map_or(0, |l| l.index), &by_map);
         }
         for (map, count) in &cache.counts {
             batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());
