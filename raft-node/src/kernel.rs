@@ -139,12 +139,20 @@ struct Mark {
 #[derive(Debug)]
 enum Missed {
     Change {
+        index: u64,
         captured_here: bool,
         key: Vec<u8>,
         value: Option<Vec<u8>>,
     },
-    Snapshot(HashMap<Vec<u8>, Vec<u8>>),
+    Snapshot {
+        index: u64,
+        contents: HashMap<Vec<u8>, Vec<u8>>,
+    },
 }
+
+/// Most changes held for a map that is not reconciled yet; past that they are dropped and the
+/// map, once found, is filled from the committed state.
+const MISSED_CAP: usize = 1 << 20;
 
 #[derive(Debug, Default)]
 struct MapState {
@@ -153,6 +161,11 @@ struct MapState {
     /// meanwhile and applied once the reconciled state is in place.
     reconciling: bool,
     missed: Vec<Missed>,
+    /// `missed` overflowed: the order of changes is lost.
+    missed_overflow: bool,
+    /// The committed contents when the daemon started, before any entry was applied: what the
+    /// kernel map held when the daemon last ran (the base of the three-way merge on restart).
+    base: Option<HashMap<Vec<u8>, Vec<u8>>>,
     shadow: HashMap<Vec<u8>, Vec<u8>>,
     /// Local changes on their way through the log.
     pending: HashMap<Vec<u8>, Mark>,
@@ -261,6 +274,19 @@ impl KernelSync {
             hooked_index: AtomicU64::new(0),
             metrics: Arc::new(KernelMetrics::default()),
         }))
+    }
+
+    /// Records each watched map's committed contents before Raft applies anything, as the base
+    /// of the restart merge, and from then on holds committed changes until the map is
+    /// reconciled.
+    pub fn set_base(&self, view: &StateView) -> Result<()> {
+        for (name, w) in &self.maps {
+            let base = view.scan(name, None, usize::MAX).map_err(NodeError::from)?;
+            let mut st = lock(&w.state);
+            st.base = Some(base.into_iter().collect());
+            st.reconciling = true;
+        }
+        Ok(())
     }
 
     /// True once every watched map is reconciled (or refused).
@@ -673,7 +699,11 @@ impl KernelSync {
                     w.spec.location()
                 );
                 tracing::error!(map = %name, "{reason}");
-                lock(&w.state).refused = Some(reason);
+                let mut st = lock(&w.state);
+                st.refused = Some(reason);
+                st.reconciling = false;
+                st.missed.clear();
+                st.base = None;
                 return Ok(());
             }
             Some(_) => {}
@@ -699,6 +729,7 @@ impl KernelSync {
         lock(&w.state).reconciling = true;
         let seen = self.hooked_index.load(Ordering::Acquire);
         view.wait_applied(seen, Duration::from_secs(30)).await;
+        let read_index = view.applied_index();
         let read = || -> Result<_> {
             let committed: HashMap<Vec<u8>, Vec<u8>> = view
                 .scan(name, None, usize::MAX)
@@ -713,9 +744,7 @@ impl KernelSync {
         let (committed, kernel) = match read() {
             Ok(r) => r,
             Err(e) => {
-                let mut st = lock(&w.state);
-                st.reconciling = false;
-                st.missed.clear();
+                lock(&w.state).reconciling = false;
                 return Err(e);
             }
         };
@@ -729,17 +758,55 @@ impl KernelSync {
             st.touched.clear();
             st.scanning = false;
             st.shadow = committed;
+            let base = st.base.take();
+            let overflow = std::mem::take(&mut st.missed_overflow);
+            let missed = std::mem::take(&mut st.missed);
             let proposals = match recorded {
-                Some(r) if r == id => {
-                    // The map outlived the daemon: what differs from the committed state changed
-                    // while the daemon was down. Capture it.
-                    let changes = diff(&st.shadow, &kernel);
-                    tracing::info!(map = %name, id, local_changes = changes.len(), "kernel map outlived the daemon; proposing changes made while it was down");
-                    changes
+                Some(r) if r == id && !overflow => {
+                    // The map outlived the daemon: a three-way merge. Base: the committed
+                    // contents when the daemon started; the kernel now; the log since. A key
+                    // whose kernel value differs from the base and is none the log gave it since
+                    // was changed while the daemon was down: capture it. Everything else takes
+                    // the committed value.
+                    let base = base.unwrap_or_else(|| st.shadow.clone());
+                    let mut logged: HashMap<&[u8], Vec<Option<&[u8]>>> = HashMap::new();
+                    for m in &missed {
+                        match m {
+                            Missed::Change { key, value, .. } => {
+                                logged.entry(key).or_default().push(value.as_deref());
+                            }
+                            Missed::Snapshot { contents, .. } => {
+                                for k in contents.keys().chain(base.keys()) {
+                                    logged
+                                        .entry(k)
+                                        .or_default()
+                                        .push(contents.get(k).map(Vec::as_slice));
+                                }
+                            }
+                        }
+                    }
+                    let local: Vec<_> = diff(&base, &kernel)
+                        .into_iter()
+                        .filter(|c| {
+                            !logged
+                                .get(c.key.as_slice())
+                                .is_some_and(|vals| vals.contains(&c.value.as_deref()))
+                        })
+                        .collect();
+                    let local_keys: HashSet<&[u8]> =
+                        local.iter().map(|c| c.key.as_slice()).collect();
+                    let fixes: Vec<_> = diff(&kernel, &st.shadow)
+                        .into_iter()
+                        .filter(|c| !local_keys.contains(c.key.as_slice()))
+                        .collect();
+                    let errors = self.write_all(&mut st, &kmap, &fixes);
+                    tracing::info!(map = %name, id, local_changes = local.len(), written = fixes.len(), errors, "kernel map outlived the daemon; proposing changes made while it was down");
+                    local
                 }
                 Some(_) => {
-                    // The owning program recreated the map: fill it from the committed state by
-                    // diff, never clearing it first.
+                    // The owning program recreated the map (or the changes held for it
+                    // overflowed): fill it from the committed state by diff, never clearing it
+                    // first.
                     let fixes = diff(&kernel, &st.shadow);
                     let errors = self.write_all(&mut st, &kmap, &fixes);
                     self.metrics
@@ -771,16 +838,21 @@ impl KernelSync {
             let proposals = self.mark_captured(&mut st, proposals);
             st.kmap = Some(kmap);
             st.reconciling = false;
-            // Changes committed while the state above was read, in log order. Replaying one the
-            // read already included ends at the same value.
-            for m in std::mem::take(&mut st.missed) {
+            // Changes committed after the state above was read, in log order.
+            for m in missed {
                 match m {
                     Missed::Change {
+                        index,
                         captured_here,
                         key,
                         value,
-                    } => self.apply_changes(&mut st, name, captured_here, vec![(key, value)]),
-                    Missed::Snapshot(contents) => self.install(&mut st, name, contents),
+                    } if index > read_index => {
+                        self.apply_changes(&mut st, name, captured_here, vec![(key, value)])
+                    }
+                    Missed::Snapshot { index, contents } if index > read_index => {
+                        self.install(&mut st, name, contents)
+                    }
+                    _ => {}
                 }
             }
             proposals
@@ -1190,12 +1262,19 @@ impl ApplyHook for KernelSync {
                 continue;
             }
             if st.reconciling {
-                st.missed
-                    .extend(changes.into_iter().map(|(key, value)| Missed::Change {
-                        captured_here,
-                        key,
-                        value,
-                    }));
+                if st.missed.len() + changes.len() > MISSED_CAP {
+                    st.missed.clear();
+                    st.missed_overflow = true;
+                }
+                if !st.missed_overflow {
+                    st.missed
+                        .extend(changes.into_iter().map(|(key, value)| Missed::Change {
+                            index,
+                            captured_here,
+                            key,
+                            value,
+                        }));
+                }
                 continue;
             }
             if st.kmap.is_none() {
@@ -1217,7 +1296,10 @@ impl ApplyHook for KernelSync {
                 continue;
             }
             if st.reconciling {
-                st.missed.push(Missed::Snapshot(contents));
+                // A snapshot supersedes everything held before it.
+                st.missed.clear();
+                st.missed_overflow = false;
+                st.missed.push(Missed::Snapshot { index, contents });
                 continue;
             }
             self.install(&mut st, name, contents);

@@ -126,6 +126,7 @@ impl RunningNode {
         if fresh {
             ident.persist(&cfg.data_dir)?;
         }
+        kernel.set_base(&view)?;
         let info = NodeInfo {
             raft_addr: cfg.raft_addr.clone(),
             api_addr: cfg.api_addr.clone(),

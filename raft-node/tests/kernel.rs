@@ -158,16 +158,57 @@ async fn kernel_maps_follow_the_log_across_nodes_restarts_and_recreation() {
     let m = converge(&maps, &all, &client, "API write").await;
     assert_eq!(m.get(&k(3)), Some(&k(300)));
 
-    // Changes made while node 2's daemon is down are replicated when it comes back.
+    // Changes made while node 2's daemon is down are replicated when it comes back, and the
+    // cluster's writes in the meantime (and during its start) are not reverted by its stale map.
     c.kill(2).unwrap();
     let m2 = maps.open(2);
     m2.update(&k(4), &k(400), UpdateFlags::Any).unwrap();
     assert!(m2.delete(&k(2)).unwrap());
+    for i in 10..20 {
+        client.put("ct", k(i), k(i)).await.unwrap();
+    }
+    client.put("ct", k(3), k(333)).await.unwrap();
     c.restart(2).unwrap();
+    for i in 10..20 {
+        client.put("ct", k(i), k(i + 1)).await.unwrap();
+    }
     c.wait_ready(2, T).await.unwrap();
     let m = converge(&maps, &all, &client, "changes while down").await;
     assert_eq!(m.get(&k(4)), Some(&k(400)));
     assert!(!m.contains_key(&k(2)));
+    assert_eq!(
+        m.get(&k(3)),
+        Some(&k(333)),
+        "a stale kernel value was proposed back"
+    );
+    for i in 10..20 {
+        assert_eq!(m.get(&k(i)), Some(&k(i + 1)));
+    }
+
+    // Again, but node 2 catches up with the log before it finds its map again (the map is
+    // unpinned meanwhile and pinned back, the same map): the entries applied meanwhile must
+    // reach it, and its stale values must not be taken for changes made while it was down.
+    c.kill(2).unwrap();
+    let m2 = maps.open(2);
+    std::fs::remove_file(&maps.pins[&2]).unwrap();
+    client.put("ct", k(3), k(3333)).await.unwrap();
+    m2.update(&k(5), &k(500), UpdateFlags::Any).unwrap();
+    c.restart(2).unwrap();
+    let target = client.status().await.unwrap().applied_index;
+    c.wait_for(2, T, "catch up without its map", |s| {
+        s.applied_index >= target
+    })
+    .await
+    .unwrap();
+    m2.pin(&maps.pins[&2]).unwrap();
+    c.wait_ready(2, T).await.unwrap();
+    let m = converge(&maps, &all, &client, "map found after catching up").await;
+    assert_eq!(
+        m.get(&k(3)),
+        Some(&k(3333)),
+        "a stale kernel value was proposed back"
+    );
+    assert_eq!(m.get(&k(5)), Some(&k(500)));
 
     // The program on node 3 restarts and recreates its map empty: node 3 refills it.
     std::fs::remove_file(&maps.pins[&3]).unwrap();
@@ -176,7 +217,7 @@ async fn kernel_maps_follow_the_log_across_nodes_restarts_and_recreation() {
         .pin(&maps.pins[&3])
         .unwrap();
     let m = converge(&maps, &all, &client, "recreated map").await;
-    assert_eq!(m.len(), 2, "{m:?}");
+    assert_eq!(m.len(), 13, "{m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
