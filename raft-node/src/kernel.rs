@@ -542,39 +542,20 @@ impl KernelSync {
         {
             let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
             let mut echoes = self.echoes.lock().unwrap_or_else(|p| p.into_inner());
-            // LRU evictions are held until the same thread's next change to the same map: if
-            // that change is the applier's own write, the write caused them and they stay local
-            // (no cascade of deletes across the cluster); otherwise they replicate as deletes.
-            let mut accepted = Vec::with_capacity(events.len());
-            for ev in events {
-                if ev.evicted {
-                    held.push(ev);
-                    continue;
-                }
-                let echo = echoes.is_echo(&ev);
-                let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(held)
+            let sorted = attribute_evictions(events, held, &mut echoes);
+            if sorted.echoes > 0 {
+                self.metrics
+                    .echoes
+                    .get_or_create(&vec![("backend".into(), "fexit".into())])
+                    .inc_by(sorted.echoes);
+            }
+            applier_evicted.extend(
+                sorted
+                    .applier_evicted
                     .into_iter()
-                    .partition(|h| h.tid == ev.tid && h.map_id == ev.map_id);
-                *held = others;
-                if echo {
-                    self.metrics
-                        .echoes
-                        .get_or_create(&vec![("backend".into(), "fexit".into())])
-                        .inc();
-                    applier_evicted.extend(
-                        mine.into_iter()
-                            .filter_map(|h| Some((ids.get(&h.map_id)?.clone(), h.key))),
-                    );
-                } else {
-                    accepted.extend(mine);
-                    accepted.push(ev);
-                }
-            }
-            // Evictions whose thread made no other change are released after a while (a
-            // bounded number stay held for the next batch).
-            if held.len() > 1024 {
-                accepted.extend(held.drain(..held.len() - 1024));
-            }
+                    .filter_map(|h| Some((ids.get(&h.map_id)?.clone(), h.key))),
+            );
+            let accepted = sorted.accepted;
             for ev in accepted {
                 if let Some(name) = ids.get(&ev.map_id) {
                     by_map.entry(name.clone()).or_default().push(
@@ -1065,6 +1046,56 @@ impl KernelSync {
     }
 }
 
+/// Capture events sorted out: the applier's echoes dropped, LRU evictions attributed.
+#[derive(Debug, Default)]
+struct Sorted {
+    /// Real changes to propose, in order (evictions among them replicate as deletes).
+    accepted: Vec<CaptureEvent>,
+    /// Evictions the applier's own writes caused: they stay local.
+    applier_evicted: Vec<CaptureEvent>,
+    echoes: u64,
+}
+
+/// Most evictions held over for the next batch while their cause is unknown.
+const HELD_EVICTIONS: usize = 1024;
+
+/// Drops the applier's echoes and attributes LRU evictions. An eviction happens inside the
+/// update that needed room, and is reported before it: it is held until the same thread's next
+/// change to the same map. If that change is the applier's own write, the write caused it and
+/// it stays local (no cascade of deletes across the cluster); otherwise it replicates as a
+/// delete. Evictions not yet followed by a change stay in `held` for the next batch (at most
+/// `HELD_EVICTIONS`; older ones are released as deletes).
+fn attribute_evictions(
+    events: Vec<CaptureEvent>,
+    held: &mut Vec<CaptureEvent>,
+    echoes: &mut EchoFilter,
+) -> Sorted {
+    let mut out = Sorted::default();
+    for ev in events {
+        if ev.evicted {
+            held.push(ev);
+            continue;
+        }
+        let echo = echoes.is_echo(&ev);
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(held)
+            .into_iter()
+            .partition(|h| h.tid == ev.tid && h.map_id == ev.map_id);
+        *held = others;
+        if echo {
+            out.echoes += 1;
+            out.applier_evicted.extend(mine);
+        } else {
+            out.accepted.extend(mine);
+            out.accepted.push(ev);
+        }
+    }
+    if held.len() > HELD_EVICTIONS {
+        out.accepted
+            .extend(held.drain(..held.len() - HELD_EVICTIONS));
+    }
+    out
+}
+
 /// A captured change and its capture generation.
 #[derive(Debug)]
 struct Captured {
@@ -1304,5 +1335,77 @@ impl ApplyHook for KernelSync {
             }
             self.install(&mut st, name, contents);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(map_id: u32, tid: u32, key: u8, value: Option<u8>, evicted: bool) -> CaptureEvent {
+        CaptureEvent {
+            map_id,
+            key: vec![key],
+            value: value.map(|v| vec![v]),
+            evicted,
+            tid,
+        }
+    }
+
+    #[test]
+    fn evictions_caused_by_the_applier_stay_local_others_replicate() {
+        let mut echoes = EchoFilter::default();
+        echoes.register(1, &[10], Some(&[1]));
+        let mut held = Vec::new();
+        // Thread 7 (the applier) evicts key 3 to make room for its write of key 10; thread 9
+        // (a BPF program in softirq, say) evicts key 4 for its own write of key 11.
+        let sorted = attribute_evictions(
+            vec![
+                ev(1, 7, 3, None, true),
+                ev(1, 9, 4, None, true),
+                ev(1, 9, 11, Some(2), false),
+                ev(1, 7, 10, Some(1), false),
+            ],
+            &mut held,
+            &mut echoes,
+        );
+        assert_eq!(sorted.echoes, 1);
+        assert_eq!(sorted.applier_evicted, vec![ev(1, 7, 3, None, true)]);
+        assert_eq!(
+            sorted.accepted,
+            vec![ev(1, 9, 4, None, true), ev(1, 9, 11, Some(2), false)]
+        );
+        assert!(held.is_empty());
+        assert_eq!(echoes.outstanding(), 0);
+    }
+
+    #[test]
+    fn an_eviction_waits_for_its_cause_across_batches() {
+        let mut echoes = EchoFilter::default();
+        let mut held = Vec::new();
+        let first = attribute_evictions(vec![ev(1, 7, 3, None, true)], &mut held, &mut echoes);
+        assert!(first.accepted.is_empty() && first.applier_evicted.is_empty());
+        assert_eq!(held.len(), 1);
+        echoes.register(1, &[10], Some(&[1]));
+        let second =
+            attribute_evictions(vec![ev(1, 7, 10, Some(1), false)], &mut held, &mut echoes);
+        assert_eq!(second.applier_evicted, vec![ev(1, 7, 3, None, true)]);
+        assert!(second.accepted.is_empty());
+    }
+
+    #[test]
+    fn a_write_equal_to_a_registered_one_by_someone_else_is_consumed_once() {
+        // The applier registered one write of key 10; a program writes the same bytes too.
+        // One event is the echo, the other is kept: the map holds that value either way.
+        let mut echoes = EchoFilter::default();
+        echoes.register(1, &[10], Some(&[1]));
+        let mut held = Vec::new();
+        let sorted = attribute_evictions(
+            vec![ev(1, 7, 10, Some(1), false), ev(1, 9, 10, Some(1), false)],
+            &mut held,
+            &mut echoes,
+        );
+        assert_eq!(sorted.echoes, 1);
+        assert_eq!(sorted.accepted.len(), 1);
     }
 }
