@@ -57,14 +57,26 @@ impl Client {
         AdminClient::new(self.channel.clone())
     }
 
-    /// Writes a batch of operations atomically.
+    /// Writes a batch of operations atomically. A batch of only puts, deletes and
+    /// declarations is idempotent, so it is retried (a few times, briefly) when the cluster is
+    /// momentarily unavailable, as during a leader election; a batch with a compare-and-swap is
+    /// not retried.
     pub async fn write(&self, ops: Vec<pb::op::Op>) -> Result<pb::WriteResponse> {
-        let ops = ops.into_iter().map(|op| pb::Op { op: Some(op) }).collect();
-        Ok(self
-            .kv()
-            .write(pb::WriteRequest { ops })
-            .await?
-            .into_inner())
+        let idempotent = ops.iter().all(|op| !matches!(op, pb::op::Op::Cas(_)));
+        let req = pb::WriteRequest {
+            ops: ops.into_iter().map(|op| pb::Op { op: Some(op) }).collect(),
+        };
+        let mut attempt = 0;
+        loop {
+            match self.kv().write(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if idempotent && s.code() == tonic::Code::Unavailable && attempt < 3 => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
     }
 
     pub async fn declare(&self, schema: &MapSchema) -> Result<pb::WriteResponse> {

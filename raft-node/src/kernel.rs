@@ -113,6 +113,20 @@ fn schema_of(name: &str, map: &KernelMap) -> MapSchema {
     }
 }
 
+/// `kernel-maps.json`: the kernel id of each watched map, and the boot it was seen in.
+#[derive(Debug, Default, serde::Serialize, Deserialize)]
+struct RecordedIds {
+    boot_id: String,
+    ids: BTreeMap<String, u32>,
+}
+
+/// This boot's id (a map id from another boot says nothing about the map now).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// A key and its new value (`None`: deleted).
 type KeyChange = (Vec<u8>, Option<Vec<u8>>);
 
@@ -133,6 +147,9 @@ struct Mark {
     value: Option<Vec<u8>>,
     /// Which capture of the key this is; only the latest one settles the key.
     gen: u64,
+    /// Log index the capture committed at, once known: the key settles when the applier
+    /// reaches it.
+    commit_index: Option<u64>,
 }
 
 /// A committed change that arrived while its map was being reconciled.
@@ -150,9 +167,9 @@ enum Missed {
     },
 }
 
-/// Most changes held for a map that is not reconciled yet; past that they are dropped and the
-/// map, once found, is filled from the committed state.
-const MISSED_CAP: usize = 1 << 20;
+/// Most key and value bytes held for a map that is not reconciled yet; past that they are
+/// dropped and the map, once found, is filled from the committed state.
+const HELD_BYTES_CAP: usize = 256 << 20;
 
 #[derive(Debug, Default)]
 struct MapState {
@@ -163,6 +180,11 @@ struct MapState {
     missed: Vec<Missed>,
     /// `missed` overflowed: the order of changes is lost.
     missed_overflow: bool,
+    /// Key and value bytes held in `missed` and `logged`.
+    held_bytes: usize,
+    /// Every value the log gave each key while the map waited for reconciliation (snapshots
+    /// included): a kernel value among them is not a change made while the daemon was down.
+    logged: HashMap<Vec<u8>, Vec<Option<Vec<u8>>>>,
     /// The committed contents when the daemon started, before any entry was applied: what the
     /// kernel map held when the daemon last ran (the base of the three-way merge on restart).
     base: Option<HashMap<Vec<u8>, Vec<u8>>>,
@@ -176,6 +198,53 @@ struct MapState {
     scanning: bool,
     touched: HashSet<Vec<u8>>,
     refused: Option<String>,
+}
+
+impl MapState {
+    /// Holds committed changes for a map being reconciled, and logs their values.
+    fn hold(&mut self, items: impl IntoIterator<Item = Missed>) {
+        if self.missed_overflow {
+            return;
+        }
+        for m in items {
+            match &m {
+                Missed::Change { key, value, .. } => {
+                    self.held_bytes += 2 * (key.len() + value.as_ref().map_or(0, Vec::len));
+                    self.logged
+                        .entry(key.clone())
+                        .or_default()
+                        .push(value.clone());
+                }
+                Missed::Snapshot { contents, .. } => {
+                    let absent: Vec<Vec<u8>> = self
+                        .base
+                        .iter()
+                        .flat_map(|b| b.keys())
+                        .filter(|k| !contents.contains_key(*k))
+                        .cloned()
+                        .collect();
+                    for k in absent {
+                        self.logged.entry(k).or_default().push(None);
+                    }
+                    for (k, v) in contents {
+                        self.held_bytes += 2 * (k.len() + v.len());
+                        self.logged
+                            .entry(k.clone())
+                            .or_default()
+                            .push(Some(v.clone()));
+                    }
+                }
+            }
+            self.missed.push(m);
+            if self.held_bytes > HELD_BYTES_CAP {
+                self.missed.clear();
+                self.logged.clear();
+                self.held_bytes = 0;
+                self.missed_overflow = true;
+                return;
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -318,18 +387,27 @@ impl KernelSync {
             .collect()
     }
 
+    /// Map ids recorded in this boot. Kernel map ids restart after a reboot, so an id is only
+    /// meaningful together with the boot it was seen in.
     fn load_ids(&self) -> BTreeMap<String, u32> {
-        std::fs::read(&self.ids_path)
+        let recorded: Option<RecordedIds> = std::fs::read(&self.ids_path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        match recorded {
+            Some(r) if r.boot_id == boot_id() => r.ids,
+            _ => BTreeMap::new(),
+        }
     }
 
     fn save_id(&self, map: &str, id: u32) {
         let mut ids = self.load_ids();
         ids.insert(map.to_string(), id);
+        let recorded = RecordedIds {
+            boot_id: boot_id(),
+            ids,
+        };
         let tmp = self.ids_path.with_extension("tmp");
-        let res = serde_json::to_vec(&ids)
+        let res = serde_json::to_vec(&recorded)
             .map_err(std::io::Error::other)
             .and_then(|b| std::fs::write(&tmp, b))
             .and_then(|()| std::fs::rename(&tmp, &self.ids_path));
@@ -684,6 +762,8 @@ impl KernelSync {
                 st.refused = Some(reason);
                 st.reconciling = false;
                 st.missed.clear();
+                st.logged.clear();
+                st.held_bytes = 0;
                 st.base = None;
                 return Ok(());
             }
@@ -706,10 +786,37 @@ impl KernelSync {
         let kmap = Arc::new(kmap);
         // From here on the apply hook collects this map's committed changes in `missed`. Those
         // it saw before are persisted once the state machine reaches the index it had seen,
-        // so the read below includes them.
-        lock(&w.state).reconciling = true;
+        // so the read below includes them. (At start-up the map has been collecting since the
+        // store opened; a failed attempt leaves it collecting.)
+        let (was_reconciling, overflowed) = {
+            let mut st = lock(&w.state);
+            let was = std::mem::replace(&mut st.reconciling, true);
+            let overflowed = std::mem::take(&mut st.missed_overflow);
+            if overflowed {
+                // The order is lost anyway (the map is refilled); collect afresh from here.
+                st.missed.clear();
+                st.logged.clear();
+                st.held_bytes = 0;
+            }
+            (was, overflowed)
+        };
+        let fail = |e: NodeError| {
+            let mut st = lock(&w.state);
+            st.reconciling = was_reconciling;
+            if !was_reconciling {
+                st.missed.clear();
+                st.logged.clear();
+                st.held_bytes = 0;
+            }
+            st.missed_overflow |= overflowed;
+            e
+        };
         let seen = self.hooked_index.load(Ordering::Acquire);
-        view.wait_applied(seen, Duration::from_secs(30)).await;
+        if !view.wait_applied(seen, Duration::from_secs(30)).await {
+            return Err(fail(NodeError::Timeout(format!(
+                "the state machine did not reach index {seen} to reconcile map {name}"
+            ))));
+        }
         let read_index = view.applied_index();
         let read = || -> Result<_> {
             let committed: HashMap<Vec<u8>, Vec<u8>> = view
@@ -722,13 +829,7 @@ impl KernelSync {
                 .map_err(|e| NodeError::Internal(e.to_string()))?;
             Ok((committed, kernel))
         };
-        let (committed, kernel) = match read() {
-            Ok(r) => r,
-            Err(e) => {
-                lock(&w.state).reconciling = false;
-                return Err(e);
-            }
-        };
+        let (committed, kernel) = read().map_err(fail)?;
         // Events of the new map flow before anything is written to it, so that the applier's
         // writes below meet their echoes.
         self.track(name, old_id, id);
@@ -740,8 +841,10 @@ impl KernelSync {
             st.scanning = false;
             st.shadow = committed;
             let base = st.base.take();
-            let overflow = std::mem::take(&mut st.missed_overflow);
+            let overflow = overflowed || std::mem::take(&mut st.missed_overflow);
             let missed = std::mem::take(&mut st.missed);
+            let logged = std::mem::take(&mut st.logged);
+            st.held_bytes = 0;
             let proposals = match recorded {
                 Some(r) if r == id && !overflow => {
                     // The map outlived the daemon: a three-way merge. Base: the committed
@@ -750,28 +853,12 @@ impl KernelSync {
                     // was changed while the daemon was down: capture it. Everything else takes
                     // the committed value.
                     let base = base.unwrap_or_else(|| st.shadow.clone());
-                    let mut logged: HashMap<&[u8], Vec<Option<&[u8]>>> = HashMap::new();
-                    for m in &missed {
-                        match m {
-                            Missed::Change { key, value, .. } => {
-                                logged.entry(key).or_default().push(value.as_deref());
-                            }
-                            Missed::Snapshot { contents, .. } => {
-                                for k in contents.keys().chain(base.keys()) {
-                                    logged
-                                        .entry(k)
-                                        .or_default()
-                                        .push(contents.get(k).map(Vec::as_slice));
-                                }
-                            }
-                        }
-                    }
                     let local: Vec<_> = diff(&base, &kernel)
                         .into_iter()
                         .filter(|c| {
                             !logged
-                                .get(c.key.as_slice())
-                                .is_some_and(|vals| vals.contains(&c.value.as_deref()))
+                                .get(&c.key)
+                                .is_some_and(|vals| vals.contains(&c.value))
                         })
                         .collect();
                     let local_keys: HashSet<&[u8]> =
@@ -934,6 +1021,7 @@ impl KernelSync {
                     Mark {
                         value: c.value.clone(),
                         gen,
+                        commit_index: None,
                     },
                 );
                 Captured { change: c, gen }
@@ -974,74 +1062,119 @@ impl KernelSync {
             let outcome = match batcher.submit(ops, Source::Kernel).await {
                 Ok(out) => match out.outcome {
                     BatchOutcome::Applied => {
-                        // Committed. Once applied here, each key settles on the last value the
-                        // log gave it (the apply path skipped any that came in meanwhile).
-                        view.wait_applied(out.index, Duration::from_secs(10)).await;
-                        Settle::Committed
+                        // Committed at `out.index`: each key settles once the applier has
+                        // reached that index here (now, if it already has; otherwise the
+                        // apply hook does it when it gets there).
+                        let mut st = lock(&w.state);
+                        for c in chunk {
+                            if let Some(m) = st.pending.get_mut(&c.change.key) {
+                                if m.gen == c.gen {
+                                    m.commit_index = Some(out.index);
+                                }
+                            }
+                        }
+                        if self.hooked_index.load(Ordering::Acquire) >= out.index {
+                            self.settle_committed(&mut st, out.index);
+                        }
+                        continue;
                     }
                     BatchOutcome::Rejected(e) => {
                         tracing::warn!(map = %name, keys = chunk.len(), reason = %e, "the cluster refused captured changes; undoing them here");
-                        Settle::Refused
+                        true
                     }
-                    BatchOutcome::CasFailed(_) => Settle::Unknown,
+                    BatchOutcome::CasFailed(_) => false,
                 },
                 Err(e) => {
                     tracing::warn!(map = %name, keys = chunk.len(), error = %e, "captured changes not committed; the next scan retries them");
-                    Settle::Unknown
+                    false
                 }
             };
-            let mut st = lock(&w.state);
+            // Not committed (or not known to be). Read the committed values once everything the
+            // applier has seen is persisted, then end the marks.
+            view.wait_applied(
+                self.hooked_index.load(Ordering::Acquire),
+                Duration::from_secs(10),
+            )
+            .await;
+            let mut committed = Vec::with_capacity(chunk.len());
             for c in chunk {
-                self.settle(&mut st, name, view, c, outcome);
+                committed.push(view.get(name, &c.change.key));
+            }
+            let mut st = lock(&w.state);
+            for (c, view_value) in chunk.iter().zip(committed) {
+                self.settle_uncommitted(&mut st, name, c, view_value, outcome);
             }
         }
         Ok(())
     }
 
-    /// Ends the pending mark of one capture, if it is still the key's latest one, and brings
-    /// shadow and kernel in line with the log.
-    fn settle(
+    /// Settles every key whose capture committed at or before `index`: the mark ends, and the
+    /// kernel takes the log's last value for the key (which the applier recorded while the key
+    /// was pending) if that differs from what the kernel holds.
+    fn settle_committed(&self, st: &mut MapState, index: u64) {
+        let due: Vec<Vec<u8>> = st
+            .pending
+            .iter()
+            .filter(|(_, m)| m.commit_index.is_some_and(|i| i <= index))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            st.pending.remove(&key);
+            let Some(last) = st.committed_while_pending.remove(&key) else {
+                continue;
+            };
+            if st.shadow.get(&key) != last.as_ref() {
+                apply_to(&mut st.shadow, &key, last.as_deref());
+                if st.scanning {
+                    st.touched.insert(key.clone());
+                }
+                if let Some(kmap) = st.kmap.clone() {
+                    if self.write_kernel(&kmap, &key, last.as_deref()).is_err() {
+                        Self::resync_key(st, &kmap, &key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the mark of a capture that did not commit, if it is still the key's latest one.
+    /// The shadow takes the committed value, so the next scan sees the kernel's value as a
+    /// change and proposes it again; a refused change is undone in the kernel.
+    fn settle_uncommitted(
         &self,
         st: &mut MapState,
         name: &str,
-        view: &StateView,
         c: &Captured,
-        outcome: Settle,
+        view_value: std::result::Result<Option<Vec<u8>>, raftmap_storage::StorageError>,
+        refused: bool,
     ) {
         let key = &c.change.key;
         if st.pending.get(key).map(|m| m.gen) != Some(c.gen) {
             return; // a newer capture of the key settles it
         }
-        st.pending.remove(key);
-        let seen = st.committed_while_pending.remove(key);
-        let committed = match seen {
-            Some(v) => v,
-            None => match view.get(name, key) {
+        // The applier's record is newer than the persisted state when it exists.
+        let committed = match st.committed_while_pending.get(key) {
+            Some(v) => v.clone(),
+            None => match view_value {
                 Ok(v) => v,
                 Err(e) => {
-                    tracing::warn!(map = %name, error = %e, "reading a committed value to settle a key");
+                    tracing::warn!(map = %name, error = %e, "reading a committed value to settle a key; the mark stays");
                     return;
                 }
             },
         };
-        match outcome {
-            // The log's last value for the key wins in the kernel too.
-            Settle::Committed | Settle::Refused => {
-                if st.shadow.get(key) != committed.as_ref() {
-                    apply_to(&mut st.shadow, key, committed.as_deref());
-                    if st.scanning {
-                        st.touched.insert(key.clone());
-                    }
-                    if let Some(kmap) = st.kmap.clone() {
-                        if self.write_kernel(&kmap, key, committed.as_deref()).is_err() {
-                            Self::resync_key(st, &kmap, key);
-                        }
-                    }
+        st.pending.remove(key);
+        st.committed_while_pending.remove(key);
+        apply_to(&mut st.shadow, key, committed.as_deref());
+        if refused {
+            if st.scanning {
+                st.touched.insert(key.clone());
+            }
+            if let Some(kmap) = st.kmap.clone() {
+                if self.write_kernel(&kmap, key, committed.as_deref()).is_err() {
+                    Self::resync_key(st, &kmap, key);
                 }
             }
-            // Not known to be committed: the shadow takes the committed value, so the next
-            // scan sees the kernel's value as a change again and proposes it once more.
-            Settle::Unknown => apply_to(&mut st.shadow, key, committed.as_deref()),
         }
     }
 }
@@ -1101,14 +1234,6 @@ fn attribute_evictions(
 struct Captured {
     change: raftmap_ebpf_hooks::KernelChange,
     gen: u64,
-}
-
-/// How a proposal of captured changes ended.
-#[derive(Debug, Clone, Copy)]
-enum Settle {
-    Committed,
-    Refused,
-    Unknown,
 }
 
 fn apply_to(shadow: &mut HashMap<Vec<u8>, Vec<u8>>, key: &[u8], value: Option<&[u8]>) {
@@ -1265,9 +1390,22 @@ impl KernelSync {
     }
 }
 
+impl KernelSync {
+    /// The applier has processed everything up to `index`: settle the captures committed by
+    /// then, and let proposers know.
+    fn after_apply(&self, index: u64) {
+        for w in self.maps.values() {
+            let mut st = lock(&w.state);
+            if !st.pending.is_empty() {
+                self.settle_committed(&mut st, index);
+            }
+        }
+        self.hooked_index.fetch_max(index, Ordering::AcqRel);
+    }
+}
+
 impl ApplyHook for KernelSync {
     fn on_batch(&self, index: u64, origin: NodeId, source: Source, changes: &[Change]) {
-        self.hooked_index.fetch_max(index, Ordering::AcqRel);
         // Only this node's own captures are already in its kernel maps.
         let captured_here = source == Source::Kernel && origin == self.me;
         let mut by_map: BTreeMap<&str, Vec<KeyChange>> = BTreeMap::new();
@@ -1293,19 +1431,12 @@ impl ApplyHook for KernelSync {
                 continue;
             }
             if st.reconciling {
-                if st.missed.len() + changes.len() > MISSED_CAP {
-                    st.missed.clear();
-                    st.missed_overflow = true;
-                }
-                if !st.missed_overflow {
-                    st.missed
-                        .extend(changes.into_iter().map(|(key, value)| Missed::Change {
-                            index,
-                            captured_here,
-                            key,
-                            value,
-                        }));
-                }
+                st.hold(changes.into_iter().map(|(key, value)| Missed::Change {
+                    index,
+                    captured_here,
+                    key,
+                    value,
+                }));
                 continue;
             }
             if st.kmap.is_none() {
@@ -1313,10 +1444,10 @@ impl ApplyHook for KernelSync {
             }
             self.apply_changes(&mut st, map, captured_here, changes);
         }
+        self.after_apply(index);
     }
 
     fn on_snapshot(&self, index: u64, maps: &MapContents) {
-        self.hooked_index.fetch_max(index, Ordering::AcqRel);
         for (name, w) in &self.maps {
             let contents: HashMap<Vec<u8>, Vec<u8>> = maps
                 .get(name)
@@ -1327,14 +1458,14 @@ impl ApplyHook for KernelSync {
                 continue;
             }
             if st.reconciling {
-                // A snapshot supersedes everything held before it.
-                st.missed.clear();
-                st.missed_overflow = false;
-                st.missed.push(Missed::Snapshot { index, contents });
+                // A snapshot supersedes the changes held before it (its values stay logged).
+                st.missed.retain(|m| !matches!(m, Missed::Change { .. }));
+                st.hold([Missed::Snapshot { index, contents }]);
                 continue;
             }
             self.install(&mut st, name, contents);
         }
+        self.after_apply(index);
     }
 }
 
