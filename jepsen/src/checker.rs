@@ -1,0 +1,370 @@
+//! Linearizability of register histories: the Wing–Gong search with Lowe's memoisation (the
+//! algorithm of Knossos and Porcupine), run separately for each key.
+//!
+//! The search walks the operations in time order, trying to place each one at a point between
+//! its invocation and its completion so that the register's sequential behaviour explains every
+//! result. Configurations already explored — the set of operations placed so far and the
+//! register's value — are remembered, which keeps the search polynomial on real histories.
+//! Operations whose outcome is unknown may be placed anywhere after their invocation, or not at
+//! all.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::history::{Func, Operation};
+
+/// The register's value (`None`: absent).
+type State = Option<i64>;
+
+/// The checker's verdict on one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Linearizable,
+    /// No order explains the results. `op` is the operation that could not be placed before it
+    /// completed, `placed` the longest sequence of operations placed before the search gave up
+    /// (a witness of how far an explanation gets), `concurrent` the operations overlapping `op`.
+    NotLinearizable {
+        key: u64,
+        op: Operation,
+        placed: Vec<Operation>,
+        concurrent: Vec<Operation>,
+    },
+}
+
+/// Applies `f` to `state`: whether its result is possible, and the state after it.
+fn step(state: State, f: &Func) -> Option<State> {
+    match f {
+        Func::Read(v) => (*v == state).then_some(state),
+        Func::Write(v) => Some(Some(*v)),
+        Func::Cas([from, to]) => (state == Some(*from)).then_some(Some(*to)),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    op: usize,
+    call: bool,
+    prev: usize,
+    next: usize,
+}
+
+/// A bitset over the operations of one key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Bits(Vec<u64>);
+
+impl Bits {
+    fn new(n: usize) -> Self {
+        Bits(vec![0; n.div_ceil(64)])
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    fn clear(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+}
+
+/// Checks one key's operations.
+pub fn check_key(key: u64, ops: &[Operation]) -> Verdict {
+    let n = ops.len();
+    if n == 0 {
+        return Verdict::Linearizable;
+    }
+    // Entries: a call and a return per operation, in time order (calls first on ties, so that
+    // operations touching at an instant count as concurrent). Unknown outcomes return at the end.
+    let mut order: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * n);
+    for (i, o) in ops.iter().enumerate() {
+        order.push((o.call, true, i));
+        order.push((o.ret.unwrap_or(u64::MAX), false, i));
+    }
+    order.sort_by_key(|&(t, call, i)| (t, !call, i));
+    // A doubly linked list over `entries`, with a sentinel head at index 0.
+    let mut entries = vec![Entry {
+        op: usize::MAX,
+        call: false,
+        prev: 0,
+        next: 1,
+    }];
+    let mut ret_of = vec![0; n];
+    for (k, &(_, call, i)) in order.iter().enumerate() {
+        let idx = k + 1;
+        entries.push(Entry {
+            op: i,
+            call,
+            prev: idx - 1,
+            next: idx + 1,
+        });
+        if !call {
+            ret_of[i] = idx;
+        }
+    }
+    let end = entries.len();
+    let known = |i: usize| ops[i].ret.is_some();
+
+    let lift = |e: &mut Vec<Entry>, idx: usize| {
+        let (p, nx) = (e[idx].prev, e[idx].next);
+        e[p].next = nx;
+        if nx < end {
+            e[nx].prev = p;
+        }
+    };
+    let unlift = |e: &mut Vec<Entry>, idx: usize| {
+        let (p, nx) = (e[idx].prev, e[idx].next);
+        e[p].next = idx;
+        if nx < end {
+            e[nx].prev = idx;
+        }
+    };
+
+    let mut state: State = None;
+    let mut placed = Bits::new(n);
+    let mut cache: HashSet<(Bits, State)> = HashSet::new();
+    let mut stack: Vec<(usize, State)> = Vec::new();
+    let mut best: Vec<usize> = Vec::new();
+    let mut cur = entries[0].next;
+    while cur < end {
+        let e = entries[cur];
+        if e.call {
+            if let Some(next_state) = step(state, &ops[e.op].f) {
+                let mut with = placed.clone();
+                with.set(e.op);
+                if cache.insert((with.clone(), next_state)) {
+                    stack.push((cur, state));
+                    state = next_state;
+                    placed = with;
+                    lift(&mut entries, cur);
+                    lift(&mut entries, ret_of[e.op]);
+                    if stack.len() > best.len() {
+                        best = stack.iter().map(|&(c, _)| entries[c].op).collect();
+                    }
+                    cur = entries[0].next;
+                    continue;
+                }
+            }
+            cur = e.next;
+        } else if !known(e.op) {
+            // Only operations of unknown outcome are left unplaced: they need not have happened.
+            return Verdict::Linearizable;
+        } else {
+            // An operation completed before it could be placed: undo the last placement.
+            let Some((c, prev_state)) = stack.pop() else {
+                return not_linearizable(key, ops, &best);
+            };
+            let op = entries[c].op;
+            state = prev_state;
+            placed.clear(op);
+            unlift(&mut entries, ret_of[op]);
+            unlift(&mut entries, c);
+            cur = entries[c].next;
+        }
+    }
+    Verdict::Linearizable
+}
+
+/// Reports a failure: the furthest the search got, and the first operation to complete that it
+/// could not place after it.
+fn not_linearizable(key: u64, ops: &[Operation], best: &[usize]) -> Verdict {
+    let in_best: HashSet<usize> = best.iter().copied().collect();
+    let op = (0..ops.len())
+        .filter(|i| !in_best.contains(i) && ops[*i].ret.is_some())
+        .min_by_key(|&i| ops[i].ret)
+        .map_or_else(|| ops[0].clone(), |i| ops[i].clone());
+    let ret = op.ret.unwrap_or(u64::MAX);
+    let concurrent = ops
+        .iter()
+        .filter(|o| o.id != op.id && o.call <= ret && o.ret.unwrap_or(u64::MAX) >= op.call)
+        .cloned()
+        .collect();
+    Verdict::NotLinearizable {
+        key,
+        op,
+        placed: best.iter().map(|&i| ops[i].clone()).collect(),
+        concurrent,
+    }
+}
+
+/// Checks every key of a history; returns the verdict for each key that is not linearizable.
+pub fn check(ops: &[Operation]) -> Vec<Verdict> {
+    let mut by_key: BTreeMap<u64, Vec<Operation>> = BTreeMap::new();
+    for o in ops {
+        by_key.entry(o.key).or_default().push(o.clone());
+    }
+    by_key
+        .into_iter()
+        .map(|(k, ops)| check_key(k, &ops))
+        .filter(|v| *v != Verdict::Linearizable)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::{operations, Event, EventType};
+
+    /// Builds a history from `(process, type, f, time)`.
+    fn h(events: &[(u64, EventType, Func, u64)]) -> Vec<Operation> {
+        let evs: Vec<Event> = events
+            .iter()
+            .map(|(p, k, f, t)| Event {
+                process: *p,
+                kind: *k,
+                f: f.clone(),
+                key: 1,
+                time: *t,
+            })
+            .collect();
+        operations(&evs).unwrap()
+    }
+    use EventType::*;
+    use Func::*;
+
+    #[test]
+    fn sequential_history_is_linearizable() {
+        let ops = h(&[
+            (0, Invoke, Write(1), 0),
+            (0, Ok, Write(1), 1),
+            (0, Invoke, Read(None), 2),
+            (0, Ok, Read(Some(1)), 3),
+            (0, Invoke, Cas([1, 2]), 4),
+            (0, Ok, Cas([1, 2]), 5),
+            (0, Invoke, Read(None), 6),
+            (0, Ok, Read(Some(2)), 7),
+        ]);
+        assert_eq!(check(&ops), vec![]);
+    }
+
+    #[test]
+    fn a_stale_read_after_a_completed_write_is_caught() {
+        let ops = h(&[
+            (0, Invoke, Write(1), 0),
+            (0, Ok, Write(1), 1),
+            (1, Invoke, Write(2), 2),
+            (1, Ok, Write(2), 3),
+            (2, Invoke, Read(None), 4),
+            (2, Ok, Read(Some(1)), 5),
+        ]);
+        let v = check(&ops);
+        assert_eq!(v.len(), 1);
+        match &v[0] {
+            Verdict::NotLinearizable { op, placed, .. } => {
+                assert_eq!(op.f, Read(Some(1)));
+                assert_eq!(placed.len(), 2, "both writes could be placed: {placed:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn concurrent_operations_may_take_effect_in_either_order() {
+        // The read overlaps the write: it may see the old or the new value.
+        for seen in [None, Some(1)] {
+            let ops = h(&[
+                (0, Invoke, Write(1), 0),
+                (1, Invoke, Read(None), 1),
+                (1, Ok, Read(seen), 2),
+                (0, Ok, Write(1), 3),
+            ]);
+            assert_eq!(check(&ops), vec![], "read {seen:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_outcomes_may_or_may_not_have_happened_but_not_both() {
+        let base = [(0, Invoke, Write(1), 0), (0, Info, Write(1), 1)];
+        let read =
+            |p: u64, v: Option<i64>, t: u64| [(p, Invoke, Read(None), t), (p, Ok, Read(v), t + 1)];
+        // Never happened, or happened: both fine on their own.
+        for v in [None, Some(1)] {
+            let mut evs = base.to_vec();
+            evs.extend(read(1, v, 5));
+            assert_eq!(check(&h(&evs)), vec![], "{v:?}");
+        }
+        // Seen, then unseen: impossible.
+        let mut evs = base.to_vec();
+        evs.extend(read(1, Some(1), 5));
+        evs.extend(read(2, None, 10));
+        assert_eq!(check(&h(&evs)).len(), 1);
+    }
+
+    #[test]
+    fn failed_operations_did_not_happen() {
+        let ops = h(&[
+            (0, Invoke, Cas([5, 6]), 0),
+            (0, Fail, Cas([5, 6]), 1),
+            (1, Invoke, Read(None), 2),
+            (1, Ok, Read(None), 3),
+        ]);
+        assert_eq!(check(&ops), vec![]);
+    }
+
+    /// A simulated atomic register under concurrent clients: every history it produces is
+    /// linearizable, however long and concurrent.
+    #[test]
+    fn long_valid_concurrent_histories_are_linearizable() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut reg: Option<i64> = None;
+        let mut events = Vec::new();
+        let mut open: Vec<Option<(Func, u64)>> = vec![None; 5];
+        for t in 1..=4000u64 {
+            let p = rnd(5) as usize;
+            match open[p].take() {
+                None => {
+                    let f = match rnd(3) {
+                        0 => Read(None),
+                        1 => Write(rnd(4) as i64),
+                        _ => Cas([rnd(4) as i64, rnd(4) as i64]),
+                    };
+                    events.push(Event {
+                        process: p as u64,
+                        kind: Invoke,
+                        f: f.clone(),
+                        key: 1,
+                        time: t,
+                    });
+                    // Takes effect atomically now; completes later.
+                    let (kind, done) = match f {
+                        Read(_) => (Ok, Read(reg)),
+                        Write(v) => {
+                            reg = Some(v);
+                            (Ok, Write(v))
+                        }
+                        Cas([a, b]) if reg == Some(a) => {
+                            reg = Some(b);
+                            (Ok, Cas([a, b]))
+                        }
+                        Cas(c) => (Fail, Cas(c)),
+                    };
+                    open[p] = Some((done.clone(), if kind == Ok { 0 } else { 1 }));
+                }
+                Some((done, failed)) => {
+                    let kind = if failed == 1 { Fail } else { Ok };
+                    events.push(Event {
+                        process: p as u64,
+                        kind,
+                        f: done,
+                        key: 1,
+                        time: t,
+                    });
+                }
+            }
+        }
+        let ops = operations(&events).unwrap();
+        assert!(ops.len() > 1000);
+        assert_eq!(check(&ops), vec![]);
+        // The same history with one read made stale is not.
+        let mut bad = ops.clone();
+        let i = bad
+            .iter()
+            .rposition(|o| matches!(o.f, Read(Some(_))) && o.ret.is_some())
+            .unwrap();
+        if let Read(Some(v)) = bad[i].f {
+            bad[i].f = Read(Some(v + 100));
+        }
+        assert_eq!(check(&bad).len(), 1);
+    }
+}
