@@ -393,8 +393,10 @@ impl KernelSync {
         let recorded: Option<RecordedIds> = std::fs::read(&self.ids_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        let boot = boot_id();
         match recorded {
-            Some(r) if r.boot_id == boot_id() => r.ids,
+            // Without a boot id nothing tells an id of this boot from a recycled one.
+            Some(r) if !boot.is_empty() && r.boot_id == boot => r.ids,
             _ => BTreeMap::new(),
         }
     }
@@ -835,6 +837,13 @@ impl KernelSync {
         self.track(name, old_id, id);
         let proposals = {
             let mut st = lock(&w.state);
+            if st.missed_overflow {
+                // Changes after the read were dropped: try again (the map will be refilled).
+                drop(st);
+                return Err(fail(NodeError::Unavailable(format!(
+                    "too many changes arrived while reconciling map {name}; retrying"
+                ))));
+            }
             st.pending.clear();
             st.committed_while_pending.clear();
             st.touched.clear();
@@ -1391,16 +1400,18 @@ impl KernelSync {
 }
 
 impl KernelSync {
-    /// The applier has processed everything up to `index`: settle the captures committed by
-    /// then, and let proposers know.
+    /// The applier has processed everything up to `index` (a whole entry, or a snapshot):
+    /// settle the captures committed by then, and let proposers know.
     fn after_apply(&self, index: u64) {
+        // Published first: a proposer that takes a map's lock after this settles its keys
+        // itself; one that took it before left its commit index for the loop below.
+        self.hooked_index.fetch_max(index, Ordering::AcqRel);
         for w in self.maps.values() {
             let mut st = lock(&w.state);
             if !st.pending.is_empty() {
                 self.settle_committed(&mut st, index);
             }
         }
-        self.hooked_index.fetch_max(index, Ordering::AcqRel);
     }
 }
 
@@ -1444,6 +1455,9 @@ impl ApplyHook for KernelSync {
             }
             self.apply_changes(&mut st, map, captured_here, changes);
         }
+    }
+
+    fn on_entry_applied(&self, index: u64) {
         self.after_apply(index);
     }
 

@@ -115,6 +115,9 @@ pub trait ApplyHook: Send + Sync + 'static {
     fn on_batch(&self, index: u64, origin: NodeId, source: Source, changes: &[Change]);
     /// A snapshot ending at `index` replaces the whole state: the full contents of every map.
     fn on_snapshot(&self, index: u64, maps: &MapContents);
+    /// Every batch of the entry at `index` has been passed to `on_batch` (called for every
+    /// entry, including those without client batches).
+    fn on_entry_applied(&self, _index: u64) {}
 }
 
 /// openraft state machine. Construct with [`crate::open`].
@@ -201,6 +204,7 @@ impl StateMachine {
         let mut events = Vec::with_capacity(entries.len());
 
         for entry in entries {
+            let index = entry.log_id.index;
             work.applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => results.push(ApplyResult::default()),
@@ -256,6 +260,9 @@ impl StateMachine {
                     });
                     results.push(ApplyResult { outcomes });
                 }
+            }
+            if let Some(hook) = &self.hook {
+                hook.on_entry_applied(index);
             }
         }
 
