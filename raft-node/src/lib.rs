@@ -26,6 +26,7 @@ mod service;
 pub use client::{put, Client};
 pub use error::{NodeError, Result};
 pub use kernel::WatchSpec;
+pub use network::endpoint;
 pub use node::{NodeConfig, RunningNode};
 pub use propose::BatchConfig;
 pub use raftmap_proto as proto;

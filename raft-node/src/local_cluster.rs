@@ -190,6 +190,28 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// SIGSTOP: the process freezes with its sockets open (a GC pause, a stalled VM).
+    pub fn pause(&mut self, id: NodeId) -> Result<()> {
+        self.signal(id, nix::sys::signal::Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`LocalCluster::pause`].
+    pub fn resume(&mut self, id: NodeId) -> Result<()> {
+        self.signal(id, nix::sys::signal::Signal::SIGCONT)
+    }
+
+    fn signal(&mut self, id: NodeId, sig: nix::sys::signal::Signal) -> Result<()> {
+        let node = self.node_mut(id)?;
+        let Some(child) = node.child.as_ref() else {
+            return Err(NodeError::FailedPrecondition(format!(
+                "node {id} is not running"
+            )));
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, sig)
+            .map_err(|e| NodeError::Internal(format!("signalling node {id}: {e}")))
+    }
+
     /// Client connected to node `id`.
     pub async fn client(&self, id: NodeId) -> Result<Client> {
         Client::connect(&[self.node(id)?.api_addr.clone()]).await
@@ -310,9 +332,10 @@ impl LocalCluster {
         Ok(c)
     }
 
-    /// Kills every node.
+    /// Kills every node (resuming paused ones first, so that they die at once).
     pub fn stop_all(&mut self) {
         for id in self.ids() {
+            let _ = self.resume(id);
             let _ = self.kill(id);
         }
     }

@@ -186,6 +186,10 @@ struct AgentArgs {
     /// How often watched kernel maps are scanned for changes.
     #[arg(long)]
     scan_interval_ms: Option<u64>,
+    /// UNSAFE, for testing the fault-injection harness only: serve linearizable reads from the
+    /// local state without read-index.
+    #[arg(long, hide = true)]
+    unsafe_local_reads: bool,
     #[arg(long)]
     heartbeat_ms: Option<u64>,
     #[arg(long)]
@@ -557,6 +561,12 @@ async fn agent(a: AgentArgs) -> Result<()> {
         cfg.snapshot_logs = v;
     }
     cfg.watch.extend(a.watch);
+    if a.unsafe_local_reads {
+        tracing::warn!(
+            "UNSAFE: linearizable reads are served from local state (--unsafe-local-reads)"
+        );
+        cfg.unsafe_local_reads = true;
+    }
     if let Some(v) = a.scan_interval_ms {
         cfg.scan_interval_ms = v;
     }

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub watch: Vec<WatchSpec>,
     /// How often each watched kernel map is scanned for changes.
     pub scan_interval_ms: u64,
+    /// UNSAFE, for testing the fault-injection harness: serve linearizable reads from the local
+    /// state without read-index.
+    pub unsafe_local_reads: bool,
     #[serde(skip)]
     pub batch: BatchConfig,
 }
@@ -75,6 +78,7 @@ impl Default for NodeConfig {
             election_timeout_ms: 500,
             watch: Vec::new(),
             scan_interval_ms: 100,
+            unsafe_local_reads: false,
             batch: BatchConfig::default(),
         }
     }
@@ -91,6 +95,7 @@ pub struct NodeShared {
     pub(crate) batcher: Batcher,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) kernel: Arc<KernelSync>,
+    pub(crate) unsafe_local_reads: bool,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -183,6 +188,7 @@ impl RunningNode {
             batcher,
             metrics,
             kernel,
+            unsafe_local_reads: cfg.unsafe_local_reads,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -179,6 +179,10 @@ impl KvService {
 
     async fn barrier(&self, c: i32) -> Result<u64, NodeError> {
         match pb::Consistency::try_from(c) {
+            // Deliberately broken mode for the fault-injection harness's own test.
+            Ok(pb::Consistency::Linearizable) if self.shared.unsafe_local_reads => {
+                Ok(self.shared.view.applied_index())
+            }
             Ok(pb::Consistency::Linearizable) => self.shared.read_barrier().await,
             Ok(pb::Consistency::Local) => Ok(self.shared.view.applied_index()),
             Err(_) => Err(NodeError::BadRequest(format!("unknown consistency {c}"))),

@@ -1,0 +1,133 @@
+//! `raftmap-jepsen test ...`: one fault-injection run, reproducible by seed; exits non-zero on
+//! any anomaly.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use raftmap_jepsen::run::{run, Fault, RunConfig};
+use raftmap_jepsen::Verdict;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "raftmap-jepsen",
+    about = "Fault injection against a local raftmap cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run one test and check its history.
+    Test {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 20)]
+        time_limit: u64,
+        /// Workload (register: read, write and compare-and-swap per key).
+        #[arg(long, default_value = "register")]
+        workload: String,
+        /// Faults, comma separated: kill, pause.
+        #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
+        nemesis: Vec<Fault>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 4)]
+        keys: u64,
+        #[arg(long, default_value_t = 6)]
+        clients: u64,
+        /// Where the history and results go.
+        #[arg(long, default_value = "jepsen-out")]
+        out: PathBuf,
+        /// The raftmap binary (default: next to this one).
+        #[arg(long)]
+        raftmap: Option<PathBuf>,
+        /// Run the nodes in a deliberately unsafe mode (reads without read-index).
+        #[arg(long)]
+        unsafe_local_reads: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let Cmd::Test {
+        nodes,
+        time_limit,
+        workload,
+        nemesis,
+        seed,
+        keys,
+        clients,
+        out,
+        raftmap,
+        unsafe_local_reads,
+    } = Cli::parse().cmd;
+    if workload != "register" {
+        bail!("workload {workload:?} is not available yet (register is)");
+    }
+    let bin = match raftmap {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .join("raftmap"),
+    };
+    let cfg = RunConfig {
+        bin,
+        nodes,
+        time_limit: Duration::from_secs(time_limit),
+        keys,
+        clients,
+        faults: nemesis,
+        seed,
+        unsafe_local_reads,
+    };
+    let report = run(&cfg).await?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let history: String = report
+        .history
+        .iter()
+        .map(|e| serde_json::to_string(e).map(|l| l + "\n"))
+        .collect::<Result<_, _>>()?;
+    std::fs::write(out.join("history.jsonl"), history)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    println!(
+        "seed {seed}: {} ok, {} fail, {} info; {} faults injected; history in {}",
+        report.ops_ok,
+        report.ops_fail,
+        report.ops_info,
+        report.fault_log.len(),
+        out.join("history.jsonl").display()
+    );
+    for v in &report.anomalies {
+        if let Verdict::NotLinearizable {
+            key,
+            op,
+            concurrent,
+            placed,
+        } = v
+        {
+            println!(
+                "NOT LINEARIZABLE on key {key}: {:?} by process {} at [{}, {:?}] cannot be placed after {} operations; concurrent: {:?}",
+                op.f,
+                op.process,
+                op.call,
+                op.ret,
+                placed.len(),
+                concurrent.iter().map(|o| (&o.f, o.process)).collect::<Vec<_>>()
+            );
+        }
+    }
+    if !report.linearizable {
+        std::process::exit(1);
+    }
+    println!("linearizable");
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! One test run: a cluster of real `raftmap agent` processes, clients recording a history of
+//! register operations through the client API, a nemesis injecting faults, and the checker.
+//!
+//! This slice runs the nodes on loopback (`local_cluster`); network partitions need the nodes
+//! in network namespaces and come with them. Faults here: SIGKILL and restart, SIGSTOP and
+//! SIGCONT.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_node::proto as pb;
+use raftmap_node::storage::{MapSchema, MapType};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::checker::{check, Verdict};
+use crate::history::{operations, Event, EventType, Func};
+
+/// The replicated map the register workload uses.
+pub const MAP: &str = "jepsen_register";
+
+/// Faults the nemesis can inject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fault {
+    /// SIGKILL a random node, restart it a moment later.
+    Kill,
+    /// SIGSTOP a random node, SIGCONT it a moment later.
+    Pause,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill" => Ok(Fault::Kill),
+            "pause" => Ok(Fault::Pause),
+            "partition" | "membership" | "clock" => Err(format!(
+                "nemesis {s:?} is not available yet in this harness (kill and pause are)"
+            )),
+            other => Err(format!("unknown nemesis {other:?}: expected kill or pause")),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The `raftmap` binary.
+    pub bin: PathBuf,
+    pub nodes: u64,
+    pub time_limit: Duration,
+    pub keys: u64,
+    pub clients: u64,
+    pub faults: Vec<Fault>,
+    pub seed: u64,
+    /// Start the nodes with `--unsafe-local-reads` (to show the checker catches it).
+    pub unsafe_local_reads: bool,
+}
+
+/// Errors that stop a run (not anomalies: those are results).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cluster: {0}")]
+    Cluster(#[from] raftmap_node::NodeError),
+    #[error("history: {0}")]
+    History(#[from] crate::history::HistoryError),
+}
+
+/// What a run produced.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub nodes: u64,
+    pub faults: Vec<Fault>,
+    /// Fault windows: `(fault, node, start ns, end ns)`.
+    pub fault_log: Vec<(Fault, u64, u64, u64)>,
+    pub ops_ok: usize,
+    pub ops_fail: usize,
+    pub ops_info: usize,
+    pub linearizable: bool,
+    #[serde(skip)]
+    pub anomalies: Vec<Verdict>,
+    #[serde(skip)]
+    pub history: Vec<Event>,
+}
+
+struct Recorder {
+    start: Instant,
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    /// Records an event; returns whether it left the outcome unknown.
+    fn record(&self, process: u64, kind: EventType, key: u64, f: Func) -> bool {
+        let time = self.start.elapsed().as_nanos() as u64;
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.push(Event {
+            process,
+            kind,
+            f,
+            key,
+            time,
+        });
+        kind == EventType::Info
+    }
+}
+
+fn key_bytes(k: u64) -> Vec<u8> {
+    k.to_be_bytes().to_vec()
+}
+
+fn value_of(v: &[u8]) -> Option<i64> {
+    v.try_into().ok().map(i64::from_be_bytes)
+}
+
+/// How a call ended, for the history: a definite refusal is `Fail`, anything that leaves the
+/// outcome open (timeout, unavailable, lost connection) is `Info`.
+fn classify(s: &tonic::Status) -> EventType {
+    match s.code() {
+        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
+            EventType::Fail
+        }
+        _ => EventType::Info,
+    }
+}
+
+/// A call bounded on the client side too: a paused server never answers, whatever the
+/// deadline it was sent.
+async fn within<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")))
+}
+
+/// One client: operations one at a time against one node, until `deadline`.
+async fn client(
+    process: u64,
+    endpoint: String,
+    keys: u64,
+    seed: u64,
+    deadline: Instant,
+    rec: Arc<Recorder>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let Ok(ch) = raftmap_node::endpoint(&endpoint).map(|e| e.connect_lazy()) else {
+        return;
+    };
+    let mut kv = pb::kv_client::KvClient::new(ch);
+    let mut last_unknown = false;
+    while Instant::now() < deadline {
+        if std::mem::take(&mut last_unknown) {
+            // The node is down or unreachable: do not spin on it.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let key = rng.gen_range(0..keys);
+        let op = rng.gen_range(0..3);
+        let timeout = Duration::from_secs(2);
+        match op {
+            0 => {
+                let _ = rec.record(process, EventType::Invoke, key, Func::Read(None));
+                let mut req = tonic::Request::new(pb::GetRequest {
+                    map: MAP.into(),
+                    key: key_bytes(key),
+                    consistency: pb::Consistency::Linearizable as i32,
+                });
+                req.set_timeout(timeout);
+                match within(timeout, kv.get(req)).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        let v = if r.found { value_of(&r.value) } else { None };
+                        let _ = rec.record(process, EventType::Ok, key, Func::Read(v));
+                    }
+                    Err(s) => {
+                        last_unknown = rec.record(process, classify(&s), key, Func::Read(None))
+                    }
+                }
+            }
+            1 => {
+                let v = rng.gen_range(0..5);
+                let _ = rec.record(process, EventType::Invoke, key, Func::Write(v));
+                let mut req = tonic::Request::new(pb::WriteRequest {
+                    ops: vec![pb::Op {
+                        op: Some(pb::op::Op::Put(pb::Put {
+                            map: MAP.into(),
+                            key: key_bytes(key),
+                            value: v.to_be_bytes().to_vec(),
+                        })),
+                    }],
+                });
+                req.set_timeout(timeout);
+                let kind = match within(timeout, kv.write(req)).await {
+                    Ok(_) => EventType::Ok,
+                    Err(s) => classify(&s),
+                };
+                last_unknown = rec.record(process, kind, key, Func::Write(v));
+            }
+            _ => {
+                let (from, to) = (rng.gen_range(0..5), rng.gen_range(0..5));
+                let f = Func::Cas([from, to]);
+                let _ = rec.record(process, EventType::Invoke, key, f.clone());
+                let mut req = tonic::Request::new(pb::WriteRequest {
+                    ops: vec![pb::Op {
+                        op: Some(pb::op::Op::Cas(pb::CompareAndSwap {
+                            map: MAP.into(),
+                            key: key_bytes(key),
+                            expected: Some(from.to_be_bytes().to_vec()),
+                            new_value: Some(to.to_be_bytes().to_vec()),
+                        })),
+                    }],
+                });
+                req.set_timeout(timeout);
+                let kind = match within(timeout, kv.write(req)).await {
+                    Ok(r) if r.get_ref().succeeded => EventType::Ok,
+                    Ok(_) => EventType::Fail,
+                    Err(s) => classify(&s),
+                };
+                last_unknown = rec.record(process, kind, key, f);
+            }
+        }
+    }
+}
+
+/// Runs one test.
+pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
+    let mut agent_args = Vec::new();
+    if cfg.unsafe_local_reads {
+        agent_args.push("--unsafe-local-reads".to_string());
+    }
+    let opts = ClusterOptions {
+        bin: cfg.bin.clone(),
+        agent_args,
+        log_filter: "warn".into(),
+        node_args: Default::default(),
+    };
+    let mut cluster = LocalCluster::start(opts, cfg.nodes, 0, Duration::from_secs(60)).await?;
+    cluster
+        .client(1)
+        .await?
+        .declare(&MapSchema {
+            name: MAP.into(),
+            map_type: MapType::Hash,
+            key_size: 8,
+            value_size: 8,
+            max_entries: 1024,
+        })
+        .await?;
+    let ids = cluster.ids();
+    let rec = Arc::new(Recorder {
+        start: Instant::now(),
+        events: Mutex::new(Vec::new()),
+    });
+    let deadline = Instant::now() + cfg.time_limit;
+    let mut tasks = Vec::new();
+    for p in 0..cfg.clients {
+        let endpoint = cluster
+            .node(ids[(p % ids.len() as u64) as usize])?
+            .api_addr
+            .clone();
+        tasks.push(tokio::spawn(client(
+            p,
+            endpoint,
+            cfg.keys,
+            cfg.seed.wrapping_mul(1_000_003).wrapping_add(p),
+            deadline,
+            rec.clone(),
+        )));
+    }
+    let fault_log = nemesis(&mut cluster, cfg, deadline, &rec).await?;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let history = std::mem::take(&mut *rec.events.lock().unwrap_or_else(|p| p.into_inner()));
+    let count = |k: EventType| history.iter().filter(|e| e.kind == k).count();
+    let ops = operations(&history)?;
+    let anomalies = check(&ops);
+    Ok(Report {
+        seed: cfg.seed,
+        nodes: cfg.nodes,
+        faults: cfg.faults.clone(),
+        fault_log,
+        ops_ok: count(EventType::Ok),
+        ops_fail: count(EventType::Fail),
+        ops_info: count(EventType::Info),
+        linearizable: anomalies.is_empty(),
+        anomalies,
+        history,
+    })
+}
+
+/// Injects the configured faults until `deadline`, then heals everything.
+async fn nemesis(
+    cluster: &mut LocalCluster,
+    cfg: &RunConfig,
+    deadline: Instant,
+    rec: &Recorder,
+) -> Result<Vec<(Fault, u64, u64, u64)>, RunError> {
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let ids = cluster.ids();
+    let mut log = Vec::new();
+    let now = |rec: &Recorder| rec.start.elapsed().as_nanos() as u64;
+    while !cfg.faults.is_empty() {
+        let quiet = Duration::from_millis(rng.gen_range(300..1200));
+        if Instant::now() + quiet + Duration::from_millis(1500) > deadline {
+            break;
+        }
+        tokio::time::sleep(quiet).await;
+        let fault = cfg.faults[rng.gen_range(0..cfg.faults.len())];
+        let node = ids[rng.gen_range(0..ids.len())];
+        let hold = Duration::from_millis(rng.gen_range(300..1200));
+        let start = now(rec);
+        match fault {
+            Fault::Kill => {
+                cluster.kill(node)?;
+                tokio::time::sleep(hold).await;
+                cluster.restart(node)?;
+            }
+            Fault::Pause => {
+                cluster.pause(node)?;
+                tokio::time::sleep(hold).await;
+                cluster.resume(node)?;
+            }
+        }
+        log.push((fault, node, start, now(rec)));
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::sleep(left).await;
+    Ok(log)
+}
