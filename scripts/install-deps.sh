@@ -11,7 +11,7 @@
 set -euo pipefail
 
 packages=(librocksdb-dev libclang-dev protobuf-compiler pkg-config clang-19 libbpf-dev bpftool
-  qemu-system-x86 busybox-static cpio)
+  qemu-system-x86 busybox-static cpio nftables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

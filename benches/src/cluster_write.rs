@@ -212,6 +212,7 @@ async fn main() -> Result<()> {
             agent_args,
             log_filter: "warn".into(),
             node_args: Default::default(),
+            netns: false,
         },
         args.nodes,
         0,

@@ -1,5 +1,6 @@
 //! Short fault-injection runs against real `raftmap agent` processes: the register workload
-//! under SIGKILL and SIGSTOP stays linearizable, and the checker catches the anomalies of a node
+//! under SIGKILL, SIGSTOP and network partitions (nodes in network namespaces) stays
+//! linearizable, and the checker catches the anomalies of a node
 //! deliberately serving reads without read-index.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -39,10 +40,9 @@ fn config(seed: u64, faults: Vec<Fault>, secs: u64, unsafe_local_reads: bool) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_under_kills_and_pauses_is_linearizable() {
-    let report = run(&config(7, vec![Fault::Kill, Fault::Pause], 10, false))
-        .await
-        .unwrap();
+async fn register_under_kills_pauses_and_partitions_is_linearizable() {
+    let faults = vec![Fault::Kill, Fault::Pause, Fault::Partition];
+    let report = run(&config(7, faults, 12, false)).await.unwrap();
     assert!(
         !report.fault_log.is_empty(),
         "the nemesis injected no fault"
@@ -50,7 +50,7 @@ async fn register_under_kills_and_pauses_is_linearizable() {
     assert!(report.ops_ok > 200, "too little load: {} ok", report.ops_ok);
     assert!(
         report.linearizable,
-        "anomalies under kill and pause (seed 7): {:#?}",
+        "anomalies under kill, pause and partition (seed 7): {:#?}",
         report.anomalies
     );
 }

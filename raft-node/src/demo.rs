@@ -83,6 +83,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .as_ref()
             .map(KernelDemo::agent_args)
             .unwrap_or_default(),
+        netns: false,
     };
     let work = async {
         let mut cluster =

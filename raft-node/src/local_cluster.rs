@@ -43,14 +43,163 @@ pub struct ClusterOptions {
     pub log_filter: String,
     /// Extra `raftmap agent` arguments for particular nodes.
     pub node_args: BTreeMap<NodeId, Vec<String>>,
+    /// Run each node in a network namespace of its own, joined by veth pairs to a bridge, so
+    /// that the network between them can be partitioned (needs root, `ip` and `nft`).
+    pub netns: bool,
 }
 
-/// Nodes on loopback under one temporary directory.
+/// The test network: a bridge in the caller's namespace, one namespace per node.
+#[derive(Debug)]
+struct Netns {
+    /// Short unique prefix for interface and namespace names (at most 15 bytes with suffixes).
+    tag: String,
+    /// Third octet of the test subnet 10.201.X.0/24.
+    subnet: u8,
+    nodes: Vec<NodeId>,
+}
+
+fn run_ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| NodeError::Internal(format!("running ip: {e}")))?;
+    if !out.status.success() {
+        return Err(NodeError::Internal(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+impl Netns {
+    fn new() -> Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNT: AtomicU32 = AtomicU32::new(0);
+        let n = COUNT.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let tag = format!("rm{}{}", pid % 10_000, n % 10);
+        let subnet = ((pid.wrapping_mul(7).wrapping_add(n)) % 250 + 1) as u8;
+        let net = Self {
+            tag,
+            subnet,
+            nodes: Vec::new(),
+        };
+        let bridge = net.bridge();
+        run_ip(&["link", "add", &bridge, "type", "bridge"])?;
+        run_ip(&[
+            "addr",
+            "add",
+            &format!("10.201.{subnet}.1/24"),
+            "dev",
+            &bridge,
+        ])?;
+        run_ip(&["link", "set", &bridge, "up"])?;
+        Ok(net)
+    }
+
+    fn bridge(&self) -> String {
+        format!("{}b", self.tag)
+    }
+
+    fn ns(&self, id: NodeId) -> String {
+        format!("{}-{id}", self.tag)
+    }
+
+    fn ip(&self, id: NodeId) -> String {
+        format!("10.201.{}.{}", self.subnet, 10 + id)
+    }
+
+    fn add_node(&mut self, id: NodeId) -> Result<()> {
+        let (ns, host, inner) = (
+            self.ns(id),
+            format!("{}h{id}", self.tag),
+            format!("{}n{id}", self.tag),
+        );
+        run_ip(&["netns", "add", &ns])?;
+        self.nodes.push(id);
+        run_ip(&["link", "add", &host, "type", "veth", "peer", "name", &inner])?;
+        run_ip(&["link", "set", &inner, "netns", &ns])?;
+        run_ip(&["link", "set", &host, "master", &self.bridge(), "up"])?;
+        run_ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", self.ip(id)),
+            "dev",
+            &inner,
+        ])?;
+        run_ip(&["-n", &ns, "link", "set", &inner, "up"])?;
+        run_ip(&["-n", &ns, "link", "set", "lo", "up"])
+    }
+
+    /// Makes node `id` drop every packet from the nodes in `from` (empty: heal).
+    fn block(&self, id: NodeId, from: &[NodeId]) -> Result<()> {
+        let ns = self.ns(id);
+        // Removing a table that is not there fails; that is the healed state already.
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "raftmap_partition",
+            ])
+            .output();
+        if from.is_empty() {
+            return Ok(());
+        }
+        let addrs: Vec<String> = from.iter().map(|n| self.ip(*n)).collect();
+        let rules = format!(
+            "table inet raftmap_partition {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    ip saddr {{ {} }} drop\n  }}\n}}\n",
+            addrs.join(", ")
+        );
+        let out = (|| {
+            use std::io::Write;
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &ns, "nft", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(rules.as_bytes())?;
+            }
+            child.wait_with_output()
+        })()
+        .map_err(|e| NodeError::Internal(format!("running nft: {e}")))?;
+        if !out.status.success() {
+            return Err(NodeError::Internal(format!(
+                "nft in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for id in &self.nodes {
+            let _ = run_ip(&["netns", "del", &self.ns(*id)]);
+        }
+        let _ = run_ip(&["link", "del", &self.bridge()]);
+    }
+}
+
+/// Nodes on loopback (or in network namespaces) under one temporary directory.
 #[derive(Debug)]
 pub struct LocalCluster {
     opts: ClusterOptions,
     dir: tempfile::TempDir,
     nodes: BTreeMap<NodeId, LocalNode>,
+    /// Declared after `nodes` so that processes die before their namespaces go.
+    net: Option<Netns>,
 }
 
 /// A free loopback port below the kernel's ephemeral range (32768+), so that outgoing
@@ -82,11 +231,53 @@ impl LocalCluster {
             .prefix("raftmap-cluster-")
             .tempdir()
             .map_err(|e| NodeError::Internal(format!("temp dir: {e}")))?;
+        let net = if opts.netns {
+            Some(Netns::new()?)
+        } else {
+            None
+        };
         Ok(Self {
             opts,
             dir,
             nodes: BTreeMap::new(),
+            net,
         })
+    }
+
+    /// Whether the nodes run in network namespaces (partitions possible).
+    pub fn has_netns(&self) -> bool {
+        self.net.is_some()
+    }
+
+    /// Partitions the network into `groups`: a node only hears nodes of its own group (clients
+    /// still reach every node). Needs `netns`.
+    pub fn partition(&mut self, groups: &[Vec<NodeId>]) -> Result<()> {
+        let net = self
+            .net
+            .as_ref()
+            .ok_or_else(|| NodeError::FailedPrecondition("partitions need netns".into()))?;
+        for g in groups {
+            let others: Vec<NodeId> = groups
+                .iter()
+                .filter(|o| *o != g)
+                .flatten()
+                .copied()
+                .collect();
+            for id in g {
+                net.block(*id, &others)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every partition.
+    pub fn heal(&mut self) -> Result<()> {
+        if let Some(net) = &self.net {
+            for id in net.nodes.clone() {
+                net.block(id, &[])?;
+            }
+        }
+        Ok(())
     }
 
     /// Where data dirs and logs live.
@@ -121,11 +312,23 @@ impl LocalCluster {
             Some(j) => Some(self.node(j)?.api_addr.clone()),
             None => None,
         };
+        let (raft_addr, api_addr, metrics_addr) = match self.net.as_mut() {
+            Some(net) => {
+                net.add_node(id)?;
+                let ip = net.ip(id);
+                (
+                    format!("{ip}:7400"),
+                    format!("{ip}:7401"),
+                    format!("{ip}:7402"),
+                )
+            }
+            None => (free_port()?, free_port()?, free_port()?),
+        };
         let node = LocalNode {
             id,
-            raft_addr: free_port()?,
-            api_addr: free_port()?,
-            metrics_addr: free_port()?,
+            raft_addr,
+            api_addr,
+            metrics_addr,
             data_dir: self.dir.path().join(format!("node-{id}")),
             log_path: self.dir.path().join(format!("node-{id}.log")),
             child: None,
@@ -149,16 +352,26 @@ impl LocalCluster {
 
     fn start_process(&mut self, id: NodeId, extra: &[String]) -> Result<()> {
         let opts = self.opts.clone();
-        let node = self.node_mut(id)?;
+        let log_path = self.node(id)?.log_path.clone();
         let log = File::options()
             .create(true)
             .append(true)
-            .open(&node.log_path)
-            .map_err(|e| NodeError::Internal(format!("{}: {e}", node.log_path.display())))?;
+            .open(&log_path)
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", log_path.display())))?;
         let log2 = log
             .try_clone()
-            .map_err(|e| NodeError::Internal(format!("{}: {e}", node.log_path.display())))?;
-        let child = Command::new(&opts.bin)
+            .map_err(|e| NodeError::Internal(format!("{}: {e}", log_path.display())))?;
+        let mut cmd = match &self.net {
+            Some(net) => {
+                let mut c = Command::new("ip");
+                // `ip netns exec` execs the binary: the child's pid is the agent's.
+                c.args(["netns", "exec", &net.ns(id)]).arg(&opts.bin);
+                c
+            }
+            None => Command::new(&opts.bin),
+        };
+        let node = self.node_mut(id)?;
+        let child = cmd
             .arg("agent")
             .args(["--node-id", &id.to_string()])
             .args(["--raft-addr", &node.raft_addr])

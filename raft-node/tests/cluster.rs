@@ -21,6 +21,7 @@ fn opts(extra: &[&str]) -> ClusterOptions {
         agent_args: extra.iter().map(|s| s.to_string()).collect(),
         log_filter: "info,openraft=warn".into(),
         node_args: Default::default(),
+        netns: false,
     }
 }
 
@@ -577,4 +578,46 @@ fn cli_reports_unreachable_endpoints_and_bad_hex() {
     let (ok, err) = raftmap(&["map", "put", "ct", "zz", "00", "--endpoints", &addr]);
     assert!(!ok);
     assert!(err.contains("key \"zz\" is not hex"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_is_replaced_and_the_cluster_heals() {
+    // Each node in a network namespace of its own; partitions are nftables rules in them.
+    let mut o = opts(&[]);
+    o.netns = true;
+    let mut c = LocalCluster::start(o, 3, 0, T).await.unwrap();
+    assert!(c.has_netns());
+    let old = leader_of(&c, &[1, 2, 3]).await;
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != old).collect();
+    c.client(rest[0])
+        .await
+        .unwrap()
+        .declare(&schema())
+        .await
+        .unwrap();
+    c.partition(&[vec![old], rest.clone()]).unwrap();
+    // The majority elects a leader among itself and keeps committing.
+    let deadline = Instant::now() + T;
+    let new = loop {
+        let l = leader_of(&c, &rest).await;
+        if l != old {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new leader behind the partition"
+        );
+    };
+    assert!(rest.contains(&new));
+    let majority = c.client(new).await.unwrap();
+    majority.put(MAP, key(1), key(1)).await.unwrap();
+    // The isolated node cannot serve a linearizable read.
+    let isolated = c.client(old).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(15), isolated.get(MAP, key(1), true)).await;
+    assert!(
+        !matches!(read, Ok(Ok(_))),
+        "the isolated old leader answered a linearizable read: {read:?}"
+    );
+    c.heal().unwrap();
+    assert_eq!(converged(&mut c, &[1, 2, 3]).await.len(), 1);
 }

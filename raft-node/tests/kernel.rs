@@ -72,6 +72,7 @@ fn opts(node_args: BTreeMap<u64, Vec<String>>) -> ClusterOptions {
         agent_args: vec![],
         log_filter: "info,openraft=warn".into(),
         node_args,
+        netns: false,
     }
 }
 
