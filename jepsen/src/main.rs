@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use raftmap_jepsen::run::{run, Fault, RunConfig};
+use raftmap_jepsen::run::{run, Fault, RunConfig, Workload};
 use raftmap_jepsen::Verdict;
 
 #[derive(Parser, Debug)]
@@ -28,9 +28,10 @@ enum Cmd {
         /// Seconds of load.
         #[arg(long, default_value_t = 20)]
         time_limit: u64,
-        /// Workload (register: read, write and compare-and-swap per key).
+        /// Workload: register (read, write, compare-and-swap per key; linearizability) or set
+        /// (unique adds, then a final read; lost and unexpected elements).
         #[arg(long, default_value = "register")]
-        workload: String,
+        workload: Workload,
         /// Faults, comma separated: kill, pause.
         #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
         nemesis: Vec<Fault>,
@@ -66,9 +67,6 @@ async fn main() -> Result<()> {
         raftmap,
         unsafe_local_reads,
     } = Cli::parse().cmd;
-    if workload != "register" {
-        bail!("workload {workload:?} is not available yet (register is)");
-    }
     let bin = match raftmap {
         Some(b) => b,
         None => std::env::current_exe()?
@@ -77,6 +75,7 @@ async fn main() -> Result<()> {
             .join("raftmap"),
     };
     let cfg = RunConfig {
+        workload,
         bin,
         nodes,
         time_limit: Duration::from_secs(time_limit),
@@ -125,9 +124,21 @@ async fn main() -> Result<()> {
             );
         }
     }
-    if !report.linearizable {
+    if let Some(set) = &report.set {
+        println!(
+            "set: {} attempted, {} acknowledged, {} in the final read, {} lost, {} unexpected, {} of unknown outcome recovered",
+            set.attempted,
+            set.acknowledged,
+            set.final_size,
+            set.lost.len(),
+            set.unexpected.len(),
+            set.recovered
+        );
+    }
+    if !report.valid {
+        println!("INVALID");
         std::process::exit(1);
     }
-    println!("linearizable");
+    println!("valid");
     Ok(())
 }

@@ -49,9 +49,50 @@ impl std::str::FromStr for Fault {
     }
 }
 
+/// What the clients do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Reads, writes and compare-and-swaps on a few keys; checked for linearizability.
+    Register,
+    /// Adds of unique elements, then a final read; checked for lost and unexpected elements.
+    Set,
+}
+
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "register" => Ok(Workload::Register),
+            "set" => Ok(Workload::Set),
+            "kernel-map" => {
+                Err("workload \"kernel-map\" is not available yet (register and set are)".into())
+            }
+            other => Err(format!(
+                "unknown workload {other:?}: expected register or set"
+            )),
+        }
+    }
+}
+
+/// The set workload's verdict.
+#[derive(Debug, Default, Serialize)]
+pub struct SetResult {
+    pub attempted: usize,
+    pub acknowledged: usize,
+    pub final_size: usize,
+    /// Acknowledged adds missing from the final read.
+    pub lost: Vec<i64>,
+    /// Elements in the final read that nobody tried to add.
+    pub unexpected: Vec<i64>,
+    /// Adds of unknown outcome that did take effect.
+    pub recovered: usize,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
+    pub workload: Workload,
     /// The `raftmap` binary.
     pub bin: PathBuf,
     pub nodes: u64,
@@ -84,7 +125,10 @@ pub struct Report {
     pub ops_ok: usize,
     pub ops_fail: usize,
     pub ops_info: usize,
+    /// No anomaly: linearizable (register), nothing lost or unexpected (set).
+    pub valid: bool,
     pub linearizable: bool,
+    pub set: Option<SetResult>,
     #[serde(skip)]
     pub anomalies: Vec<Verdict>,
     #[serde(skip)]
@@ -146,6 +190,7 @@ async fn within<T>(
 async fn client(
     process: u64,
     endpoint: String,
+    workload: Workload,
     keys: u64,
     seed: u64,
     deadline: Instant,
@@ -157,13 +202,17 @@ async fn client(
     };
     let mut kv = pb::kv_client::KvClient::new(ch);
     let mut last_unknown = false;
+    let mut added: i64 = 0;
     while Instant::now() < deadline {
         if std::mem::take(&mut last_unknown) {
             // The node is down or unreachable: do not spin on it.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let key = rng.gen_range(0..keys);
-        let op = rng.gen_range(0..3);
+        let op = match workload {
+            Workload::Register => rng.gen_range(0..3),
+            Workload::Set => 3,
+        };
         let timeout = Duration::from_secs(2);
         match op {
             0 => {
@@ -203,6 +252,27 @@ async fn client(
                     Err(s) => classify(&s),
                 };
                 last_unknown = rec.record(process, kind, key, Func::Write(v));
+            }
+            3 => {
+                // A unique element: the process and its own counter.
+                added += 1;
+                let element = (process as i64) * 1_000_000_000 + added;
+                let _ = rec.record(process, EventType::Invoke, 0, Func::Write(element));
+                let mut req = tonic::Request::new(pb::WriteRequest {
+                    ops: vec![pb::Op {
+                        op: Some(pb::op::Op::Put(pb::Put {
+                            map: MAP.into(),
+                            key: element.to_be_bytes().to_vec(),
+                            value: 1i64.to_be_bytes().to_vec(),
+                        })),
+                    }],
+                });
+                req.set_timeout(timeout);
+                let kind = match within(timeout, kv.write(req)).await {
+                    Ok(_) => EventType::Ok,
+                    Err(s) => classify(&s),
+                };
+                last_unknown = rec.record(process, kind, 0, Func::Write(element));
             }
             _ => {
                 let (from, to) = (rng.gen_range(0..5), rng.gen_range(0..5));
@@ -252,7 +322,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
             map_type: MapType::Hash,
             key_size: 8,
             value_size: 8,
-            max_entries: 1024,
+            max_entries: 1 << 20,
         })
         .await?;
     let ids = cluster.ids();
@@ -270,6 +340,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         tasks.push(tokio::spawn(client(
             p,
             endpoint,
+            cfg.workload,
             cfg.keys,
             cfg.seed.wrapping_mul(1_000_003).wrapping_add(p),
             deadline,
@@ -282,8 +353,13 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
     }
     let history = std::mem::take(&mut *rec.events.lock().unwrap_or_else(|p| p.into_inner()));
     let count = |k: EventType| history.iter().filter(|e| e.kind == k).count();
-    let ops = operations(&history)?;
-    let anomalies = check(&ops);
+    let (anomalies, set) = match cfg.workload {
+        Workload::Register => (check(&operations(&history)?), None),
+        Workload::Set => (Vec::new(), Some(check_set(&cluster, &history).await?)),
+    };
+    let set_ok = set
+        .as_ref()
+        .is_none_or(|r| r.lost.is_empty() && r.unexpected.is_empty());
     Ok(Report {
         seed: cfg.seed,
         nodes: cfg.nodes,
@@ -292,10 +368,72 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         ops_ok: count(EventType::Ok),
         ops_fail: count(EventType::Fail),
         ops_info: count(EventType::Info),
+        valid: anomalies.is_empty() && set_ok,
         linearizable: anomalies.is_empty(),
+        set,
         anomalies,
         history,
     })
+}
+
+/// The set's final read (linearizable, retried until the healed cluster answers), compared with
+/// what was attempted and acknowledged.
+async fn check_set(cluster: &LocalCluster, history: &[Event]) -> Result<SetResult, RunError> {
+    use std::collections::BTreeSet;
+    let element = |e: &Event| match e.f {
+        Func::Write(v) => Some(v),
+        _ => None,
+    };
+    let of = |k: EventType| -> BTreeSet<i64> {
+        history
+            .iter()
+            .filter(|e| e.kind == k)
+            .filter_map(element)
+            .collect()
+    };
+    let (attempted, acked, unknown) = (
+        of(EventType::Invoke),
+        of(EventType::Ok),
+        of(EventType::Info),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let final_read: BTreeSet<i64> = loop {
+        let mut last = None;
+        for id in cluster.ids() {
+            match cluster.client(id).await {
+                Ok(c) => match c.dump(MAP, true).await {
+                    Ok((_, _, entries)) => {
+                        last = Some(entries.iter().filter_map(|(k, _)| value_of(k)).collect());
+                        break;
+                    }
+                    Err(e) => note_retry(&e),
+                },
+                Err(e) => note_retry(&e),
+            }
+        }
+        if let Some(r) = last {
+            break r;
+        }
+        if Instant::now() > deadline {
+            return Err(RunError::Cluster(raftmap_node::NodeError::Timeout(
+                "no node answered the final read".into(),
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    Ok(SetResult {
+        attempted: attempted.len(),
+        acknowledged: acked.len(),
+        final_size: final_read.len(),
+        lost: acked.difference(&final_read).copied().collect(),
+        unexpected: final_read.difference(&attempted).copied().collect(),
+        recovered: unknown.intersection(&final_read).count(),
+    })
+}
+
+/// A failed attempt at the final read (retried).
+fn note_retry(e: &raftmap_node::NodeError) {
+    eprintln!("final read: {e}; retrying");
 }
 
 /// Injects the configured faults until `deadline`, then heals everything.

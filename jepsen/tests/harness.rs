@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use raftmap_jepsen::run::{run, Fault, RunConfig};
+use raftmap_jepsen::run::{run, Fault, RunConfig, Workload};
 
 /// The `raftmap` binary cargo built next to this test's directory.
 fn raftmap_bin() -> PathBuf {
@@ -27,6 +27,7 @@ fn raftmap_bin() -> PathBuf {
 
 fn config(seed: u64, faults: Vec<Fault>, secs: u64, unsafe_local_reads: bool) -> RunConfig {
     RunConfig {
+        workload: Workload::Register,
         bin: raftmap_bin(),
         nodes: 3,
         time_limit: Duration::from_secs(secs),
@@ -61,4 +62,25 @@ async fn the_checker_catches_reads_served_without_read_index() {
     // a later write impossible to place); what matters is that the anomaly is found.
     assert!(!report.linearizable, "stale local reads went unnoticed");
     assert!(!report.anomalies.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_under_kills_and_partitions_loses_no_acknowledged_add() {
+    let mut cfg = config(9, vec![Fault::Kill, Fault::Partition], 10, false);
+    cfg.workload = Workload::Set;
+    let report = run(&cfg).await.unwrap();
+    let set = report.set.as_ref().unwrap();
+    assert!(set.acknowledged > 200, "too little load: {set:?}");
+    assert!(!report.fault_log.is_empty());
+    assert!(
+        set.lost.is_empty(),
+        "lost acknowledged adds: {:?}",
+        set.lost
+    );
+    assert!(
+        set.unexpected.is_empty(),
+        "unexpected elements: {:?}",
+        set.unexpected
+    );
+    assert!(report.valid);
 }
