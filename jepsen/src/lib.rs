@@ -5,6 +5,7 @@
 
 pub mod checker;
 pub mod history;
+pub mod plot;
 pub mod run;
 
 pub use checker::{check, check_key, Verdict};

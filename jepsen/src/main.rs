@@ -97,6 +97,10 @@ async fn main() -> Result<()> {
         out.join("results.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
+    std::fs::write(
+        out.join("latency.svg"),
+        raftmap_jepsen::plot::latency_svg(&report.history, &report.fault_log),
+    )?;
     println!(
         "seed {seed}: {} ok, {} fail, {} info; {} faults injected; history in {}",
         report.ops_ok,

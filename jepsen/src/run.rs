@@ -30,8 +30,8 @@ pub enum Fault {
     Kill,
     /// SIGSTOP a random node, SIGCONT it a moment later.
     Pause,
-    /// Split the nodes into two random halves that cannot hear each other, then heal. Runs the
-    /// nodes in network namespaces.
+    /// Cut the network: the leader alone, or two random halves, then heal. Runs the nodes in
+    /// network namespaces.
     Partition,
 }
 
@@ -120,7 +120,8 @@ pub struct Report {
     pub seed: u64,
     pub nodes: u64,
     pub faults: Vec<Fault>,
-    /// Fault windows: `(fault, node, start ns, end ns)`.
+    /// Fault windows: `(fault, node, start ns, end ns)`; for a partition the node is the
+    /// isolated leader, or 0 for two random halves.
     pub fault_log: Vec<(Fault, u64, u64, u64)>,
     pub ops_ok: usize,
     pub ops_fail: usize,
@@ -436,6 +437,21 @@ fn note_retry(e: &raftmap_node::NodeError) {
     eprintln!("final read: {e}; retrying");
 }
 
+/// The node that says it leads, if one answers in time.
+async fn leader_of(cluster: &LocalCluster) -> Option<u64> {
+    for id in cluster.ids() {
+        let Ok(c) = cluster.client(id).await else {
+            continue;
+        };
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await {
+            if s.has_leader {
+                return Some(s.leader_id);
+            }
+        }
+    }
+    None
+}
+
 /// Injects the configured faults until `deadline`, then heals everything.
 async fn nemesis(
     cluster: &mut LocalCluster,
@@ -457,6 +473,7 @@ async fn nemesis(
         let node = ids[rng.gen_range(0..ids.len())];
         let hold = Duration::from_millis(rng.gen_range(300..1200));
         let start = now(rec);
+        let mut victim = node;
         match fault {
             Fault::Kill => {
                 cluster.kill(node)?;
@@ -469,18 +486,31 @@ async fn nemesis(
                 cluster.resume(node)?;
             }
             Fault::Partition => {
-                let mut shuffled = ids.clone();
-                for i in (1..shuffled.len()).rev() {
-                    shuffled.swap(i, rng.gen_range(0..=i));
-                }
-                let cut = rng.gen_range(1..shuffled.len().max(2));
-                let groups = vec![shuffled[..cut].to_vec(), shuffled[cut..].to_vec()];
+                // Half the time the current leader alone, otherwise two random halves.
+                let leader = if rng.gen_bool(0.5) {
+                    leader_of(cluster).await
+                } else {
+                    None
+                };
+                let groups = match leader {
+                    Some(l) => vec![vec![l], ids.iter().copied().filter(|&i| i != l).collect()],
+                    None => {
+                        let mut shuffled = ids.clone();
+                        for i in (1..shuffled.len()).rev() {
+                            shuffled.swap(i, rng.gen_range(0..=i));
+                        }
+                        let cut = rng.gen_range(1..shuffled.len().max(2));
+                        vec![shuffled[..cut].to_vec(), shuffled[cut..].to_vec()]
+                    }
+                };
+                // Logged: the isolated leader, or 0 for two random halves.
+                victim = leader.unwrap_or(0);
                 cluster.partition(&groups)?;
                 tokio::time::sleep(hold).await;
                 cluster.heal()?;
             }
         }
-        log.push((fault, node, start, now(rec)));
+        log.push((fault, victim, start, now(rec)));
     }
     let left = deadline.saturating_duration_since(Instant::now());
     tokio::time::sleep(left).await;
