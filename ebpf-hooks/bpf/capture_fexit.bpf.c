@@ -33,10 +33,8 @@ static __always_inline int rm_emit(struct bpf_map *map, __u32 op, const void *ke
 		return 0;
 	__u32 ks = BPF_CORE_READ(map, key_size);
 	__u32 vs = op == RM_OP_UPDATE ? BPF_CORE_READ(map, value_size) : 0;
-	if (ks == 0 || ks > RM_MAX_KEY || vs > RM_MAX_VALUE) {
-		rm_count(1);
+	if (!rm_sizes_fit(ks, vs))
 		return 0;
-	}
 	struct rm_event *ev = bpf_ringbuf_reserve(&rm_events, sizeof(*ev), 0);
 	if (!ev) {
 		rm_count(0);

@@ -133,10 +133,8 @@ int BPF_PROG(rm_sys_enter, struct pt_regs *regs, long id)
 		return 0;
 	__u32 ks = BPF_CORE_READ(map, key_size);
 	__u32 vs = BPF_CORE_READ(map, value_size);
-	if (ks == 0 || ks > RM_MAX_KEY || vs > RM_MAX_VALUE) {
-		rm_count(1);
+	if (!rm_sizes_fit(ks, vs))
 		return 0;
-	}
 	ev->map_id = map_id;
 	ev->pid_tgid = pid_tgid;
 	ev->key_size = ks;

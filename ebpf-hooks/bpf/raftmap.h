@@ -69,3 +69,13 @@ static __always_inline bool rm_is_watched(__u32 map_id)
 {
 	return bpf_map_lookup_elem(&rm_watched, &map_id) != 0;
 }
+
+// Whether a map's keys and values fit an event; counts the change as not forwarded if not.
+static __always_inline bool rm_sizes_fit(__u32 ks, __u32 vs)
+{
+	if (ks == 0 || ks > RM_MAX_KEY || vs > RM_MAX_VALUE) {
+		rm_count(1);
+		return false;
+	}
+	return true;
+}

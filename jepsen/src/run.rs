@@ -187,6 +187,32 @@ async fn within<T>(
         .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")))
 }
 
+/// Sends a one-operation write batch; how it ended, for the history.
+async fn write_one(
+    kv: &mut pb::kv_client::KvClient<tonic::transport::Channel>,
+    op: pb::op::Op,
+    timeout: Duration,
+) -> EventType {
+    let mut req = tonic::Request::new(pb::WriteRequest {
+        ops: vec![pb::Op { op: Some(op) }],
+    });
+    req.set_timeout(timeout);
+    match within(timeout, kv.write(req)).await {
+        Ok(r) if r.get_ref().succeeded => EventType::Ok,
+        // A compare-and-swap that did not match changed nothing.
+        Ok(_) => EventType::Fail,
+        Err(s) => classify(&s),
+    }
+}
+
+fn put(key: Vec<u8>, value: i64) -> pb::op::Op {
+    pb::op::Op::Put(pb::Put {
+        map: MAP.into(),
+        key,
+        value: value.to_be_bytes().to_vec(),
+    })
+}
+
 /// One client: operations one at a time against one node, until `deadline`.
 async fn client(
     process: u64,
@@ -238,20 +264,7 @@ async fn client(
             1 => {
                 let v = rng.gen_range(0..5);
                 let _ = rec.record(process, EventType::Invoke, key, Func::Write(v));
-                let mut req = tonic::Request::new(pb::WriteRequest {
-                    ops: vec![pb::Op {
-                        op: Some(pb::op::Op::Put(pb::Put {
-                            map: MAP.into(),
-                            key: key_bytes(key),
-                            value: v.to_be_bytes().to_vec(),
-                        })),
-                    }],
-                });
-                req.set_timeout(timeout);
-                let kind = match within(timeout, kv.write(req)).await {
-                    Ok(_) => EventType::Ok,
-                    Err(s) => classify(&s),
-                };
+                let kind = write_one(&mut kv, put(key_bytes(key), v), timeout).await;
                 last_unknown = rec.record(process, kind, key, Func::Write(v));
             }
             3 => {
@@ -259,42 +272,21 @@ async fn client(
                 added += 1;
                 let element = (process as i64) * 1_000_000_000 + added;
                 let _ = rec.record(process, EventType::Invoke, 0, Func::Write(element));
-                let mut req = tonic::Request::new(pb::WriteRequest {
-                    ops: vec![pb::Op {
-                        op: Some(pb::op::Op::Put(pb::Put {
-                            map: MAP.into(),
-                            key: element.to_be_bytes().to_vec(),
-                            value: 1i64.to_be_bytes().to_vec(),
-                        })),
-                    }],
-                });
-                req.set_timeout(timeout);
-                let kind = match within(timeout, kv.write(req)).await {
-                    Ok(_) => EventType::Ok,
-                    Err(s) => classify(&s),
-                };
+                let op = put(element.to_be_bytes().to_vec(), 1);
+                let kind = write_one(&mut kv, op, timeout).await;
                 last_unknown = rec.record(process, kind, 0, Func::Write(element));
             }
             _ => {
                 let (from, to) = (rng.gen_range(0..5), rng.gen_range(0..5));
                 let f = Func::Cas([from, to]);
                 let _ = rec.record(process, EventType::Invoke, key, f.clone());
-                let mut req = tonic::Request::new(pb::WriteRequest {
-                    ops: vec![pb::Op {
-                        op: Some(pb::op::Op::Cas(pb::CompareAndSwap {
-                            map: MAP.into(),
-                            key: key_bytes(key),
-                            expected: Some(from.to_be_bytes().to_vec()),
-                            new_value: Some(to.to_be_bytes().to_vec()),
-                        })),
-                    }],
+                let op = pb::op::Op::Cas(pb::CompareAndSwap {
+                    map: MAP.into(),
+                    key: key_bytes(key),
+                    expected: Some(from.to_be_bytes().to_vec()),
+                    new_value: Some(to.to_be_bytes().to_vec()),
                 });
-                req.set_timeout(timeout);
-                let kind = match within(timeout, kv.write(req)).await {
-                    Ok(r) if r.get_ref().succeeded => EventType::Ok,
-                    Ok(_) => EventType::Fail,
-                    Err(s) => classify(&s),
-                };
+                let kind = write_one(&mut kv, op, timeout).await;
                 last_unknown = rec.record(process, kind, key, f);
             }
         }
