@@ -36,6 +36,7 @@ fn step(state: State, f: &Func) -> Option<State> {
         Func::Read(v) => (*v == state).then_some(state),
         Func::Write(v) => Some(Some(*v)),
         Func::Cas([from, to]) => (state == Some(*from)).then_some(Some(*to)),
+        Func::Delete => Some(None),
     }
 }
 
@@ -195,6 +196,67 @@ pub fn check(ops: &[Operation]) -> Vec<Verdict> {
         .collect()
 }
 
+/// The smallest sub-history of one key's operations found within `budget` that is still not
+/// linearizable (the input itself if it is linearizable or nothing smaller fails).
+///
+/// First everything invoked after the failing operation completed is dropped (it cannot be
+/// needed to show that operation impossible), then chunks and single operations are removed
+/// while the rest still fails: delta debugging, ending 1-minimal when the budget allows (no
+/// single operation can be removed). A sub-history keeps the write of every value its reads
+/// and compare-and-swaps saw: dropping it would "explain" the failure by a value from nowhere.
+pub fn shrink(key: u64, ops: &[Operation], budget: std::time::Duration) -> Vec<Operation> {
+    let deadline = std::time::Instant::now() + budget;
+    let closed = |o: &[Operation]| {
+        let written: HashSet<i64> = o
+            .iter()
+            .filter_map(|x| match x.f {
+                Func::Write(v) | Func::Cas([_, v]) => Some(v),
+                _ => None,
+            })
+            .collect();
+        o.iter().all(|x| match x.f {
+            Func::Read(Some(v)) | Func::Cas([v, _]) => written.contains(&v),
+            _ => true,
+        })
+    };
+    let fails = |o: &[Operation]| closed(o) && check_key(key, o) != Verdict::Linearizable;
+    let mut cur: Vec<Operation> = ops.to_vec();
+    if let Verdict::NotLinearizable { op, .. } = check_key(key, &cur) {
+        if let Some(ret) = op.ret {
+            let cut: Vec<Operation> = cur.iter().filter(|o| o.call <= ret).cloned().collect();
+            if fails(&cut) {
+                cur = cut;
+            }
+        }
+    } else {
+        return cur;
+    }
+    let mut chunk = cur.len().div_ceil(2).max(1);
+    loop {
+        let mut removed_any = false;
+        let mut i = 0;
+        while i < cur.len() {
+            if std::time::Instant::now() > deadline {
+                return cur;
+            }
+            let end = (i + chunk).min(cur.len());
+            let trial: Vec<Operation> = cur[..i].iter().chain(&cur[end..]).cloned().collect();
+            if !trial.is_empty() && fails(&trial) {
+                cur = trial;
+                removed_any = true;
+            } else {
+                i += chunk;
+            }
+        }
+        if chunk == 1 && !removed_any {
+            return cur;
+        }
+        if !removed_any {
+            chunk = chunk.div_ceil(2);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +272,7 @@ mod tests {
                 f: f.clone(),
                 key: 1,
                 time: *t,
+                node: None,
             })
             .collect();
         operations(&evs).unwrap()
@@ -325,6 +388,7 @@ mod tests {
                         f: f.clone(),
                         key: 1,
                         time: t,
+                        node: None,
                     });
                     // Takes effect atomically now; completes later.
                     let (kind, done) = match f {
@@ -338,6 +402,10 @@ mod tests {
                             (Ok, Cas([a, b]))
                         }
                         Cas(c) => (Fail, Cas(c)),
+                        Delete => {
+                            reg = None;
+                            (Ok, Delete)
+                        }
                     };
                     open[p] = Some((done.clone(), if kind == Ok { 0 } else { 1 }));
                 }
@@ -349,6 +417,7 @@ mod tests {
                         f: done,
                         key: 1,
                         time: t,
+                        node: None,
                     });
                 }
             }
@@ -366,5 +435,30 @@ mod tests {
             bad[i].f = Read(Some(v + 100));
         }
         assert_eq!(check(&bad).len(), 1);
+    }
+
+    #[test]
+    fn shrinking_keeps_only_the_operations_that_explain_the_anomaly() {
+        // A stale read buried in a long sequential history: write 1, read 1, ..., write 2,
+        // then a read of 1 after write 2 completed.
+        let mut ev = Vec::new();
+        let mut t = 0;
+        for i in 0..30 {
+            ev.push((0, Invoke, Write(i), t));
+            ev.push((0, Ok, Write(i), t + 1));
+            ev.push((1, Invoke, Read(None), t + 2));
+            ev.push((1, Ok, Read(Some(i)), t + 3));
+            t += 4;
+        }
+        ev.push((1, Invoke, Read(None), t));
+        ev.push((1, Ok, Read(Some(5)), t + 1));
+        let ops = h(&ev);
+        assert_eq!(check(&ops).len(), 1);
+        let small = shrink(1, &ops, std::time::Duration::from_secs(10));
+        // Write 5, a later write, and the stale read: nothing less fails.
+        assert_eq!(small.len(), 3, "{small:?}");
+        assert!(small.iter().any(|o| o.f == Write(5)));
+        assert_ne!(check_key(1, &small), Verdict::Linearizable);
+        assert!(small.iter().any(|o| o.f == Read(Some(5))));
     }
 }

@@ -25,6 +25,8 @@ pub enum Func {
     Write(i64),
     /// Compare-and-swap: `[expected, new]`.
     Cas([i64; 2]),
+    /// Removes the key (the kernel-map workload).
+    Delete,
 }
 
 /// One line of a history.
@@ -40,6 +42,9 @@ pub struct Event {
     pub key: u64,
     /// Nanoseconds since the start of the run.
     pub time: u64,
+    /// The node whose kernel map was written (kernel-map workload only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
 }
 
 /// A history that does not make sense: the run that produced it is broken.
@@ -60,7 +65,7 @@ pub enum HistoryError {
 }
 
 /// An operation with its invocation and completion, as the checker sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Operation {
     /// Index of its invoke event in the history.
     pub id: usize,
@@ -109,6 +114,7 @@ pub fn operations(history: &[Event]) -> Result<Vec<Operation>, HistoryError> {
                     (Func::Read(_), Func::Read(_))
                         | (Func::Write(_), Func::Write(_))
                         | (Func::Cas(_), Func::Cas(_))
+                        | (Func::Delete, Func::Delete)
                 );
                 if !same {
                     return Err(HistoryError::Mismatched {

@@ -1,10 +1,14 @@
 //! raftmap's fault-injection harness, after Jepsen: a cluster of real `raftmap agent`
-//! processes, clients recording a history of register operations (one JSON event per line:
-//! process, invoke/ok/fail/info, function, value, time), a nemesis injecting faults, and a
-//! per-key linearizability checker that judges the history.
+//! processes in network namespaces, clients recording a history (one JSON event per line:
+//! process, invoke/ok/fail/info, function, value, time), a nemesis injecting faults
+//! (partitions, kills, pauses, membership changes, overlapping), and the checkers: per-key
+//! linearizability with shrinking, lost and unexpected set elements, kernel-map convergence
+//! and order.
 
 pub mod checker;
 pub mod history;
+pub mod kernel_map;
+pub mod nemesis;
 pub mod plot;
 pub mod run;
 

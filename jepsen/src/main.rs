@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use raftmap_jepsen::run::{run, Fault, RunConfig, Workload};
+use raftmap_jepsen::nemesis::Fault;
+use raftmap_jepsen::run::{run, RunConfig, Workload};
 use raftmap_jepsen::Verdict;
 
 #[derive(Parser, Debug)]
@@ -28,12 +29,17 @@ enum Cmd {
         /// Seconds of load.
         #[arg(long, default_value_t = 20)]
         time_limit: u64,
-        /// Workload: register (read, write, compare-and-swap per key; linearizability) or set
-        /// (unique adds, then a final read; lost and unexpected elements).
+        /// Workload: register (read, write, compare-and-swap per key; linearizability), set
+        /// (unique adds, then a final read; lost and unexpected elements) or kernel-map (writes
+        /// into the nodes' BPF maps; convergence, order, lost writes).
         #[arg(long, default_value = "register")]
         workload: Workload,
-        /// Faults, comma separated: kill, pause.
-        #[arg(long, value_delimiter = ',', default_value = "kill,pause")]
+        /// Faults, comma separated: kill, pause, partition, membership. Up to two run at once.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "partition,kill,pause,membership"
+        )]
         nemesis: Vec<Fault>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -50,6 +56,9 @@ enum Cmd {
         /// Run the nodes in a deliberately unsafe mode (reads without read-index).
         #[arg(long)]
         unsafe_local_reads: bool,
+        /// Run the nodes on loopback instead of network namespaces (no partitions).
+        #[arg(long)]
+        loopback: bool,
     },
 }
 
@@ -66,6 +75,7 @@ async fn main() -> Result<()> {
         out,
         raftmap,
         unsafe_local_reads,
+        loopback,
     } = Cli::parse().cmd;
     let bin = match raftmap {
         Some(b) => b,
@@ -84,6 +94,7 @@ async fn main() -> Result<()> {
         faults: nemesis,
         seed,
         unsafe_local_reads,
+        loopback,
     };
     let report = run(&cfg).await?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -101,13 +112,24 @@ async fn main() -> Result<()> {
         out.join("latency.svg"),
         raftmap_jepsen::plot::latency_svg(&report.history, &report.fault_log),
     )?;
+    std::fs::write(
+        out.join("timeline.svg"),
+        raftmap_jepsen::plot::timeline_svg(&report.history, &report.fault_log),
+    )?;
     println!(
-        "seed {seed}: {} ok, {} fail, {} info; {} faults injected; history in {}",
+        "seed {seed}: {} ok, {} fail, {} info; {} faults injected ({}); network: {}; output in {}",
         report.ops_ok,
         report.ops_fail,
         report.ops_info,
         report.fault_log.len(),
-        out.join("history.jsonl").display()
+        report
+            .fault_log
+            .iter()
+            .map(|f| f.what.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        report.network,
+        out.display()
     );
     for v in &report.anomalies {
         if let Verdict::NotLinearizable {
@@ -137,6 +159,40 @@ async fn main() -> Result<()> {
             set.lost.len(),
             set.unexpected.len(),
             set.recovered
+        );
+    }
+    for (i, ops) in report.smallest_failing.iter().enumerate() {
+        println!(
+            "smallest failing sub-history {} ({} operations):",
+            i + 1,
+            ops.len()
+        );
+        for o in ops {
+            println!(
+                "  process {} {:?} [{}, {:?}]",
+                o.process, o.f, o.call, o.ret
+            );
+        }
+    }
+    if let Some(k) = &report.kernel {
+        std::fs::write(
+            out.join("kernel-evidence.json"),
+            serde_json::to_string(&k.evidence)?,
+        )?;
+        println!(
+            "kernel maps: {} writes, {} deletes; {} committed changes in {} entries; converged: {} ({} entries); {} lost, {} replaced on their node before capture, {} out of order, {} observations checked, {} divergent indexes, {} stream gaps",
+            k.writes,
+            k.deletes,
+            k.committed_changes,
+            k.committed_entries,
+            k.converged,
+            k.final_entries,
+            k.lost.len(),
+            k.coalesced,
+            k.out_of_order.len(),
+            k.observations,
+            k.divergent_indexes.len(),
+            k.stream_gaps
         );
     }
     if !report.valid {

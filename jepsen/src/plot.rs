@@ -1,23 +1,32 @@
-//! A self-contained SVG of operation latency over time, with the fault windows shaded: the
-//! picture Jepsen draws to show what faults did to clients.
+//! Self-contained SVG pictures of a run, with the fault windows shaded: latency over time (what
+//! faults did to clients) and an operation timeline (who was doing what, when).
 
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use crate::history::{Event, EventType};
-use crate::run::Fault;
+use crate::history::{Event, EventType, Func};
+use crate::nemesis::FaultWindow;
 
 const W: f64 = 1000.0;
-const H: f64 = 420.0;
-const LEFT: f64 = 60.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 20.0;
 const BOTTOM: f64 = 40.0;
-const TOP: f64 = 30.0;
+/// Room above the plot for three rows of fault labels.
+const TOP: f64 = 54.0;
 
-/// Latency (completion minus invocation) of every operation against its completion time, green
-/// for ok, red for fail, orange for unknown; fault windows as grey bands with their names.
-pub fn latency_svg(history: &[Event], faults: &[(Fault, u64, u64, u64)]) -> String {
+fn color(kind: EventType) -> &'static str {
+    match kind {
+        EventType::Ok => "#2a9d4b",
+        EventType::Fail => "#d62828",
+        _ => "#f4a261",
+    }
+}
+
+/// Completed operations: `(process, start, end, kind, function)`; unknown outcomes end when
+/// the client gave up.
+fn spans(history: &[Event]) -> Vec<(u64, u64, u64, EventType, &Func)> {
     let mut open: HashMap<u64, u64> = HashMap::new();
-    let mut points: Vec<(f64, f64, &str)> = Vec::new();
+    let mut out = Vec::new();
     for e in history {
         match e.kind {
             EventType::Invoke => {
@@ -25,87 +34,172 @@ pub fn latency_svg(history: &[Event], faults: &[(Fault, u64, u64, u64)]) -> Stri
             }
             kind => {
                 if let Some(start) = open.remove(&e.process) {
-                    let color = match kind {
-                        EventType::Ok => "#2a9d4b",
-                        EventType::Fail => "#d62828",
-                        _ => "#f4a261",
-                    };
-                    points.push((e.time as f64 / 1e9, (e.time - start) as f64 / 1e6, color));
+                    out.push((e.process, start, e.time, kind, &e.f));
                 }
             }
         }
     }
-    let t_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
-    let l_max = points.iter().map(|p| p.1).fold(1.0, f64::max).max(1.0);
-    // Log scale: latencies span microseconds (local) to seconds (timeouts).
-    let (l_lo, l_hi) = (0.1f64.log10(), l_max.log10());
-    let x = |t: f64| LEFT + (W - LEFT - 20.0) * t / t_max;
-    let y = |ms: f64| {
-        let v = ms.max(0.1).log10();
-        H - BOTTOM - (H - BOTTOM - TOP) * (v - l_lo) / (l_hi - l_lo).max(1e-9)
-    };
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = write!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    for (f, node, start, end) in faults {
-        let (x0, x1) = (x(*start as f64 / 1e9), x(*end as f64 / 1e9));
-        let name = serde_json::to_string(f).unwrap_or_default();
-        let label = match (f, node) {
-            (Fault::Partition, 0) => format!("{} halves", name.trim_matches('"')),
-            (Fault::Partition, n) => format!("{} leader n{n}", name.trim_matches('"')),
-            (_, n) => format!("{} n{n}", name.trim_matches('"')),
+    out
+}
+
+/// The frame shared by both pictures: background, fault bands with staggered labels, the time
+/// axis, and a caption. Returns the SVG so far and the x scale.
+struct Frame {
+    svg: String,
+    t_max: f64,
+    h: f64,
+}
+
+impl Frame {
+    fn new(h: f64, t_max_s: f64, faults: &[FaultWindow]) -> Self {
+        let mut f = Frame {
+            svg: String::new(),
+            t_max: t_max_s.max(1.0),
+            h,
         };
         let _ = write!(
-            s,
-            r##"<rect x="{x0:.1}" y="{TOP}" width="{:.1}" height="{:.1}" fill="#999" opacity="0.25"/><text x="{x0:.1}" y="{:.1}">{label}</text>"##,
-            (x1 - x0).max(1.0),
-            H - BOTTOM - TOP,
-            TOP - 4.0,
+            f.svg,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{h}" font-family="sans-serif" font-size="11"><rect width="{W}" height="{h}" fill="white"/>"#
         );
-    }
-    for (t, ms, color) in &points {
+        for (i, w) in faults.iter().enumerate() {
+            let (x0, x1) = (f.x(w.start as f64 / 1e9), f.x(w.end as f64 / 1e9));
+            let fill = if w.error.is_some() { "#c77" } else { "#999" };
+            let label = match &w.error {
+                Some(e) => format!("{} (refused: {e})", w.what),
+                None => w.what.clone(),
+            };
+            let _ = write!(
+                f.svg,
+                r#"<rect x="{x0:.1}" y="{TOP}" width="{:.1}" height="{:.1}" fill="{fill}" opacity="0.22"><title>{}</title></rect><text x="{x0:.1}" y="{:.1}">{}</text>"#,
+                (x1 - x0).max(1.5),
+                h - BOTTOM - TOP,
+                escape(&label),
+                TOP - 4.0 - 14.0 * (i % 3) as f64,
+                escape(&w.what),
+            );
+        }
         let _ = write!(
-            s,
-            r#"<circle cx="{:.1}" cy="{:.1}" r="1.5" fill="{color}"/>"#,
-            x(*t),
+            f.svg,
+            r#"<line x1="{LEFT}" y1="{0:.1}" x2="{1:.1}" y2="{0:.1}" stroke="black"/>"#,
+            h - BOTTOM,
+            W - RIGHT
+        );
+        let step = (f.t_max / 10.0).ceil().max(1.0);
+        let mut t = 0.0;
+        while t <= f.t_max {
+            let _ = write!(
+                f.svg,
+                r#"<text x="{:.1}" y="{:.1}">{t} s</text>"#,
+                f.x(t) - 8.0,
+                h - BOTTOM + 16.0
+            );
+            t += step;
+        }
+        f
+    }
+
+    fn x(&self, t: f64) -> f64 {
+        LEFT + (W - LEFT - RIGHT) * t / self.t_max
+    }
+
+    fn finish(mut self, caption: &str) -> String {
+        let _ = write!(
+            self.svg,
+            r#"<text x="{LEFT}" y="{:.1}">{}</text></svg>"#,
+            self.h - 6.0,
+            escape(caption)
+        );
+        self.svg
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Latency (completion minus invocation) of every operation against its completion time, green
+/// for ok, red for fail, orange for unknown; fault windows as grey bands with their names.
+pub fn latency_svg(history: &[Event], faults: &[FaultWindow]) -> String {
+    const H: f64 = 440.0;
+    let points: Vec<(f64, f64, &str)> = spans(history)
+        .into_iter()
+        .map(|(_, s, e, k, _)| (e as f64 / 1e9, (e - s) as f64 / 1e6, color(k)))
+        .collect();
+    let t_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let l_max = points.iter().map(|p| p.1).fold(1.0, f64::max).max(1.0);
+    let mut f = Frame::new(H, t_max, faults);
+    // Log scale: latencies span microseconds (local) to seconds (timeouts).
+    let (l_lo, l_hi) = (0.01f64.log10(), l_max.log10());
+    let y = |ms: f64| {
+        let v = ms.max(0.01).log10();
+        H - BOTTOM - (H - BOTTOM - TOP) * (v - l_lo) / (l_hi - l_lo).max(1e-9)
+    };
+    for (t, ms, c) in &points {
+        let _ = write!(
+            f.svg,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="1.5" fill="{c}"/>"#,
+            f.x(*t),
             y(*ms)
         );
     }
-    // Axes and labels.
     let _ = write!(
-        s,
-        r#"<line x1="{LEFT}" y1="{0:.1}" x2="{1:.1}" y2="{0:.1}" stroke="black"/><line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{0:.1}" stroke="black"/>"#,
-        H - BOTTOM,
-        W - 20.0
+        f.svg,
+        r#"<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{:.1}" stroke="black"/>"#,
+        H - BOTTOM
     );
-    let mut ms = 0.1;
+    let mut ms = 0.01;
     while ms <= l_max * 10.0 {
         let yy = y(ms);
         if yy >= TOP - 1.0 {
-            let _ = write!(s, r#"<text x="4" y="{:.1}">{ms} ms</text>"#, yy + 4.0);
+            let _ = write!(f.svg, r#"<text x="4" y="{:.1}">{ms} ms</text>"#, yy + 4.0);
         }
         ms *= 10.0;
     }
-    let step = (t_max / 10.0).ceil().max(1.0);
-    let mut t = 0.0;
-    while t <= t_max {
+    f.finish("latency of each operation (green ok, red fail, orange unknown); grey: faults")
+}
+
+/// One row per client process, one bar per operation from invocation to completion (green ok,
+/// red fail, orange unknown; hover for the operation), fault windows shaded.
+pub fn timeline_svg(history: &[Event], faults: &[FaultWindow]) -> String {
+    let ops = spans(history);
+    let mut procs: Vec<u64> = ops.iter().map(|o| o.0).collect();
+    procs.sort_unstable();
+    procs.dedup();
+    const ROW: f64 = 16.0;
+    let h = TOP + BOTTOM + ROW * procs.len().max(1) as f64 + 8.0;
+    let t_max = ops.iter().map(|o| o.2 as f64 / 1e9).fold(1.0, f64::max);
+    let mut f = Frame::new(h, t_max, faults);
+    let row: HashMap<u64, usize> = procs.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    for (i, p) in procs.iter().enumerate() {
         let _ = write!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}">{t} s</text>"#,
-            x(t) - 8.0,
-            H - BOTTOM + 16.0
+            f.svg,
+            r#"<text x="4" y="{:.1}">process {p}</text>"#,
+            TOP + 4.0 + ROW * i as f64 + ROW * 0.7
         );
-        t += step;
     }
-    let _ = write!(
-        s,
-        r#"<text x="{LEFT}" y="{:.1}">latency of each operation (green ok, red fail, orange unknown); grey: faults</text></svg>"#,
-        H - 6.0
-    );
-    s
+    for (p, s, e, k, func) in ops {
+        let (x0, x1) = (f.x(s as f64 / 1e9), f.x(e as f64 / 1e9));
+        let y = TOP + 4.0 + ROW * row[&p] as f64;
+        let what = match func {
+            Func::Read(v) => format!("read {v:?}"),
+            Func::Write(v) => format!("write {v}"),
+            Func::Cas([a, b]) => format!("cas {a}->{b}"),
+            Func::Delete => "delete".into(),
+        };
+        let _ = write!(
+            f.svg,
+            r#"<rect x="{x0:.2}" y="{y:.1}" width="{:.2}" height="{:.1}" fill="{}"><title>process {p}: {what} {:?} [{:.3} s, {:.3} s]</title></rect>"#,
+            (x1 - x0).max(0.6),
+            ROW - 4.0,
+            color(k),
+            k,
+            s as f64 / 1e9,
+            e as f64 / 1e9,
+        );
+    }
+    f.finish("operations by process over time (green ok, red fail, orange unknown); grey: faults")
 }
 
 #[cfg(test)]
@@ -121,6 +215,7 @@ mod tests {
             f: Func::Write(1),
             key: 0,
             time: t,
+            node: None,
         };
         let history = vec![
             ev(0, EventType::Invoke, 0),
@@ -128,9 +223,22 @@ mod tests {
             ev(1, EventType::Invoke, 0),
             ev(1, EventType::Info, 2_000_000_000),
         ];
-        let svg = latency_svg(&history, &[(Fault::Kill, 2, 500_000_000, 1_500_000_000)]);
+        let faults = [FaultWindow {
+            fault: crate::nemesis::Fault::Kill,
+            what: "kill n2".into(),
+            start: 500_000_000,
+            end: 1_500_000_000,
+            error: None,
+        }];
+        let svg = latency_svg(&history, &faults);
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>"));
         assert_eq!(svg.matches("<circle").count(), 2);
         assert!(svg.contains("kill n2"));
+        let timeline = timeline_svg(&history, &faults);
+        assert!(timeline.ends_with("</svg>"));
+        assert!(timeline.contains("process 0") && timeline.contains("process 1"));
+        // Two operation bars, one fault band, one background.
+        assert_eq!(timeline.matches("<rect").count(), 4);
+        assert!(timeline.contains("write 1 Info"));
     }
 }

@@ -1,11 +1,14 @@
-//! One test run: a cluster of real `raftmap agent` processes, clients recording a history of
-//! register operations through the client API, a nemesis injecting faults, and the checker.
+//! One test run: a cluster of real `raftmap agent` processes, clients recording a history
+//! through the client API (or writing straight into kernel maps), the nemesis injecting faults,
+//! and the checks.
 //!
-//! The nodes run on loopback, or, when partitions are asked for, each in a network namespace
-//! of its own joined by veth pairs to a bridge, partitioned with nftables rules inside the
-//! namespaces. Faults: SIGKILL and restart, SIGSTOP and SIGCONT, partitions into random halves.
+//! Each node runs in a network namespace of its own, joined by a veth pair to a bridge, so that
+//! partitions are real packet drops (nftables rules inside the namespaces). Where namespaces
+//! cannot be made (no root, no `ip`), the nodes run on loopback, the report says so, and
+//! partitions are refused.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,38 +19,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::checker::{check, Verdict};
-use crate::history::{operations, Event, EventType, Func};
+use crate::checker::{check, shrink, Verdict};
+use crate::history::{operations, Event, EventType, Func, Operation};
+use crate::kernel_map::{self, KernelMapResult, KernelMaps};
+use crate::nemesis::{Fault, FaultWindow, Members, Nemesis, NoSetup, NodeSetup};
 
-/// The replicated map the register workload uses.
+/// The replicated map the register and set workloads use.
 pub const MAP: &str = "jepsen_register";
-
-/// Faults the nemesis can inject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Fault {
-    /// SIGKILL a random node, restart it a moment later.
-    Kill,
-    /// SIGSTOP a random node, SIGCONT it a moment later.
-    Pause,
-    /// Cut the network: the leader alone, or two random halves, then heal. Runs the nodes in
-    /// network namespaces.
-    Partition,
-}
-
-impl std::str::FromStr for Fault {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kill" => Ok(Fault::Kill),
-            "pause" => Ok(Fault::Pause),
-            "partition" => Ok(Fault::Partition),
-            "membership" => Err("nemesis \"membership\" is not available yet (kill, pause and partition are)".into()),
-            "clock" => Err("clock faults cannot be produced here: the nodes share this machine's clock, and raftmap does not read wall time for safety".into()),
-            other => Err(format!("unknown nemesis {other:?}: expected kill, pause or partition")),
-        }
-    }
-}
 
 /// What the clients do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,6 +35,10 @@ pub enum Workload {
     Register,
     /// Adds of unique elements, then a final read; checked for lost and unexpected elements.
     Set,
+    /// Updates and deletes written straight into the kernel maps of random nodes; checked for
+    /// convergence, order (per node, a subsequence of the log) and lost writes.
+    #[serde(rename = "kernel-map")]
+    KernelMap,
 }
 
 impl std::str::FromStr for Workload {
@@ -65,11 +47,9 @@ impl std::str::FromStr for Workload {
         match s {
             "register" => Ok(Workload::Register),
             "set" => Ok(Workload::Set),
-            "kernel-map" => {
-                Err("workload \"kernel-map\" is not available yet (register and set are)".into())
-            }
+            "kernel-map" => Ok(Workload::KernelMap),
             other => Err(format!(
-                "unknown workload {other:?}: expected register or set"
+                "unknown workload {other:?}: expected register, set or kernel-map"
             )),
         }
     }
@@ -103,6 +83,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// Start the nodes with `--unsafe-local-reads` (to show the checker catches it).
     pub unsafe_local_reads: bool,
+    /// Run the nodes on loopback even where network namespaces are available.
+    pub loopback: bool,
 }
 
 /// Errors that stop a run (not anomalies: those are results).
@@ -112,6 +94,10 @@ pub enum RunError {
     Cluster(#[from] raftmap_node::NodeError),
     #[error("history: {0}")]
     History(#[from] crate::history::HistoryError),
+    #[error("kernel map: {0}")]
+    Kernel(#[from] raftmap_ebpf_hooks::HookError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// What a run produced.
@@ -119,32 +105,65 @@ pub enum RunError {
 pub struct Report {
     pub seed: u64,
     pub nodes: u64,
+    pub workload: Workload,
     pub faults: Vec<Fault>,
-    /// Fault windows: `(fault, node, start ns, end ns)`; for a partition the node is the
-    /// isolated leader, or 0 for two random halves.
-    pub fault_log: Vec<(Fault, u64, u64, u64)>,
+    /// `netns` (a namespace per node, veth to a bridge) or why the nodes ran on loopback.
+    pub network: String,
+    /// Every fault as it happened, in the order they ended.
+    pub fault_log: Vec<FaultWindow>,
     pub ops_ok: usize,
     pub ops_fail: usize,
     pub ops_info: usize,
-    /// No anomaly: linearizable (register), nothing lost or unexpected (set).
+    /// No anomaly: linearizable (register), nothing lost or unexpected (set), converged in
+    /// order with nothing lost (kernel-map).
     pub valid: bool,
     pub linearizable: bool,
     pub set: Option<SetResult>,
+    pub kernel: Option<KernelMapResult>,
+    /// For each key that is not linearizable, the smallest sub-history found that still is
+    /// not.
+    pub smallest_failing: Vec<Vec<Operation>>,
     #[serde(skip)]
     pub anomalies: Vec<Verdict>,
     #[serde(skip)]
     pub history: Vec<Event>,
 }
 
-struct Recorder {
+/// The history as it is recorded, shared by every client.
+#[derive(Debug)]
+pub struct Recorder {
     start: Instant,
     events: Mutex<Vec<Event>>,
 }
 
 impl Recorder {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Nanoseconds since the start of the run.
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
     /// Records an event; returns whether it left the outcome unknown.
     fn record(&self, process: u64, kind: EventType, key: u64, f: Func) -> bool {
-        let time = self.start.elapsed().as_nanos() as u64;
+        self.record_at(process, kind, key, f, None)
+    }
+
+    /// Records an event about node `node`'s kernel map (or the API when `None`).
+    pub fn record_at(
+        &self,
+        process: u64,
+        kind: EventType,
+        key: u64,
+        f: Func,
+        node: Option<u64>,
+    ) -> bool {
+        let time = self.now();
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         events.push(Event {
             process,
@@ -152,8 +171,13 @@ impl Recorder {
             f,
             key,
             time,
+            node,
         });
         kind == EventType::Info
+    }
+
+    fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
@@ -213,10 +237,22 @@ fn put(key: Vec<u8>, value: i64) -> pb::op::Op {
     })
 }
 
-/// One client: operations one at a time against one node, until `deadline`.
+/// A client's connection to one member.
+fn connect(
+    members: &Members,
+    pick: usize,
+) -> Option<pb::kv_client::KvClient<tonic::transport::Channel>> {
+    let (_, addr) = members.endpoint(pick)?;
+    let ch = raftmap_node::endpoint(&addr).ok()?.connect_lazy();
+    Some(pb::kv_client::KvClient::new(ch))
+}
+
+/// One client: operations one at a time against one member, until `deadline`; after an
+/// operation of unknown outcome it moves to another member (the one it used may be down, cut
+/// off or removed).
 async fn client(
     process: u64,
-    endpoint: String,
+    members: Arc<Members>,
     workload: Workload,
     keys: u64,
     seed: u64,
@@ -224,21 +260,25 @@ async fn client(
     rec: Arc<Recorder>,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let Ok(ch) = raftmap_node::endpoint(&endpoint).map(|e| e.connect_lazy()) else {
+    let mut pick = process as usize;
+    let Some(mut kv) = connect(&members, pick) else {
         return;
     };
-    let mut kv = pb::kv_client::KvClient::new(ch);
     let mut last_unknown = false;
     let mut added: i64 = 0;
     while Instant::now() < deadline {
         if std::mem::take(&mut last_unknown) {
-            // The node is down or unreachable: do not spin on it.
+            // Do not spin on a node that is down or unreachable.
             tokio::time::sleep(Duration::from_millis(50)).await;
+            pick = pick.wrapping_add(1 + rng.gen_range(0..4));
+            if let Some(c) = connect(&members, pick) {
+                kv = c;
+            }
         }
         let key = rng.gen_range(0..keys);
         let op = match workload {
             Workload::Register => rng.gen_range(0..3),
-            Workload::Set => 3,
+            Workload::Set | Workload::KernelMap => 3,
         };
         let timeout = Duration::from_secs(2);
         match op {
@@ -293,77 +333,214 @@ async fn client(
     }
 }
 
+/// Where the nodes run: network namespaces when this process can make them.
+fn network(cfg: &RunConfig) -> Result<(bool, String), RunError> {
+    let partitions = cfg.faults.contains(&Fault::Partition);
+    if cfg.loopback {
+        if partitions {
+            return Err(RunError::Config(
+                "partitions need network namespaces; drop --loopback".into(),
+            ));
+        }
+        return Ok((false, "loopback (asked for)".into()));
+    }
+    if LocalCluster::netns_available() {
+        return Ok((true, "netns".into()));
+    }
+    if partitions {
+        return Err(RunError::Config(
+            "partitions need network namespaces, which this process cannot create (root and `ip` from iproute2 are needed)".into(),
+        ));
+    }
+    Ok((
+        false,
+        "loopback (network namespaces unavailable: root and iproute2 are needed)".into(),
+    ))
+}
+
 /// Runs one test.
 pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
+    if cfg.nodes < 1 {
+        return Err(RunError::Config("--nodes must be at least 1".into()));
+    }
+    let (netns, network) = network(cfg)?;
     let mut agent_args = Vec::new();
     if cfg.unsafe_local_reads {
         agent_args.push("--unsafe-local-reads".to_string());
+    }
+    let kernel = (cfg.workload == Workload::KernelMap).then(|| Arc::new(KernelMaps::new()));
+    let setup: Arc<dyn NodeSetup> = match &kernel {
+        Some(k) => k.clone(),
+        None => Arc::new(NoSetup),
+    };
+    let mut node_args = std::collections::BTreeMap::new();
+    for id in 1..=cfg.nodes {
+        node_args.insert(id, setup.prepare(id)?);
     }
     let opts = ClusterOptions {
         bin: cfg.bin.clone(),
         agent_args,
         log_filter: "warn".into(),
-        node_args: Default::default(),
-        netns: cfg.faults.contains(&Fault::Partition),
+        node_args,
+        netns,
     };
     let mut cluster = LocalCluster::start(opts, cfg.nodes, 0, Duration::from_secs(60)).await?;
-    cluster
-        .client(1)
-        .await?
-        .declare(&MapSchema {
-            name: MAP.into(),
-            map_type: MapType::Hash,
-            key_size: 8,
-            value_size: 8,
-            max_entries: 1 << 20,
-        })
-        .await?;
     let ids = cluster.ids();
-    let rec = Arc::new(Recorder {
-        start: Instant::now(),
-        events: Mutex::new(Vec::new()),
-    });
-    let deadline = Instant::now() + cfg.time_limit;
-    let mut tasks = Vec::new();
-    for p in 0..cfg.clients {
-        let endpoint = cluster
-            .node(ids[(p % ids.len() as u64) as usize])?
-            .api_addr
-            .clone();
-        tasks.push(tokio::spawn(client(
-            p,
-            endpoint,
-            cfg.workload,
+    for &id in &ids {
+        setup.joined(id);
+    }
+    if kernel.is_some() {
+        // The nodes declare the map from their kernel maps' layout.
+        for &id in &ids {
+            cluster
+                .wait_for(id, Duration::from_secs(30), "sync its kernel map", |s| {
+                    !s.watched.is_empty() && s.watched.iter().all(|w| w.state == "synced")
+                })
+                .await?;
+        }
+    } else {
+        cluster
+            .client(1)
+            .await?
+            .declare(&MapSchema {
+                name: MAP.into(),
+                map_type: MapType::Hash,
+                key_size: 8,
+                value_size: 8,
+                max_entries: 1 << 20,
+            })
+            .await?;
+    }
+    let members = Arc::new(Members::new(&cluster));
+    let rec = Arc::new(Recorder::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Kernel-map runs: one committed-order stream per node and a sampler, before any write.
+    let mut observers = Vec::new();
+    let mut sampler = None;
+    if let Some(maps) = &kernel {
+        for &id in &ids {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let addr = cluster.node(id)?.api_addr.clone();
+            observers.push(tokio::spawn(kernel_map::observer(
+                addr,
+                stop.clone(),
+                tx,
+                rec.clone(),
+            )));
+            tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .map_err(|_| RunError::Config(format!("node {id} did not start a watch")))?
+                .map_err(|_| RunError::Config(format!("node {id}'s watch ended")))?;
+        }
+        sampler = Some(tokio::spawn(kernel_map::sampler(
+            maps.clone(),
             cfg.keys,
-            cfg.seed.wrapping_mul(1_000_003).wrapping_add(p),
-            deadline,
+            stop.clone(),
             rec.clone(),
         )));
     }
-    let fault_log = nemesis(&mut cluster, cfg, deadline, &rec).await?;
+    let deadline = Instant::now() + cfg.time_limit;
+    let mut tasks = Vec::new();
+    for p in 0..cfg.clients {
+        let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(p);
+        tasks.push(match &kernel {
+            Some(maps) => tokio::spawn(kernel_map::writer(
+                p,
+                maps.clone(),
+                cfg.keys,
+                seed,
+                deadline,
+                rec.clone(),
+            )),
+            None => tokio::spawn(client(
+                p,
+                members.clone(),
+                cfg.workload,
+                cfg.keys,
+                seed,
+                deadline,
+                rec.clone(),
+            )),
+        });
+    }
+    let nemesis = Nemesis::new(
+        &mut cluster,
+        &members,
+        setup.as_ref(),
+        &cfg.faults,
+        cfg.seed,
+        rec.start,
+    );
+    let fault_log = nemesis.run(deadline).await?;
     for t in tasks {
         let _ = t.await;
     }
-    let history = std::mem::take(&mut *rec.events.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut kernel_result = None;
+    if let Some(maps) = &kernel {
+        let converged =
+            kernel_map::converge(&cluster, &members, maps, Duration::from_secs(30)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let samples = match sampler {
+            Some(s) => s.await.unwrap_or_default(),
+            None => Default::default(),
+        };
+        let mut streams = Vec::new();
+        for o in observers {
+            if let Ok(s) = o.await {
+                streams.push(s);
+            }
+        }
+        let history = rec.take();
+        kernel_result = Some(kernel_map::check(
+            &history, &samples, &streams, &fault_log, converged,
+        ));
+        rec.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(history);
+    }
+    let history = rec.take();
     let count = |k: EventType| history.iter().filter(|e| e.kind == k).count();
     let (anomalies, set) = match cfg.workload {
         Workload::Register => (check(&operations(&history)?), None),
         Workload::Set => (Vec::new(), Some(check_set(&cluster, &history).await?)),
+        Workload::KernelMap => (Vec::new(), None),
+    };
+    let smallest_failing = if anomalies.is_empty() {
+        Vec::new()
+    } else {
+        let ops = operations(&history)?;
+        anomalies
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::NotLinearizable { key, .. } => Some(*key),
+                Verdict::Linearizable => None,
+            })
+            .map(|key| {
+                let of_key: Vec<Operation> = ops.iter().filter(|o| o.key == key).cloned().collect();
+                shrink(key, &of_key, Duration::from_secs(10))
+            })
+            .collect()
     };
     let set_ok = set
         .as_ref()
         .is_none_or(|r| r.lost.is_empty() && r.unexpected.is_empty());
+    let kernel_ok = kernel_result.as_ref().is_none_or(KernelMapResult::valid);
     Ok(Report {
         seed: cfg.seed,
         nodes: cfg.nodes,
+        workload: cfg.workload,
         faults: cfg.faults.clone(),
+        network,
         fault_log,
         ops_ok: count(EventType::Ok),
         ops_fail: count(EventType::Fail),
         ops_info: count(EventType::Info),
-        valid: anomalies.is_empty() && set_ok,
+        valid: anomalies.is_empty() && set_ok && kernel_ok,
         linearizable: anomalies.is_empty(),
         set,
+        kernel: kernel_result,
+        smallest_failing,
         anomalies,
         history,
     })
@@ -427,84 +604,4 @@ async fn check_set(cluster: &LocalCluster, history: &[Event]) -> Result<SetResul
 /// A failed attempt at the final read (retried).
 fn note_retry(e: &raftmap_node::NodeError) {
     eprintln!("final read: {e}; retrying");
-}
-
-/// The node that says it leads, if one answers in time.
-async fn leader_of(cluster: &LocalCluster) -> Option<u64> {
-    for id in cluster.ids() {
-        let Ok(c) = cluster.client(id).await else {
-            continue;
-        };
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await {
-            if s.has_leader {
-                return Some(s.leader_id);
-            }
-        }
-    }
-    None
-}
-
-/// Injects the configured faults until `deadline`, then heals everything.
-async fn nemesis(
-    cluster: &mut LocalCluster,
-    cfg: &RunConfig,
-    deadline: Instant,
-    rec: &Recorder,
-) -> Result<Vec<(Fault, u64, u64, u64)>, RunError> {
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let ids = cluster.ids();
-    let mut log = Vec::new();
-    let now = |rec: &Recorder| rec.start.elapsed().as_nanos() as u64;
-    while !cfg.faults.is_empty() {
-        let quiet = Duration::from_millis(rng.gen_range(300..1200));
-        if Instant::now() + quiet + Duration::from_millis(1500) > deadline {
-            break;
-        }
-        tokio::time::sleep(quiet).await;
-        let fault = cfg.faults[rng.gen_range(0..cfg.faults.len())];
-        let node = ids[rng.gen_range(0..ids.len())];
-        let hold = Duration::from_millis(rng.gen_range(300..1200));
-        let start = now(rec);
-        let mut victim = node;
-        match fault {
-            Fault::Kill => {
-                cluster.kill(node)?;
-                tokio::time::sleep(hold).await;
-                cluster.restart(node)?;
-            }
-            Fault::Pause => {
-                cluster.pause(node)?;
-                tokio::time::sleep(hold).await;
-                cluster.resume(node)?;
-            }
-            Fault::Partition => {
-                // Half the time the current leader alone, otherwise two random halves.
-                let leader = if rng.gen_bool(0.5) {
-                    leader_of(cluster).await
-                } else {
-                    None
-                };
-                let groups = match leader {
-                    Some(l) => vec![vec![l], ids.iter().copied().filter(|&i| i != l).collect()],
-                    None => {
-                        let mut shuffled = ids.clone();
-                        for i in (1..shuffled.len()).rev() {
-                            shuffled.swap(i, rng.gen_range(0..=i));
-                        }
-                        let cut = rng.gen_range(1..shuffled.len().max(2));
-                        vec![shuffled[..cut].to_vec(), shuffled[cut..].to_vec()]
-                    }
-                };
-                // Logged: the isolated leader, or 0 for two random halves.
-                victim = leader.unwrap_or(0);
-                cluster.partition(&groups)?;
-                tokio::time::sleep(hold).await;
-                cluster.heal()?;
-            }
-        }
-        log.push((fault, victim, start, now(rec)));
-    }
-    let left = deadline.saturating_duration_since(Instant::now());
-    tokio::time::sleep(left).await;
-    Ok(log)
 }

@@ -1,14 +1,18 @@
-//! Short fault-injection runs against real `raftmap agent` processes: the register workload
-//! under SIGKILL, SIGSTOP and network partitions (nodes in network namespaces) stays
-//! linearizable, and the checker catches the anomalies of a node
-//! deliberately serving reads without read-index.
+//! The short fault-injection suite, against real `raftmap agent` processes in network
+//! namespaces: the register workload under each nemesis alone and under all of them together
+//! (overlapping), the set and kernel-map workloads, and the checker catching the anomalies of
+//! a node deliberately serving reads without read-index. Runs one at a time (two cores).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use raftmap_jepsen::run::{run, Fault, RunConfig, Workload};
+use raftmap_jepsen::nemesis::Fault;
+use raftmap_jepsen::run::{run, Report, RunConfig, Workload};
+
+/// One run at a time: each starts a cluster of its own.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The `raftmap` binary cargo built next to this test's directory.
 fn raftmap_bin() -> PathBuf {
@@ -25,53 +29,122 @@ fn raftmap_bin() -> PathBuf {
     bin
 }
 
-fn config(seed: u64, faults: Vec<Fault>, secs: u64, unsafe_local_reads: bool) -> RunConfig {
+fn config(workload: Workload, nodes: u64, faults: &[Fault], secs: u64, seed: u64) -> RunConfig {
     RunConfig {
-        workload: Workload::Register,
+        workload,
         bin: raftmap_bin(),
-        nodes: 3,
+        nodes,
         time_limit: Duration::from_secs(secs),
         keys: 4,
         clients: 6,
-        faults,
+        faults: faults.to_vec(),
         seed,
-        unsafe_local_reads,
+        unsafe_local_reads: false,
+        loopback: false,
     }
 }
 
+/// Runs `cfg` and checks what every run must show: real network namespaces, each asked-for
+/// fault injected at least once (and for membership, carried out at least once), enough load.
+async fn run_checked(cfg: RunConfig, min_ok: usize) -> Report {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let report = run(&cfg).await.unwrap();
+    assert_eq!(report.network, "netns", "the nodes must run in namespaces");
+    for f in &cfg.faults {
+        assert!(
+            report
+                .fault_log
+                .iter()
+                .any(|w| w.fault == *f && w.error.is_none()),
+            "{f:?} was never carried out (seed {}): {:#?}",
+            cfg.seed,
+            report.fault_log
+        );
+    }
+    assert!(
+        report.ops_ok >= min_ok,
+        "too little load: {} ok (seed {})",
+        report.ops_ok,
+        cfg.seed
+    );
+    report
+}
+
+async fn register_stays_linearizable(nodes: u64, faults: &[Fault], secs: u64, seed: u64) {
+    let report = run_checked(config(Workload::Register, nodes, faults, secs, seed), 150).await;
+    assert!(
+        report.linearizable && report.valid,
+        "anomalies under {faults:?} (seed {seed}): {:#?}\nsmallest failing: {:#?}",
+        report.anomalies,
+        report.smallest_failing
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_under_kills_pauses_and_partitions_is_linearizable() {
-    let faults = vec![Fault::Kill, Fault::Pause, Fault::Partition];
-    let report = run(&config(7, faults, 12, false)).await.unwrap();
-    assert!(
-        !report.fault_log.is_empty(),
-        "the nemesis injected no fault"
-    );
-    assert!(report.ops_ok > 200, "too little load: {} ok", report.ops_ok);
-    assert!(
-        report.linearizable,
-        "anomalies under kill, pause and partition (seed 7): {:#?}",
-        report.anomalies
-    );
+async fn register_under_partitions_of_every_shape_is_linearizable() {
+    register_stays_linearizable(5, &[Fault::Partition], 12, 21).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_under_kills_is_linearizable() {
+    register_stays_linearizable(3, &[Fault::Kill], 8, 22).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_under_pauses_is_linearizable() {
+    register_stays_linearizable(3, &[Fault::Pause], 8, 23).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_under_membership_changes_is_linearizable() {
+    register_stays_linearizable(3, &[Fault::Membership], 10, 24).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_under_overlapping_faults_of_every_kind_is_linearizable() {
+    let all = [
+        Fault::Partition,
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Membership,
+    ];
+    register_stays_linearizable(3, &all, 15, 7).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_reads_served_without_read_index() {
-    let report = run(&config(8, vec![Fault::Pause], 6, true)).await.unwrap();
+    let mut cfg = config(Workload::Register, 3, &[Fault::Pause], 6, 8);
+    cfg.unsafe_local_reads = true;
+    let report = run_checked(cfg, 100).await;
     // Which operation the search reports first depends on the history (a stale read can make
-    // a later write impossible to place); what matters is that the anomaly is found.
+    // a later write impossible to place); what matters is that the anomaly is found, and that
+    // the shrunk sub-history still shows it.
     assert!(!report.linearizable, "stale local reads went unnoticed");
-    assert!(!report.anomalies.is_empty());
+    assert!(!report.valid);
+    assert!(!report.smallest_failing.is_empty());
+    for (ops, v) in report.smallest_failing.iter().zip(&report.anomalies) {
+        let raftmap_jepsen::Verdict::NotLinearizable { key, .. } = v else {
+            unreachable!()
+        };
+        assert_ne!(
+            raftmap_jepsen::check_key(*key, ops),
+            raftmap_jepsen::Verdict::Linearizable,
+            "the smallest failing sub-history must still fail"
+        );
+        let all = report.history.iter().filter(|e| e.key == *key).count() / 2;
+        assert!(
+            ops.len() < all,
+            "nothing was shrunk: {} of {all}",
+            ops.len()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn set_under_kills_and_partitions_loses_no_acknowledged_add() {
-    let mut cfg = config(9, vec![Fault::Kill, Fault::Partition], 10, false);
-    cfg.workload = Workload::Set;
-    let report = run(&cfg).await.unwrap();
+async fn set_under_kills_partitions_and_membership_loses_no_acknowledged_add() {
+    let faults = [Fault::Kill, Fault::Partition, Fault::Membership];
+    let report = run_checked(config(Workload::Set, 3, &faults, 10, 9), 200).await;
     let set = report.set.as_ref().unwrap();
-    assert!(set.acknowledged > 200, "too little load: {set:?}");
-    assert!(!report.fault_log.is_empty());
     assert!(
         set.lost.is_empty(),
         "lost acknowledged adds: {:?}",
@@ -82,5 +155,30 @@ async fn set_under_kills_and_partitions_loses_no_acknowledged_add() {
         "unexpected elements: {:?}",
         set.unexpected
     );
+    assert!(report.valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_maps_converge_in_log_order_under_every_fault() {
+    if !raftmap_ebpf_hooks::bpf_or_skip("kernel_maps_converge_in_log_order_under_every_fault") {
+        return;
+    }
+    let faults = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Partition,
+        Fault::Membership,
+    ];
+    let report = run_checked(config(Workload::KernelMap, 3, &faults, 12, 10), 1000).await;
+    let k = report.kernel.as_ref().unwrap();
+    assert!(k.converged, "kernel maps did not converge: {k:#?}");
+    assert!(k.lost.is_empty(), "lost kernel writes: {:?}", k.lost);
+    assert!(
+        k.out_of_order.is_empty(),
+        "a node's kernel map left the log's order: {:?}",
+        k.out_of_order
+    );
+    assert!(k.divergent_indexes.is_empty(), "{:?}", k.divergent_indexes);
+    assert!(k.committed_changes > 500 && k.observations > 500, "{k:#?}");
     assert!(report.valid);
 }

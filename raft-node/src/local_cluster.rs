@@ -244,6 +244,17 @@ impl LocalCluster {
         })
     }
 
+    /// Whether this process can put nodes in network namespaces (root, `ip netns`, veth and
+    /// bridges): creates and removes a throwaway bridge to find out.
+    pub fn netns_available() -> bool {
+        Netns::new().is_ok()
+    }
+
+    /// Extra agent arguments for node `id` from its next start on (a node added later).
+    pub fn set_node_args(&mut self, id: NodeId, args: Vec<String>) {
+        self.opts.node_args.insert(id, args);
+    }
+
     /// Whether the nodes run in network namespaces (partitions possible).
     pub fn has_netns(&self) -> bool {
         self.net.is_some()
@@ -252,10 +263,7 @@ impl LocalCluster {
     /// Partitions the network into `groups`: a node only hears nodes of its own group (clients
     /// still reach every node). Needs `netns`.
     pub fn partition(&mut self, groups: &[Vec<NodeId>]) -> Result<()> {
-        let net = self
-            .net
-            .as_ref()
-            .ok_or_else(|| NodeError::FailedPrecondition("partitions need netns".into()))?;
+        let mut grudges = BTreeMap::new();
         for g in groups {
             let others: Vec<NodeId> = groups
                 .iter()
@@ -264,8 +272,22 @@ impl LocalCluster {
                 .copied()
                 .collect();
             for id in g {
-                net.block(*id, &others)?;
+                grudges.insert(*id, others.clone());
             }
+        }
+        self.cut(&grudges)
+    }
+
+    /// Cuts links of any shape (bridges, rings): each node in `grudges` drops every packet from
+    /// the nodes listed for it, other nodes are left as they are. A TCP connection needs both
+    /// directions, so one side's grudge cuts the link.
+    pub fn cut(&mut self, grudges: &BTreeMap<NodeId, Vec<NodeId>>) -> Result<()> {
+        let net = self
+            .net
+            .as_ref()
+            .ok_or_else(|| NodeError::FailedPrecondition("partitions need netns".into()))?;
+        for (id, from) in grudges {
+            net.block(*id, from)?;
         }
         Ok(())
     }

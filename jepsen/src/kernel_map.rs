@@ -1,0 +1,652 @@
+//! The kernel-map workload: writers update and delete entries directly in the BPF maps of
+//! random nodes (as a BPF program or `bpftool` would, through bpf(2)), while the faults run.
+//!
+//! Three observers record what happened: a sampler reads every node's kernel map every few
+//! milliseconds (each node's sequence of values per key), and one watch stream per node records
+//! the committed changes in log order (streams resume after a kill; they must agree index by
+//! index). The checks:
+//! - convergence: after healing, every member's kernel map equals the committed contents;
+//! - order: each node's sequence of values per key, leaving out its own writes until they
+//!   commit, is a subsequence of the committed order (a node never shows a state the log does
+//!   not pass through, nor goes back);
+//! - lost writes: every value written into a kernel map is in the committed order, unless a
+//!   later write on the same node replaced it before it was captured (raftmap replicates a
+//!   map's states: changes to one key between two reads of the ring buffer, or made while the
+//!   daemon is down, coalesce into the last), or the node was removed from the cluster.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raftmap_ebpf_hooks::{KernelMap, MapKind, UpdateFlags};
+use raftmap_node::local_cluster::LocalCluster;
+use raftmap_node::proto as pb;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::history::{EventType, Func};
+use crate::nemesis::{Fault, FaultWindow, Members, NodeSetup};
+use crate::run::{Recorder, RunError};
+
+type NodeId = u64;
+
+/// The replicated map the kernel-map workload syncs.
+pub const KMAP: &str = "jepsen_kmap";
+
+/// A key's value as a node or the log has it (`None`: absent).
+type Value = Option<i64>;
+
+/// One kernel map per node, created by the harness and found by the nodes by name (a name
+/// works inside network namespaces, where bpffs is not mounted).
+#[derive(Debug)]
+pub struct KernelMaps {
+    tag: String,
+    maps: Mutex<BTreeMap<NodeId, Arc<KernelMap>>>,
+    /// Every map ever created (the sampler reads removed nodes' maps too); `maps` holds the
+    /// members' only.
+    all: Mutex<BTreeMap<NodeId, Arc<KernelMap>>>,
+}
+
+impl KernelMaps {
+    pub fn new() -> Self {
+        use std::sync::atomic::AtomicU32;
+        static RUN: AtomicU32 = AtomicU32::new(0);
+        let run = RUN.fetch_add(1, Ordering::SeqCst);
+        Self {
+            // Kernel object names hold 15 bytes: "rj" + 5 + 1 + "n" + id.
+            tag: format!("rj{:05}{}", std::process::id() % 100_000, run % 10),
+            maps: Mutex::new(BTreeMap::new()),
+            all: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(
+        m: &Mutex<BTreeMap<NodeId, Arc<KernelMap>>>,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Arc<KernelMap>>> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The maps of the current members.
+    fn current(&self) -> Vec<(NodeId, Arc<KernelMap>)> {
+        Self::lock(&self.maps)
+            .iter()
+            .map(|(i, m)| (*i, m.clone()))
+            .collect()
+    }
+
+    fn every(&self) -> Vec<(NodeId, Arc<KernelMap>)> {
+        Self::lock(&self.all)
+            .iter()
+            .map(|(i, m)| (*i, m.clone()))
+            .collect()
+    }
+}
+
+impl Default for KernelMaps {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeSetup for KernelMaps {
+    fn prepare(&self, id: NodeId) -> Result<Vec<String>, RunError> {
+        let name = format!("{}n{id}", self.tag);
+        let map = Arc::new(KernelMap::create(MapKind::Hash, 8, 8, 1024, &name)?);
+        Self::lock(&self.all).insert(id, map);
+        Ok(vec![
+            "--watch".into(),
+            format!("{KMAP}={name}"),
+            "--scan-interval-ms".into(),
+            "20".into(),
+        ])
+    }
+
+    /// From now on the writers write into the node's map too.
+    fn joined(&self, id: NodeId) {
+        if let Some(m) = Self::lock(&self.all).get(&id).cloned() {
+            Self::lock(&self.maps).insert(id, m);
+        }
+    }
+
+    fn removed(&self, id: NodeId) {
+        Self::lock(&self.maps).remove(&id);
+    }
+}
+
+fn decode(v: &[u8]) -> Value {
+    v.try_into().ok().map(i64::from_be_bytes)
+}
+
+/// One writer: updates (unique values) and deletes in the maps of random current members.
+pub async fn writer(
+    process: u64,
+    maps: Arc<KernelMaps>,
+    keys: u64,
+    seed: u64,
+    deadline: Instant,
+    rec: Arc<Recorder>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut seq: i64 = 0;
+    while Instant::now() < deadline {
+        let current = maps.current();
+        if current.is_empty() {
+            return;
+        }
+        let (node, map) = &current[rng.gen_range(0..current.len())];
+        let key = rng.gen_range(0..keys);
+        let kb = key.to_be_bytes();
+        if rng.gen_bool(0.15) {
+            rec.record_at(process, EventType::Invoke, key, Func::Delete, Some(*node));
+            let kind = match map.delete(&kb) {
+                Ok(_) => EventType::Ok,
+                Err(_) => EventType::Fail,
+            };
+            rec.record_at(process, kind, key, Func::Delete, Some(*node));
+        } else {
+            seq += 1;
+            // Unique across the run: the writer in the high bits.
+            let v = ((process as i64 + 1) << 40) | seq;
+            rec.record_at(process, EventType::Invoke, key, Func::Write(v), Some(*node));
+            let kind = match map.update(&kb, &v.to_be_bytes(), UpdateFlags::Any) {
+                Ok(()) => EventType::Ok,
+                Err(_) => EventType::Fail,
+            };
+            rec.record_at(process, kind, key, Func::Write(v), Some(*node));
+        }
+        tokio::time::sleep(Duration::from_millis(4)).await;
+    }
+}
+
+/// Per node and key, the values the kernel map showed, in order (consecutive repeats folded),
+/// each with the start and end of the read that first saw it.
+pub type Samples = BTreeMap<(NodeId, u64), Vec<(u64, u64, Value)>>;
+
+/// Reads every node's kernel map until `stop`.
+pub async fn sampler(
+    maps: Arc<KernelMaps>,
+    keys: u64,
+    stop: Arc<AtomicBool>,
+    rec: Arc<Recorder>,
+) -> Samples {
+    let mut out: Samples = BTreeMap::new();
+    loop {
+        let last_round = stop.load(Ordering::SeqCst);
+        for (node, map) in maps.every() {
+            let t0 = rec.now();
+            let Ok(entries) = map.entries() else { continue };
+            let t1 = rec.now();
+            for key in 0..keys {
+                let v = entries.get(&key.to_be_bytes()[..]).and_then(|v| decode(v));
+                let seq = out.entry((node, key)).or_insert_with(|| vec![(0, 0, None)]);
+                if seq.last().map(|s| s.2) != Some(v) {
+                    seq.push((t0, t1, v));
+                }
+            }
+        }
+        if last_round {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+/// One node's committed changes as its watch stream delivered them: `(index, key, value,
+/// time received)`.
+#[derive(Debug, Default)]
+pub struct Stream {
+    pub changes: Vec<(u64, u64, Value, u64)>,
+    /// The stream had to restart from the current contents (changes in between are unseen).
+    pub gaps: usize,
+}
+
+/// Follows node `addr`'s committed changes to the map until `stop`, resuming after breaks
+/// (a kill, a snapshot install). Signals `ready` once connected the first time.
+pub async fn observer(
+    addr: String,
+    stop: Arc<AtomicBool>,
+    ready: tokio::sync::oneshot::Sender<()>,
+    rec: Arc<Recorder>,
+) -> Stream {
+    let mut s = Stream::default();
+    let mut ready = Some(ready);
+    let mut after = 0u64;
+    // After a restart from the current contents: skip that dump (the first index received).
+    let mut skip_first = false;
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(ch) = raftmap_node::endpoint(&addr).map(|e| e.connect_lazy()) else {
+            break;
+        };
+        let mut kv = pb::kv_client::KvClient::new(ch);
+        let req = pb::WatchRequest {
+            map: KMAP.into(),
+            after_index: after,
+        };
+        let stream = tokio::time::timeout(Duration::from_secs(1), kv.watch(req)).await;
+        let mut stream = match stream {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(st)) if st.code() == tonic::Code::OutOfRange => {
+                // This node no longer holds the changes since `after`: start over from its
+                // current contents; the other nodes' streams cover the gap.
+                s.gaps += 1;
+                after = 0;
+                skip_first = true;
+                continue;
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        let mut skip: Option<u64> = None;
+        loop {
+            let next = tokio::time::timeout(Duration::from_millis(200), stream.message()).await;
+            match next {
+                Ok(Ok(Some(ev))) => {
+                    if std::mem::take(&mut skip_first) {
+                        skip = Some(ev.index);
+                    }
+                    after = after.max(ev.index);
+                    if skip == Some(ev.index) {
+                        continue;
+                    }
+                    let change = match ev.event {
+                        Some(pb::watch_event::Event::Put(p)) => {
+                            decode(&p.key).map(|k| (k as u64, decode(&p.value)))
+                        }
+                        Some(pb::watch_event::Event::Delete(d)) => {
+                            decode(&d.key).map(|k| (k as u64, None))
+                        }
+                        None => None,
+                    };
+                    if let Some((k, v)) = change {
+                        s.changes.push((ev.index, k, v, rec.now()));
+                    }
+                }
+                // Quiet: check for the end of the run.
+                Err(_) if !stop.load(Ordering::SeqCst) => continue,
+                Err(_) => break,
+                // Broken or ended: the last index may have been cut short; leave it to the
+                // other streams and resume after it.
+                Ok(_) => {
+                    s.changes.retain(|c| c.0 < after);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
+            }
+        }
+    }
+    s
+}
+
+/// What the kernel-map checks found.
+#[derive(Debug, Default, Serialize)]
+pub struct KernelMapResult {
+    pub writes: usize,
+    pub deletes: usize,
+    /// Log entries with changes to the map, and the changes, as the streams recorded them.
+    pub committed_entries: usize,
+    pub committed_changes: usize,
+    /// Stream restarts that skipped changes (the order below is then less complete).
+    pub stream_gaps: usize,
+    /// Two nodes delivered different changes at the same log index.
+    pub divergent_indexes: Vec<u64>,
+    /// Every member's kernel map equals the committed contents after healing.
+    pub converged: bool,
+    pub final_entries: usize,
+    /// Values written into a kernel map that never entered the log, without excuse.
+    pub lost: Vec<(NodeId, u64, i64)>,
+    /// Values superseded while their node's daemon was down or being removed (allowed).
+    pub coalesced: usize,
+    /// `(node, key, first value out of order)`: a node showed values in an order the log does
+    /// not have.
+    pub out_of_order: Vec<(NodeId, u64, String)>,
+    /// Sampled changes checked against the committed order.
+    pub observations: usize,
+    /// What the checks looked at, for investigation: each node's sampled values per key
+    /// (`"node/key"`: `[time ns, value]`), and the committed order per key.
+    #[serde(skip)]
+    pub evidence: Evidence,
+}
+
+/// The raw observations behind a kernel-map verdict.
+#[derive(Debug, Default, Serialize)]
+pub struct Evidence {
+    pub samples: BTreeMap<String, Vec<(u64, u64, Value)>>,
+    pub committed: BTreeMap<u64, Vec<Value>>,
+}
+
+impl KernelMapResult {
+    pub fn valid(&self) -> bool {
+        self.converged
+            && self.lost.is_empty()
+            && self.out_of_order.is_empty()
+            && self.divergent_indexes.is_empty()
+    }
+}
+
+/// Waits until every current member's kernel map equals the committed contents read through
+/// one of them (linearizably).
+pub async fn converge(
+    cluster: &LocalCluster,
+    members: &Members,
+    maps: &KernelMaps,
+    within: Duration,
+) -> (bool, usize) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut committed: Option<HashMap<Vec<u8>, Vec<u8>>> = None;
+        for id in members.ids() {
+            if let Ok(c) = cluster.client(id).await {
+                if let Ok(Ok((_, _, e))) =
+                    tokio::time::timeout(Duration::from_secs(2), c.dump(KMAP, true)).await
+                {
+                    committed = Some(e.into_iter().collect());
+                    break;
+                }
+            }
+        }
+        if let Some(c) = &committed {
+            let same = maps
+                .current()
+                .iter()
+                .all(|(_, m)| m.entries().is_ok_and(|e| e == *c));
+            if same {
+                return (true, c.len());
+            }
+        }
+        if Instant::now() > deadline {
+            return (false, committed.map_or(0, |c| c.len()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Is `seen` a subsequence of `order`? If not, the first element of `seen` that cannot be
+/// matched.
+fn subsequence<T: PartialEq + Copy>(seen: &[T], order: &[T]) -> Result<(), T> {
+    let mut it = order.iter();
+    for s in seen {
+        if !it.any(|o| o == s) {
+            return Err(*s);
+        }
+    }
+    Ok(())
+}
+
+/// A node's own write or delete: invoked, completed, what.
+type LocalOp<'a> = (u64, u64, &'a Func);
+
+/// Runs the order and lost-write checks over what the observers recorded.
+pub fn check(
+    history: &[crate::history::Event],
+    samples: &Samples,
+    streams: &[Stream],
+    faults: &[FaultWindow],
+    converged: (bool, usize),
+) -> KernelMapResult {
+    let mut r = KernelMapResult {
+        converged: converged.0,
+        final_entries: converged.1,
+        stream_gaps: streams.iter().map(|s| s.gaps).sum(),
+        ..Default::default()
+    };
+    // The committed order: the union of the streams by index, which must agree; and when each
+    // value was first seen committed.
+    let mut committed_at: HashMap<i64, u64> = HashMap::new();
+    let mut by_index: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
+    for s in streams {
+        let mut mine: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
+        for &(i, k, v, t) in &s.changes {
+            mine.entry(i).or_default().push((k, v));
+            if let Some(v) = v {
+                let at = committed_at.entry(v).or_insert(t);
+                *at = (*at).min(t);
+            }
+        }
+        for (i, ch) in mine {
+            match by_index.get(&i) {
+                Some(other) if *other != ch => r.divergent_indexes.push(i),
+                Some(_) => {}
+                None => {
+                    by_index.insert(i, ch);
+                }
+            }
+        }
+    }
+    r.committed_entries = by_index.len();
+    let mut order: BTreeMap<u64, Vec<Value>> = BTreeMap::new();
+    for ch in by_index.values() {
+        for &(k, v) in ch {
+            let seq = order.entry(k).or_insert_with(|| vec![None]);
+            r.committed_changes += 1;
+            if seq.last() != Some(&v) {
+                seq.push(v);
+            }
+        }
+    }
+    let committed_values: BTreeSet<i64> = order.values().flatten().flatten().copied().collect();
+    // Nodes removed from the cluster, and when: their uncommitted local writes go with them.
+    let removals: Vec<(NodeId, u64)> = faults
+        .iter()
+        .filter(|f| f.fault == Fault::Membership && f.error.is_none())
+        .filter_map(|f| {
+            let n = f.what.strip_prefix("membership remove n")?.parse().ok()?;
+            // Writes up to the end of the removal: the writers pick nodes until it is done.
+            Some((n, f.end))
+        })
+        .collect();
+    // Each node's own writes, per key, in time order: `(invoked, completed, function)`.
+    let mut local: BTreeMap<(NodeId, u64), Vec<LocalOp>> = BTreeMap::new();
+    let mut invoked: HashMap<u64, u64> = HashMap::new();
+    for e in history {
+        match (e.kind, e.node) {
+            (EventType::Invoke, Some(_)) => {
+                invoked.insert(e.process, e.time);
+            }
+            (EventType::Ok, Some(node)) => {
+                let start = invoked.remove(&e.process).unwrap_or(e.time);
+                local
+                    .entry((node, e.key))
+                    .or_default()
+                    .push((start, e.time, &e.f));
+            }
+            _ => {}
+        }
+    }
+    // A node's own write that never entered the log is fine when a later write on the same
+    // node replaced it before it was captured (raftmap replicates states: changes to one key
+    // between two reads of the ring buffer coalesce), or when the node was removed; otherwise
+    // it is lost.
+    for (&(node, key), ops) in &local {
+        for (i, &(_, t, f)) in ops.iter().enumerate() {
+            match f {
+                Func::Write(v) => {
+                    r.writes += 1;
+                    if committed_values.contains(v) {
+                        continue;
+                    }
+                    let replaced = i + 1 < ops.len();
+                    let removed = removals.iter().any(|&(n, at)| n == node && at >= t);
+                    if replaced || removed {
+                        r.coalesced += 1;
+                    } else {
+                        r.lost.push((node, key, *v));
+                    }
+                }
+                Func::Delete => r.deletes += 1,
+                _ => {}
+            }
+        }
+    }
+    for (&(node, key), seen) in samples {
+        let empty = vec![None];
+        let committed = order.get(&key).unwrap_or(&empty);
+        let ops: &[LocalOp] = local.get(&(node, key)).map_or(&[], Vec::as_slice);
+        let own = |v: i64| ops.iter().any(|(_, _, f)| **f == Func::Write(v));
+        // Could the node's own delete explain an absent key read in [t0, t1]: one that started
+        // before the read ended, with no own write certainly between it and the read (started
+        // after the delete completed, completed before the read began).
+        // Per own delete: its start, and the earliest completion of an own write begun after it.
+        let deletes: Vec<(u64, u64)> = ops
+            .iter()
+            .filter(|(_, _, f)| **f == Func::Delete)
+            .map(|&(ds, de, _)| {
+                let overwritten = ops
+                    .iter()
+                    .filter(|(ws, _, g)| matches!(g, Func::Write(_)) && *ws > de)
+                    .map(|(_, we, _)| *we)
+                    .min()
+                    .unwrap_or(u64::MAX);
+                (ds, overwritten)
+            })
+            .collect();
+        let own_delete =
+            |t0: u64, t1: u64| deletes.iter().any(|&(ds, over)| ds <= t1 && over >= t0);
+        let kept: Vec<Value> = seen
+            .iter()
+            .filter(|(t0, t1, v)| match v {
+                // The node's own write, perhaps seen before it committed: a transient local
+                // state, which the order does not cover (older committed values may be
+                // applied over it before it is captured; it comes back when it commits).
+                Some(v) if own(*v) => committed_at.get(v).is_some_and(|c| c <= t0),
+                Some(_) => true,
+                None => !own_delete(*t0, *t1),
+            })
+            .map(|s| s.2)
+            .collect();
+        r.observations += kept.len();
+        if let Err(v) = subsequence(&kept, committed) {
+            let show = |v: &Value| v.map_or("absent".into(), |v| v.to_string());
+            let at = kept.iter().position(|k| *k == v).unwrap_or(0);
+            let before: Vec<String> = kept[at.saturating_sub(3)..at].iter().map(show).collect();
+            let in_log = committed.iter().position(|c| *c == v);
+            r.out_of_order.push((
+                node,
+                key,
+                format!(
+                    "{} after [{}]; {}",
+                    show(&v),
+                    before.join(", "),
+                    match in_log {
+                        Some(p) => format!("log position {p} of {}", committed.len()),
+                        None => "not in the log".into(),
+                    }
+                ),
+            ));
+        }
+    }
+    r.evidence = Evidence {
+        samples: samples
+            .iter()
+            .map(|((n, k), v)| (format!("{n}/{k}"), v.clone()))
+            .collect(),
+        committed: order,
+    };
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subsequence_finds_the_first_value_out_of_order() {
+        let order = [None, Some(1), Some(2), None, Some(3)];
+        assert_eq!(subsequence(&[None, Some(2), Some(3)], &order), Ok(()));
+        assert_eq!(subsequence(&[None, None, Some(3)], &order), Ok(()));
+        // Going back to 1 after 2 is not in the log's order.
+        assert_eq!(subsequence(&[Some(2), Some(1)], &order), Err(Some(1)));
+        assert_eq!(subsequence(&[Some(4)], &order), Err(Some(4)));
+    }
+
+    fn window(what: &str, start: u64) -> FaultWindow {
+        FaultWindow {
+            fault: Fault::Membership,
+            what: what.into(),
+            start,
+            end: start + 1,
+            error: None,
+        }
+    }
+
+    fn ok(node: u64, key: u64, f: Func, time: u64) -> crate::history::Event {
+        crate::history::Event {
+            process: 0,
+            kind: EventType::Ok,
+            f,
+            key,
+            time,
+            node: Some(node),
+        }
+    }
+
+    #[test]
+    fn a_write_missing_from_the_log_is_lost_unless_replaced_on_its_node_or_the_node_removed() {
+        let streams = [Stream {
+            changes: vec![(5, 1, Some(10), 2), (6, 1, Some(12), 5)],
+            gaps: 0,
+        }];
+        let mut history = vec![
+            ok(1, 1, Func::Write(10), 1),
+            ok(2, 1, Func::Write(11), 2),
+            ok(1, 1, Func::Write(12), 3),
+        ];
+        let mut samples = Samples::new();
+        samples.insert(
+            (2, 1),
+            vec![(0, 0, None), (2, 2, Some(11)), (9, 9, Some(12))],
+        );
+        samples.insert(
+            (1, 1),
+            vec![(0, 0, None), (1, 1, Some(10)), (3, 3, Some(12))],
+        );
+        let r = check(&history, &samples, &streams, &[], (true, 1));
+        assert_eq!(r.lost, vec![(2, 1, 11)]);
+        assert!(!r.valid());
+        // Node 2 was removed after writing 11: its local state went with it.
+        let r = check(
+            &history,
+            &samples,
+            &streams,
+            &[window("membership remove n2", 5)],
+            (true, 1),
+        );
+        assert!(r.valid(), "{r:?}");
+        assert_eq!(r.coalesced, 1);
+        // Or node 2 wrote again before capturing 11: coalesced, and 11 is a local state only.
+        history.push(ok(2, 1, Func::Write(12), 4));
+        let r = check(&history, &samples, &streams, &[], (true, 1));
+        assert!(r.valid(), "{r:?}");
+        // A node that shows the log's values backwards is caught.
+        samples.insert(
+            (3, 1),
+            vec![(0, 0, None), (7, 7, Some(12)), (8, 8, Some(10))],
+        );
+        let r = check(&history, &samples, &streams, &[], (true, 1));
+        assert_eq!(r.out_of_order.len(), 1);
+        assert!(
+            r.out_of_order[0].2.starts_with("10 after [absent, 12]"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn streams_that_disagree_on_an_index_are_reported() {
+        let a = Stream {
+            changes: vec![(5, 1, Some(10), 0)],
+            gaps: 0,
+        };
+        let b = Stream {
+            changes: vec![(5, 1, Some(11), 0)],
+            gaps: 0,
+        };
+        let r = check(&[], &Samples::new(), &[a, b], &[], (true, 0));
+        assert_eq!(r.divergent_indexes, vec![5]);
+    }
+}
