@@ -84,6 +84,11 @@ async fn main() -> Result<()> {
             .context("binary has no directory")?
             .join("raftmap"),
     };
+    anyhow::ensure!(
+        bin.exists(),
+        "the raftmap binary is not at {}: build it first (`cargo build --bin raftmap`) or pass --raftmap PATH",
+        bin.display()
+    );
     let cfg = RunConfig {
         workload,
         bin,
