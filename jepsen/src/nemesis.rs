@@ -471,7 +471,9 @@ impl<'a> Nemesis<'a> {
     /// answer in time, why.
     async fn change_membership(&mut self) -> Result<(String, Option<String>), RunError> {
         let ids = self.members.ids();
-        let grow = ids.len() <= self.min_voters || self.rng.gen_bool(0.5);
+        // Between the starting size and two more: long runs do not pile up nodes.
+        let grow = ids.len() <= self.min_voters
+            || (ids.len() < self.min_voters + 2 && self.rng.gen_bool(0.5));
         let within = Duration::from_secs(8);
         if grow {
             let id = self.next_id;
