@@ -4,12 +4,15 @@
 // value bytes. For kernels that refuse fentry/fexit programs. BPF programs' own map writes are
 // not syscalls; the scan backend covers them.
 //
-// sys_enter records the command, the map and copies of the key and value (user memory, read
-// before the kernel does); sys_exit forwards the record through the ring buffer only if the
-// syscall returned 0. CO-RE: the few kernel structures used are declared here with only the
-// fields read, and relocated against the running kernel's BTF at load time.
+// One program at sys_exit: a bpf(2) call that returned 0 with an element command on a watched
+// map is forwarded with its key and value, read from the caller's memory (the attr, key and
+// value buffers are the caller's and still in place when its syscall returns). Records are as
+// long as the value (header, key slot, value), not the largest possible event. CO-RE: the few
+// kernel structures used are declared here with only the fields read, and relocated against
+// the running kernel's BTF at load time.
 
 #include <stdbool.h>
+#include <stddef.h>
 #include "raftmap.h"
 #include <bpf/bpf_tracing.h>
 
@@ -25,6 +28,7 @@
 struct pt_regs {
 	unsigned long di;
 	unsigned long si;
+	unsigned long orig_ax;
 } __attribute__((preserve_access_index));
 
 struct file {
@@ -66,14 +70,6 @@ struct rm_batch_attr {
 // raftmap's own process: its applier's writes are not captured (no echo).
 const volatile __u32 rm_self_tgid = 0;
 
-// Syscalls between enter and exit, by thread.
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
-	__type(value, struct rm_event);
-} rm_inflight SEC(".maps");
-
 // Scratch space to build an event (too large for the BPF stack).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -95,10 +91,11 @@ static __always_inline struct bpf_map *rm_map_of_fd(__u32 fd)
 	return BPF_CORE_READ(f, private_data);
 }
 
-SEC("tp_btf/sys_enter")
-int BPF_PROG(rm_sys_enter, struct pt_regs *regs, long id)
+SEC("tp_btf/sys_exit")
+int BPF_PROG(rm_sys_exit, struct pt_regs *regs, long ret)
 {
-	if (id != RM_NR_BPF)
+	// Only successful operations count: a failed update changed nothing.
+	if (ret != 0 || regs->orig_ax != RM_NR_BPF)
 		return 0;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	if ((__u32)(pid_tgid >> 32) == rm_self_tgid)
@@ -132,42 +129,25 @@ int BPF_PROG(rm_sys_enter, struct pt_regs *regs, long id)
 	if (!ev)
 		return 0;
 	__u32 ks = BPF_CORE_READ(map, key_size);
-	__u32 vs = BPF_CORE_READ(map, value_size);
+	__u32 vs = cmd == RM_MAP_UPDATE_ELEM ? BPF_CORE_READ(map, value_size) : 0;
 	if (!rm_sizes_fit(ks, vs))
 		return 0;
 	ev->map_id = map_id;
 	ev->pid_tgid = pid_tgid;
 	ev->key_size = ks;
 	ev->value_size = vs;
-	if (bpf_probe_read_user(ev->key, ks, (void *)attr.key)) {
+	ev->op = cmd == RM_MAP_UPDATE_ELEM ? RM_OP_UPDATE : RM_OP_DELETE;
+	if (bpf_probe_read_user(ev->key, ks, (void *)attr.key) ||
+	    (vs && bpf_probe_read_user(ev->value, vs, (void *)attr.value))) {
 		rm_count(0);
 		return 0;
 	}
-	if (cmd == RM_MAP_UPDATE_ELEM) {
-		ev->op = RM_OP_UPDATE;
-		if (vs == 0 || bpf_probe_read_user(ev->value, vs, (void *)attr.value)) {
-			rm_count(0);
-			return 0;
-		}
-	} else {
-		ev->op = RM_OP_DELETE;
-	}
-	if (bpf_map_update_elem(&rm_inflight, &pid_tgid, ev, BPF_ANY))
-		rm_count(0);
-	return 0;
-}
-
-SEC("tp_btf/sys_exit")
-int BPF_PROG(rm_sys_exit, struct pt_regs *regs, long ret)
-{
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct rm_event *ev = bpf_map_lookup_elem(&rm_inflight, &pid_tgid);
-	if (!ev)
+	// Bounded for the verifier by rm_sizes_fit: at most sizeof(*ev).
+	__u64 len = offsetof(struct rm_event, value) + (vs & (RM_MAX_VALUE * 2 - 1));
+	if (len > sizeof(*ev))
 		return 0;
-	// Only successful operations count: a failed update changed nothing.
-	if (ret == 0 && bpf_ringbuf_output(&rm_events, ev, sizeof(*ev), 0))
+	if (bpf_ringbuf_output(&rm_events, ev, len, 0))
 		rm_count(0);
-	bpf_map_delete_elem(&rm_inflight, &pid_tgid);
 	return 0;
 }
 

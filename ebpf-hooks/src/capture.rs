@@ -36,7 +36,10 @@ const FEXIT_HOOKS: &[(&str, &str)] = &[
 pub const MAX_EVENT_KEY: u32 = 128;
 /// Largest value the event-driven backends carry.
 pub const MAX_EVENT_VALUE: u32 = 1024;
-const EVENT_SIZE: usize = 16 + MAX_EVENT_KEY as usize + MAX_EVENT_VALUE as usize + 8;
+/// Where an event's key and value start (`struct rm_event` in `bpf/raftmap.h`); a record ends
+/// after the value's bytes or later.
+const KEY_AT: usize = 24;
+const VALUE_AT: usize = KEY_AT + MAX_EVENT_KEY as usize;
 
 /// How changes are captured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +78,7 @@ pub struct CaptureEvent {
 }
 
 fn parse(b: &[u8]) -> Option<CaptureEvent> {
-    if b.len() < EVENT_SIZE {
+    if b.len() < VALUE_AT {
         return None;
     }
     let u32_at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
@@ -88,15 +91,15 @@ fn parse(b: &[u8]) -> Option<CaptureEvent> {
     if ks > MAX_EVENT_KEY as usize || vs > MAX_EVENT_VALUE as usize {
         return None;
     }
-    let key = b[16..16 + ks].to_vec();
-    let vstart = 16 + MAX_EVENT_KEY as usize;
+    let key = b[KEY_AT..KEY_AT + ks].to_vec();
     let (value, evicted) = match op {
-        1 => (Some(b[vstart..vstart + vs].to_vec()), false),
+        1 => (Some(b.get(VALUE_AT..VALUE_AT + vs)?.to_vec()), false),
         2 => (None, false),
         3 => (None, true),
         _ => return None,
     };
-    let tid = u32_at(vstart + MAX_EVENT_VALUE as usize);
+    // The low half of pid_tgid (native endian, as the kernel wrote it): the thread id.
+    let tid = u32_at(16);
     Some(CaptureEvent {
         map_id,
         key,
@@ -143,17 +146,16 @@ impl Capture {
             .set_global("rm_self_tgid", &tgid, true)
             .load(CAPTURE_SYSCALL)
             .map_err(|e| err("BPF_PROG_LOAD")(e.to_string()))?;
-        for (prog, tp) in [("rm_sys_enter", "sys_enter"), ("rm_sys_exit", "sys_exit")] {
-            let p: &mut BtfTracePoint = ebpf
-                .program_mut(prog)
-                .ok_or_else(|| err("BPF_PROG_LOAD")(format!("{prog} missing")))?
-                .try_into()
-                .map_err(|e: aya::programs::ProgramError| err("BPF_PROG_LOAD")(e.to_string()))?;
-            p.load(tp, &btf)
-                .map_err(|e| err("BPF_PROG_LOAD")(format!("{prog}: {e}")))?;
-            p.attach()
-                .map_err(|e| err("BPF_RAW_TRACEPOINT_OPEN")(format!("{prog}: {e}")))?;
-        }
+        let (prog, tp) = ("rm_sys_exit", "sys_exit");
+        let p: &mut BtfTracePoint = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| err("BPF_PROG_LOAD")(format!("{prog} missing")))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| err("BPF_PROG_LOAD")(e.to_string()))?;
+        p.load(tp, &btf)
+            .map_err(|e| err("BPF_PROG_LOAD")(format!("{prog}: {e}")))?;
+        p.attach()
+            .map_err(|e| err("BPF_RAW_TRACEPOINT_OPEN")(format!("{prog}: {e}")))?;
         Self::from_loaded(Backend::Syscall, ebpf)
     }
 
