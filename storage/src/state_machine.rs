@@ -392,20 +392,24 @@ fn stage_batch(
     if let Err(e) = validate_batch(&batch.ops, &work.schemas) {
         return Ok(BatchOutcome::Rejected(e));
     }
-    // Effects of this batch alone, layered over `pending` and the database.
+    // Effects of this batch alone, layered over `pending` and the database: in order, and the
+    // latest value per key (a batch holds up to MAX_BATCH_OPS operations; looking keys up in
+    // the ordered list alone would make a batch quadratic in its size).
     let mut local: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     let mut declared: Vec<MapSchema> = Vec::new();
     let mut count_delta: HashMap<&str, i64> = HashMap::new();
     let mut mismatches = Vec::new();
-    let current = |k: &[u8], local: &[(Vec<u8>, Option<Vec<u8>>)]| -> Result<Option<Vec<u8>>> {
-        if let Some((_, v)) = local.iter().rev().find(|(lk, _)| lk == k) {
-            return Ok(v.clone());
-        }
-        if let Some(v) = pending.get(k) {
-            return Ok(v.clone());
-        }
-        Ok(db.db.get_cf(db.cf(CF_SM_DATA)?, k)?)
-    };
+    let current =
+        |k: &[u8], latest: &HashMap<Vec<u8>, Option<Vec<u8>>>| -> Result<Option<Vec<u8>>> {
+            if let Some(v) = latest.get(k) {
+                return Ok(v.clone());
+            }
+            if let Some(v) = pending.get(k) {
+                return Ok(v.clone());
+            }
+            Ok(db.db.get_cf(db.cf(CF_SM_DATA)?, k)?)
+        };
     for (i, op) in batch.ops.iter().enumerate() {
         let (map, key, new) = match op {
             Op::DeclareMap(s) => {
@@ -424,7 +428,7 @@ fn stage_batch(
                 new,
             } => {
                 let k = data_key(map, key);
-                let actual = current(&k, &local)?;
+                let actual = current(&k, &latest)?;
                 if &actual != expected {
                     // Index fits: batches hold at most MAX_BATCH_OPS operations.
                     mismatches.push((i as u32, actual));
@@ -434,9 +438,10 @@ fn stage_batch(
             }
         };
         let k = data_key(map, key);
-        let existed = current(&k, &local)?.is_some();
+        let existed = current(&k, &latest)?.is_some();
         let delta = i64::from(new.is_some()) - i64::from(existed);
         *count_delta.entry(map.as_str()).or_default() += delta;
+        latest.insert(k.clone(), new.clone());
         local.push((k, new));
     }
     if !mismatches.is_empty() {
