@@ -42,7 +42,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, Notify};
 
 use crate::error::{NodeError, Result};
-use crate::propose::Batcher;
+use crate::propose::{Batcher, Ticket};
 
 /// A watched map: its cluster-wide name and where the kernel map is on this node.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -145,11 +145,9 @@ pub enum MapSyncState {
 #[derive(Debug, Clone)]
 struct Mark {
     value: Option<Vec<u8>>,
-    /// Which capture of the key this is; only the latest one settles the key.
+    /// Which capture of the key this is; only the latest one settles the key (when the
+    /// applier reaches the index it committed at, see `MapState::commits`).
     gen: u64,
-    /// Log index the capture committed at, once known: the key settles when the applier
-    /// reaches it.
-    commit_index: Option<u64>,
 }
 
 /// A committed change that arrived while its map was being reconciled.
@@ -195,6 +193,9 @@ struct MapState {
     /// write, so as not to overwrite the newer local value). Settling the key writes it if the
     /// log ended somewhere else than the local value.
     committed_while_pending: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Captures known committed, by commit index: `(key, capture generation)`. Settling takes
+    /// the due ones from the front instead of walking every pending mark.
+    commits: BTreeMap<u64, Vec<(Vec<u8>, u64)>>,
     scanning: bool,
     touched: HashSet<Vec<u8>>,
     refused: Option<String>,
@@ -611,7 +612,7 @@ impl KernelSync {
     /// Captured changes: record them in the shadow as pending and propose them. `held` carries
     /// LRU evictions over to the next call while their cause is not known yet.
     async fn on_events(
-        &self,
+        self: &Arc<Self>,
         events: Vec<CaptureEvent>,
         held: &mut Vec<CaptureEvent>,
         view: &StateView,
@@ -684,9 +685,7 @@ impl KernelSync {
                     .collect();
                 self.mark_captured(&mut st, fresh)
             };
-            if let Err(e) = self.propose(&name, w, view, batcher, fresh).await {
-                tracing::warn!(map = %name, error = %e, "proposing captured changes");
-            }
+            self.propose_detached(&name, view, batcher, fresh).await;
         }
     }
 
@@ -1030,7 +1029,6 @@ impl KernelSync {
                     Mark {
                         value: c.value.clone(),
                         gen,
-                        commit_index: None,
                     },
                 );
                 Captured { change: c, gen }
@@ -1046,14 +1044,55 @@ impl KernelSync {
         batcher: &Batcher,
         changes: Vec<Captured>,
     ) -> Result<()> {
+        let queued = self.enqueue(name, batcher, changes).await;
+        self.settle_outcomes(name, w, view, queued).await;
+        Ok(())
+    }
+
+    /// Like [`Self::propose`], but returns once the changes are queued (in capture order), and
+    /// settles their marks when their outcomes arrive: the capture loop goes on reading events
+    /// while earlier changes are on their way through the log, and group commit takes whatever
+    /// it read meanwhile into the next entry.
+    async fn propose_detached(
+        self: &Arc<Self>,
+        name: &str,
+        view: &StateView,
+        batcher: &Batcher,
+        changes: Vec<Captured>,
+    ) {
+        let queued = self.enqueue(name, batcher, changes).await;
+        if queued.is_empty() {
+            return;
+        }
+        let (this, view, name) = (self.clone(), view.clone(), name.to_string());
+        tokio::spawn(async move {
+            if let Some(w) = this.maps.get(&name) {
+                this.settle_outcomes(&name, w, &view, queued).await;
+            }
+        });
+    }
+
+    /// Queues captured changes as log batches of at most `MAX_BATCH_OPS`, in order.
+    async fn enqueue(
+        &self,
+        name: &str,
+        batcher: &Batcher,
+        changes: Vec<Captured>,
+    ) -> Vec<(Vec<Captured>, Result<Ticket>)> {
         if changes.is_empty() {
-            return Ok(());
+            return Vec::new();
         }
         self.metrics
             .captured
             .get_or_create(&label(name))
             .inc_by(changes.len() as u64);
-        for chunk in changes.chunks(MAX_BATCH_OPS) {
+        let mut queued = Vec::new();
+        let mut rest = changes.into_iter();
+        loop {
+            let chunk: Vec<Captured> = rest.by_ref().take(MAX_BATCH_OPS).collect();
+            if chunk.is_empty() {
+                return queued;
+            }
             let ops: Vec<Op> = chunk
                 .iter()
                 .map(|c| match &c.change.value {
@@ -1068,20 +1107,38 @@ impl KernelSync {
                     },
                 })
                 .collect();
-            let outcome = match batcher.submit(ops, Source::Kernel).await {
+            let ticket = batcher.enqueue(ops, Source::Kernel).await;
+            queued.push((chunk, ticket));
+        }
+    }
+
+    /// Waits for the outcomes of queued changes and settles their marks.
+    async fn settle_outcomes(
+        &self,
+        name: &str,
+        w: &Watched,
+        view: &StateView,
+        queued: Vec<(Vec<Captured>, Result<Ticket>)>,
+    ) {
+        for (chunk, ticket) in queued {
+            let res = match ticket {
+                Ok(t) => t.wait().await,
+                Err(e) => Err(e),
+            };
+            let outcome = match res {
                 Ok(out) => match out.outcome {
                     BatchOutcome::Applied => {
                         // Committed at `out.index`: each key settles once the applier has
                         // reached that index here (now, if it already has; otherwise the
                         // apply hook does it when it gets there).
                         let mut st = lock(&w.state);
-                        for c in chunk {
-                            if let Some(m) = st.pending.get_mut(&c.change.key) {
-                                if m.gen == c.gen {
-                                    m.commit_index = Some(out.index);
-                                }
+                        let mut settle = Vec::new();
+                        for c in &chunk {
+                            if st.pending.get(&c.change.key).map(|m| m.gen) == Some(c.gen) {
+                                settle.push((c.change.key.clone(), c.gen));
                             }
                         }
+                        st.commits.entry(out.index).or_default().extend(settle);
                         if self.hooked_index.load(Ordering::Acquire) >= out.index {
                             self.settle_committed(&mut st, out.index);
                         }
@@ -1106,7 +1163,7 @@ impl KernelSync {
             )
             .await;
             let mut committed = Vec::with_capacity(chunk.len());
-            for c in chunk {
+            for c in &chunk {
                 committed.push(view.get(name, &c.change.key));
             }
             let mut st = lock(&w.state);
@@ -1114,20 +1171,19 @@ impl KernelSync {
                 self.settle_uncommitted(&mut st, name, c, view_value, outcome);
             }
         }
-        Ok(())
     }
 
     /// Settles every key whose capture committed at or before `index`: the mark ends, and the
     /// kernel takes the log's last value for the key (which the applier recorded while the key
     /// was pending) if that differs from what the kernel holds.
     fn settle_committed(&self, st: &mut MapState, index: u64) {
-        let due: Vec<Vec<u8>> = st
-            .pending
-            .iter()
-            .filter(|(_, m)| m.commit_index.is_some_and(|i| i <= index))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
+        let later = st.commits.split_off(&(index + 1));
+        let due = std::mem::replace(&mut st.commits, later);
+        for (key, gen) in due.into_values().flatten() {
+            // Only the capture that committed settles its key; a newer one keeps the mark.
+            if st.pending.get(&key).map(|m| m.gen) != Some(gen) {
+                continue;
+            }
             st.pending.remove(&key);
             let Some(last) = st.committed_while_pending.remove(&key) else {
                 continue;

@@ -198,6 +198,12 @@ impl Batcher {
 
     /// Submits one client batch and waits for its outcome.
     pub async fn submit(&self, ops: Vec<Op>, source: Source) -> Result<WriteOutcome> {
+        self.enqueue(ops, source).await?.wait().await
+    }
+
+    /// Queues one client batch behind every batch queued before it (batches reach the log in
+    /// the order they were queued) and returns at once; the outcome arrives in the ticket.
+    pub async fn enqueue(&self, ops: Vec<Op>, source: Source) -> Result<Ticket> {
         let bytes = ops.iter().map(op_bytes).sum();
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -209,7 +215,18 @@ impl Batcher {
             })
             .await
             .map_err(|_| NodeError::Unavailable("node is shutting down".into()))?;
-        rx.await
+        Ok(Ticket(rx))
+    }
+}
+
+/// Where a queued batch's outcome arrives.
+#[derive(Debug)]
+pub struct Ticket(oneshot::Receiver<Result<WriteOutcome>>);
+
+impl Ticket {
+    pub async fn wait(self) -> Result<WriteOutcome> {
+        self.0
+            .await
             .map_err(|_| NodeError::Unavailable("node is shutting down".into()))?
     }
 }
