@@ -123,6 +123,21 @@ impl Metrics {
             "Entries in the kernel map at the last scan",
             kernel.entries.clone(),
         );
+        registry.register(
+            "kernel_capture_lost",
+            "Capture events lost (ring buffer full, unreadable memory) or not forwarded (batch syscalls, oversize entries); each makes the daemon scan at once",
+            kernel.ring_drops.clone(),
+        );
+        registry.register(
+            "kernel_capture_backend",
+            "1 for the capture backend in use (scan, syscall or fexit)",
+            kernel.backend.clone(),
+        );
+        registry.register(
+            "kernel_echoes",
+            "Capture events recognised as this daemon's own applies and dropped",
+            kernel.echoes.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
