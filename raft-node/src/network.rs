@@ -62,6 +62,9 @@ pub fn endpoint(addr: &str) -> Result<Endpoint> {
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
+/// The shortest time an append carrying entries may take before it counts as failed.
+const MIN_APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// openraft network factory.
 #[derive(Debug, Clone)]
 pub struct Network {
@@ -138,7 +141,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        self.call(Rpc::Append, &rpc, option.hard_ttl()).await
+        // openraft bounds an append by the heartbeat interval; a full batch to a busy follower
+        // (an fsync of megabytes under load) can take longer, and a timed-out append sends
+        // replication into a half-second backoff. Entries carry data: give them time.
+        let ttl = if rpc.entries.is_empty() {
+            option.hard_ttl()
+        } else {
+            option.hard_ttl().max(MIN_APPEND_TIMEOUT)
+        };
+        self.call(Rpc::Append, &rpc, ttl).await
     }
 
     async fn install_snapshot(
