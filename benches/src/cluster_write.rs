@@ -7,12 +7,12 @@
 //! target/release/cluster-write --writers 1,64 --seconds 5
 //! ```
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use raftmap_bench::{fsync_floor, percentile, rtt_floor, us};
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::storage::{MapSchema, MapType};
 
@@ -39,60 +39,6 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-/// p50 and p99 of `n` fdatasyncs of a 4 KiB block in `dir`.
-fn fsync_floor(dir: &Path, n: usize) -> Result<(Duration, Duration)> {
-    let path = dir.join("fsync-probe");
-    let mut f = std::fs::File::create(&path)?;
-    let block = vec![7u8; 4096];
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        f.write_all(&block)?;
-        let t = Instant::now();
-        f.sync_data()?;
-        samples.push(t.elapsed());
-    }
-    std::fs::remove_file(&path)?;
-    samples.sort();
-    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
-}
-
-/// p50 and p99 of `n` 64-byte ping-pongs over loopback TCP.
-fn rtt_floor(n: usize) -> Result<(Duration, Duration)> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = [0u8; 64];
-        while s.read_exact(&mut buf).is_ok() {
-            s.write_all(&buf)?;
-        }
-        Ok(())
-    });
-    let mut c = std::net::TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let mut buf = [1u8; 64];
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        c.write_all(&buf)?;
-        c.read_exact(&mut buf)?;
-        samples.push(t.elapsed());
-    }
-    drop(c);
-    let _ = echo.join();
-    samples.sort();
-    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
 }
 
 struct RunResult {
@@ -166,24 +112,12 @@ async fn run(
 
 /// Sum of a counter over every node's `/metrics`.
 fn scrape_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
-    let mut total = 0.0;
-    for id in cluster.ids() {
-        let addr = &cluster.node(id)?.metrics_addr;
-        let mut s = std::net::TcpStream::connect(addr)?;
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        total += body
-            .lines()
-            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .filter_map(|v| v.trim().parse::<f64>().ok())
-            .sum::<f64>();
-    }
-    Ok(total)
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
+    let addrs = cluster
+        .ids()
+        .into_iter()
+        .map(|id| Ok(cluster.node(id)?.metrics_addr.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    raftmap_bench::scrape_counter(&addrs, name)
 }
 
 #[tokio::main]
