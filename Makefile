@@ -1,7 +1,8 @@
 # The two commands a fresh machine needs:
 #   make demo   start a local cluster, write through every node, show that all converged
 #   make test   the whole test suite (what CI runs)
-.PHONY: deps demo test lint
+#   make bench  every benchmark, tables printed and JSON in target/bench-results/ (not in CI)
+.PHONY: deps demo test lint bench
 
 deps:
 	@scripts/install-deps.sh
@@ -16,3 +17,6 @@ lint: deps
 
 test: lint
 	cargo test --workspace --locked
+
+bench: deps
+	benches/run-all.sh

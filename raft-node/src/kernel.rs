@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -164,6 +164,10 @@ enum Missed {
         contents: HashMap<Vec<u8>, Vec<u8>>,
     },
 }
+
+/// After a scan round that took `t`, the next one starts no sooner than `t` times this: scans
+/// of large maps take at most a tenth of the time.
+const SCAN_PAUSE_FACTOR: u32 = 9;
 
 /// Most key and value bytes held for a map that is not reconciled yet; past that they are
 /// dropped and the map, once found, is filled from the committed state.
@@ -468,6 +472,7 @@ impl KernelSync {
                     _ = tick.tick() => {}
                     _ = this.scan_now.notified() => {}
                 }
+                let started = Instant::now();
                 for (name, w) in &this.maps {
                     if let Err(e) = this.step(name, w, &view, &batcher, round).await {
                         tracing::warn!(map = %name, error = %e, "kernel map sync");
@@ -479,6 +484,9 @@ impl KernelSync {
                 });
                 this.ready.store(all, Ordering::Release);
                 round += 1;
+                // A scan reads the whole map: on large maps it must not take the node's CPU
+                // (at most a tenth of the time, whatever the interval or the loss signals ask).
+                tokio::time::sleep(started.elapsed() * SCAN_PAUSE_FACTOR).await;
             }
         });
     }

@@ -190,8 +190,11 @@ struct AgentArgs {
     /// local state without read-index.
     #[arg(long, hide = true)]
     unsafe_local_reads: bool,
+    /// How often the leader heartbeats its followers (default 100).
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// A follower that hears no leader for this long (randomised up to twice it) starts an
+    /// election (default 500). Shorter fails over faster and risks elections on loaded hosts.
     #[arg(long)]
     election_timeout_ms: Option<u64>,
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every raftmap benchmark on this machine and writes their JSON next to the printed
+# tables (default target/bench-results/). Needs root (BPF maps, capture programs).
+#   benches/run-all.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${CARGO_TARGET_DIR:-target}/bench-results}
+mkdir -p "$out"
+cargo build --release --locked --bin raftmap --bin cluster-write --bin kernel-replication \
+  --bin capture-overhead --bin cluster-ops
+bin=${CARGO_TARGET_DIR:-target}/release
+echo "## Capture overhead (syscall backend)"
+"$bin/capture-overhead" --json "$out/capture-overhead.json"
+echo
+echo "## Kernel write to remote kernel map, 3 nodes"
+"$bin/kernel-replication" --rates 1000,10000,50000,max --seconds 5 --fsync on,off \
+  --json "$out/kernel-replication.json"
+echo
+echo "## Client API writes, 3 nodes"
+"$bin/cluster-write" --writers 1,64 --seconds 5 --json "$out/cluster-write.json"
+echo
+echo "## Catch-up, footprint, failover"
+"$bin/cluster-ops" --entries 1000000 --failovers 3 --json "$out/cluster-ops.json"
+echo
+echo "## Failover with a shorter election timeout"
+"$bin/cluster-ops" --entries 100000 --failovers 5 --agent-arg=--heartbeat-ms=50 \
+  --agent-arg=--election-timeout-ms=250 --json "$out/cluster-ops-fast-election.json"
+echo
+echo "JSON in $out"
