@@ -51,7 +51,7 @@ static __always_inline int rm_emit(struct bpf_map *map, __u32 op, const void *ke
 		rm_count(0);
 		return 0;
 	}
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, rm_wake_flags());
 	return 0;
 }
 

@@ -146,7 +146,7 @@ int BPF_PROG(rm_sys_exit, struct pt_regs *regs, long ret)
 	__u64 len = offsetof(struct rm_event, value) + (vs & (RM_MAX_VALUE * 2 - 1));
 	if (len > sizeof(*ev))
 		return 0;
-	if (bpf_ringbuf_output(&rm_events, ev, len, 0))
+	if (bpf_ringbuf_output(&rm_events, ev, len, rm_wake_flags()))
 		rm_count(0);
 	return 0;
 }

@@ -51,6 +51,17 @@ struct {
 	__uint(max_entries, 16 * 1024 * 1024);
 } rm_events SEC(".maps");
 
+// When a record last woke the reader (ns, CLOCK_MONOTONIC). Waking it costs the writer more
+// than the rest of the capture; records within RM_WAKE_NS of the last wakeup do not wake it,
+// and the reader, once woken, looks again after RM_WAKE_NS (ebpf-hooks/src/capture.rs).
+#define RM_WAKE_NS 50000
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} rm_last_wake SEC(".maps");
+
 // [0]: events lost (ring buffer full, unreadable memory, in-flight table full);
 // [1]: changes seen but not forwarded (batch syscalls, oversize keys or values).
 // Either moving makes user space scan the watched maps at once.
@@ -71,6 +82,21 @@ static __always_inline void rm_count(__u32 which)
 static __always_inline bool rm_is_watched(__u32 map_id)
 {
 	return bpf_map_lookup_elem(&rm_watched, &map_id) != 0;
+}
+
+// Ring buffer flags for the next record: wake the reader only if it was not woken within the
+// last RM_WAKE_NS (racing CPUs may both wake it: harmless).
+static __always_inline __u64 rm_wake_flags(void)
+{
+	__u32 zero = 0;
+	__u64 *last = bpf_map_lookup_elem(&rm_last_wake, &zero);
+	__u64 now = bpf_ktime_get_ns();
+	if (!last || now - *last >= RM_WAKE_NS) {
+		if (last)
+			*last = now;
+		return BPF_RB_FORCE_WAKEUP;
+	}
+	return BPF_RB_NO_WAKEUP;
 }
 
 // Whether a map's keys and values fit an event; counts the change as not forwarded if not.

@@ -124,13 +124,33 @@ pub(crate) fn prog_test_run(prog: BorrowedFd<'_>, data: &[u8]) -> io::Result<u32
     Ok(unsafe { attr.test.retval })
 }
 
-/// Registers a ring buffer with tokio's reactor. Panics outside a tokio runtime.
-pub(crate) fn async_ring(
-    ring: aya::maps::RingBuf<aya::maps::MapData>,
-) -> io::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>> {
-    // SAFETY: the ring buffer owns its map's file descriptor (MapData holds an OwnedFd) for its
-    // whole lifetime, which is the AsyncFd's, and `as_raw_fd` always returns that descriptor.
-    unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+/// Waits until `fd` is readable or `timeout_ms` passes; whether it is readable.
+pub(crate) fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, borrowed for the call; the descriptor outlives it.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    match n {
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
+/// Lets this thread's short sleeps be short (the default slack is 50 us).
+pub(crate) fn tight_timer_slack() {
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects only this thread.
+    let _ = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong) };
 }
 
 /// BPF_MAP_LOOKUP_BATCH: copies up to `*count` entries after `in_token` (from the start when
