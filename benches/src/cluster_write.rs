@@ -184,8 +184,21 @@ async fn main() -> Result<()> {
     let mut json = Vec::new();
     for (n, &w) in args.writers.iter().enumerate() {
         let entries0 = scrape_counter(&cluster, "raftmap_proposals_total")?;
+        let (csum0, ccount0) = (
+            scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")?,
+            scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")?,
+        );
         let r = run(&cluster, w, args.seconds, args.ops_per_write, n as u64 + 1).await?;
         let entries = scrape_counter(&cluster, "raftmap_proposals_total")? - entries0;
+        // Inside the daemons: from proposing an entry to its being applied on the leader, the
+        // part of the client's latency that consensus and storage take.
+        let commit_mean = (scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")? - csum0)
+            / (scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")? - ccount0)
+                .max(1.0);
+        eprintln!(
+            "{w} writers: mean propose-to-applied inside the daemons {:.0} us",
+            commit_mean * 1e6
+        );
         let per_entry = r.ops as f64 / entries.max(1.0);
         let rate = r.ops as f64 / r.secs;
         println!(
