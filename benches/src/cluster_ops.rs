@@ -197,16 +197,7 @@ async fn failover(cluster: &mut LocalCluster, round: u64) -> Result<(u64, Durati
 async fn main() -> Result<()> {
     let args = Args::parse();
     raftmap_ebpf_hooks::probe_bpf().map_err(anyhow::Error::msg)?;
-    let bin = match &args.raftmap {
-        Some(b) => b.clone(),
-        None => raftmap_bench::sibling("raftmap")?,
-    };
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release --bin raftmap)",
-            bin.display()
-        );
-    }
+    let bin = raftmap_bench::raftmap_bin(args.raftmap.as_deref())?;
     let max_entries = (args.entries * 2).next_power_of_two().min(1 << 26) as u32;
     let learner_map_name = format!("rmops{}", std::process::id() % 100_000);
     let learner_map = KernelMap::create(MapKind::Hash, 8, 8, max_entries, &learner_map_name)?;

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use raftmap_bench::{fsync_floor, percentile, rtt_floor, us};
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
@@ -123,19 +123,7 @@ fn scrape_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let bin = match args.raftmap.clone() {
-        Some(b) => b,
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary has no directory")?
-            .join("raftmap"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release --bin raftmap)",
-            bin.display()
-        );
-    }
+    let bin = raftmap_bench::raftmap_bin(args.raftmap.as_deref())?;
     let mut agent_args = vec!["--snapshot-logs".to_string(), "100000".to_string()];
     if args.no_sync {
         agent_args.push("--no-sync".into());

@@ -148,11 +148,23 @@ pub fn tight_timer() {
     let _ = nix::sys::prctl::set_timerslack(1000);
 }
 
-/// The directory of the running binary's siblings (`raftmap` next to the bench binaries).
-pub fn sibling(name: &str) -> Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .ok_or_else(|| anyhow::anyhow!("{} has no directory", exe.display()))?;
-    Ok(dir.join(name))
+/// The `raftmap` binary: `explicit`, or the one next to the running bench binary; an error that
+/// says how to build it when it is not there.
+pub fn raftmap_bin(explicit: Option<&Path>) -> Result<std::path::PathBuf> {
+    let bin = match explicit {
+        Some(b) => b.to_path_buf(),
+        None => {
+            let exe = std::env::current_exe()?;
+            exe.parent()
+                .ok_or_else(|| anyhow::anyhow!("{} has no directory", exe.display()))?
+                .join("raftmap")
+        }
+    };
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} not found: build it first (cargo build --release --bin raftmap)",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }

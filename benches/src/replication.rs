@@ -529,16 +529,7 @@ async fn main() -> Result<()> {
         return child_write(name, args.child_rate, args.seconds, args.child_prefix);
     }
     raftmap_ebpf_hooks::probe_bpf().map_err(anyhow::Error::msg)?;
-    let bin = match &args.raftmap {
-        Some(b) => b.clone(),
-        None => raftmap_bench::sibling("raftmap")?,
-    };
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release --bin raftmap)",
-            bin.display()
-        );
-    }
+    let bin = raftmap_bench::raftmap_bin(args.raftmap.as_deref())?;
     let mut runs = Vec::new();
     let mut floor = None;
     for f in &args.fsync {
