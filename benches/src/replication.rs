@@ -56,6 +56,10 @@ fn key_of(prefix: u64, i: u64) -> [u8; 8] {
     ((prefix << 40) | i).to_be_bytes()
 }
 
+/// How often the probe looks for the key it waits for: the resolution of the latencies, and
+/// light enough not to take a core from the daemons it measures.
+const PROBE_POLL: Duration = Duration::from_micros(100);
+
 /// Most entries a map holds (every write is a new key).
 const MAP_ENTRIES: u32 = 1 << 21;
 
@@ -137,7 +141,7 @@ fn probe(
                         break;
                     }
                     _ if j >= written.load(Ordering::Acquire) => break 'keys,
-                    _ => std::thread::sleep(Duration::from_micros(20)),
+                    _ => std::thread::sleep(PROBE_POLL),
                 }
             }
         }
@@ -191,8 +195,8 @@ async fn measure(
 ) -> Result<(u64, f64, f64, u64, Vec<Duration>)> {
     let written = Arc::new(AtomicU64::new(u64::MAX));
     let give_up = Arc::new(AtomicBool::new(false));
-    // About 2000 samples a second.
-    let step = if rate == 0 { 100 } else { (rate / 2000).max(1) };
+    // About 500 samples a second: the probe shares the machine with the cluster.
+    let step = if rate == 0 { 400 } else { (rate / 500).max(1) };
     let before: Vec<usize> = remotes
         .iter()
         .map(|m| m.entries().map(|e| e.len()).unwrap_or(0))
