@@ -31,8 +31,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use raftmap_ebpf_hooks::{
-    diff, Backend, Capture, CaptureEvent, EchoFilter, KernelMap, MapKind, UpdateFlags,
-    MAX_EVENT_KEY, MAX_EVENT_VALUE,
+    diff, Backend, Capture, CaptureEvent, EchoFilter, KernelChange, KernelMap, MapKind,
+    UpdateFlags, MAX_EVENT_KEY, MAX_EVENT_VALUE,
 };
 use raftmap_storage::{
     ApplyHook, BatchOutcome, Change, MapContents, MapSchema, MapType, NodeId, Op, Source,
@@ -165,6 +165,9 @@ enum Missed {
     },
 }
 
+/// Kernel entries compared per hold of a map's lock during a scan.
+const SCAN_SLICE: usize = 2048;
+
 /// After a scan round that took `t`, the next one starts no sooner than `t` times this: scans
 /// of large maps take at most a tenth of the time.
 const SCAN_PAUSE_FACTOR: u32 = 9;
@@ -202,6 +205,8 @@ struct MapState {
     commits: BTreeMap<u64, Vec<(Vec<u8>, u64)>>,
     scanning: bool,
     touched: HashSet<Vec<u8>>,
+    /// Scans done, for the occasional full look for deleted entries.
+    scans: u64,
     refused: Option<String>,
 }
 
@@ -980,30 +985,79 @@ impl KernelSync {
             st.touched.clear();
             kmap
         };
-        // The walk runs without the lock; keys the applier writes meanwhile are recorded in
+        // The walk runs without the lock, and off the async workers (a large map takes
+        // milliseconds of syscalls); keys the applier writes meanwhile are recorded in
         // `touched` and left out of this diff.
-        let entries = kmap.entries();
+        let entries = match tokio::task::spawn_blocking(move || kmap.entries()).await {
+            Ok(e) => e,
+            Err(e) => {
+                lock(&w.state).scanning = false;
+                tracing::warn!(map = %name, error = %e, "scan task failed");
+                return Ok(());
+            }
+        };
+        let kernel = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                lock(&w.state).scanning = false;
+                tracing::warn!(map = %name, error = %e, "scan failed");
+                return Ok(());
+            }
+        };
+        self.metrics
+            .entries
+            .get_or_create(&label(name))
+            .set(kernel.len() as i64);
+        // Compare in slices, taking the map's lock for one slice at a time: the applier (which
+        // needs the lock for every committed entry) waits for a slice, not for the whole map.
+        let mut differ = Vec::new();
+        let mut found = 0usize;
+        let items: Vec<(&Vec<u8>, &Vec<u8>)> = kernel.iter().collect();
+        for slice in items.chunks(SCAN_SLICE) {
+            {
+                let st = lock(&w.state);
+                for (k, v) in slice {
+                    match st.shadow.get(*k) {
+                        Some(s) => {
+                            found += 1;
+                            if s != *v {
+                                differ.push(KernelChange {
+                                    key: (*k).clone(),
+                                    value: Some((*v).clone()),
+                                });
+                            }
+                        }
+                        None => differ.push(KernelChange {
+                            key: (*k).clone(),
+                            value: Some((*v).clone()),
+                        }),
+                    }
+                }
+            }
+            tokio::task::yield_now().await;
+        }
         let changes = {
             let mut st = lock(&w.state);
             st.scanning = false;
             let touched = std::mem::take(&mut st.touched);
-            let kernel = match entries {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::warn!(map = %name, error = %e, "scan failed");
-                    return Ok(());
-                }
-            };
-            self.metrics
-                .entries
-                .get_or_create(&label(name))
-                .set(kernel.len() as i64);
-
-            let changes: Vec<_> = diff(&st.shadow, &kernel)
-                .into_iter()
-                .filter(|c| !touched.contains(&c.key))
-                .collect();
-            let changes = self.mark_captured(&mut st, changes);
+            st.scans += 1;
+            // Entries gone from the kernel map: only if the counts say some may be (keys the
+            // applier or a capture touched meanwhile can blur the count, so every tenth scan
+            // looks regardless).
+            if found != st.shadow.len() || st.scans % 10 == 0 {
+                differ.extend(
+                    st.shadow
+                        .keys()
+                        .filter(|k| !kernel.contains_key(*k))
+                        .map(|k| KernelChange {
+                            key: k.clone(),
+                            value: None,
+                        }),
+                );
+            }
+            differ.retain(|c| !touched.contains(&c.key));
+            differ.sort_by(|a, b| a.key.cmp(&b.key));
+            let changes = self.mark_captured(&mut st, differ);
             if !changes.is_empty() && self.backend() != Backend::Scan {
                 // Found by the scan although events are on: in-place writes, BPF programs'
                 // writes the backend cannot see, or lost events.
