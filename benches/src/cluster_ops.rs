@@ -17,7 +17,7 @@ use clap::Parser;
 use raftmap_ebpf_hooks::{KernelMap, MapKind};
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
-use raftmap_node::storage::{MapSchema, MapType};
+use raftmap_node::storage::MapSchema;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -222,13 +222,7 @@ async fn main() -> Result<()> {
     cluster
         .client(1)
         .await?
-        .declare(&MapSchema {
-            name: MAP.into(),
-            map_type: MapType::Hash,
-            key_size: 8,
-            value_size: 8,
-            max_entries,
-        })
+        .declare(&MapSchema::hash(MAP, 8, 8, max_entries))
         .await?;
     let filled = fill(&cluster, args.entries).await?;
     println!(

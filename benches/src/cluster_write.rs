@@ -14,7 +14,7 @@ use anyhow::Result;
 use clap::Parser;
 use raftmap_bench::{fsync_floor, percentile, rtt_floor, us};
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
-use raftmap_node::storage::{MapSchema, MapType};
+use raftmap_node::storage::MapSchema;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -149,13 +149,7 @@ async fn main() -> Result<()> {
     cluster
         .client(1)
         .await?
-        .declare(&MapSchema {
-            name: "bench".into(),
-            map_type: MapType::Hash,
-            key_size: 8,
-            value_size: 8,
-            max_entries: 1 << 24,
-        })
+        .declare(&MapSchema::hash("bench", 8, 8, 1 << 24))
         .await?;
 
     println!(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
-use raftmap_node::storage::{MapSchema, MapType};
+use raftmap_node::storage::MapSchema;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -402,13 +402,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         cluster
             .client(1)
             .await?
-            .declare(&MapSchema {
-                name: MAP.into(),
-                map_type: MapType::Hash,
-                key_size: 8,
-                value_size: 8,
-                max_entries: 1 << 20,
-            })
+            .declare(&MapSchema::hash(MAP, 8, 8, 1 << 20))
             .await?;
     }
     let members = Arc::new(Members::new(&cluster));

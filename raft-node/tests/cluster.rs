@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
-use raftmap_node::storage::{MapSchema, MapType};
+use raftmap_node::storage::MapSchema;
 use raftmap_node::{put, Client, NodeError};
 
 const T: Duration = Duration::from_secs(60);
@@ -26,13 +26,7 @@ fn opts(extra: &[&str]) -> ClusterOptions {
 }
 
 fn schema() -> MapSchema {
-    MapSchema {
-        name: MAP.into(),
-        map_type: MapType::Hash,
-        key_size: 8,
-        value_size: 8,
-        max_entries: 100_000,
-    }
+    MapSchema::hash(MAP, 8, 8, 100_000)
 }
 
 fn key(i: u64) -> Vec<u8> {

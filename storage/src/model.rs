@@ -110,6 +110,17 @@ impl fmt::Display for MapSchema {
 }
 
 impl MapSchema {
+    /// A hash map's schema.
+    pub fn hash(name: &str, key_size: u32, value_size: u32, max_entries: u32) -> Self {
+        Self {
+            name: name.to_string(),
+            map_type: MapType::Hash,
+            key_size,
+            value_size,
+            max_entries,
+        }
+    }
+
     /// Checks that the schema itself is well formed.
     pub fn validate(&self) -> Result<(), ValidationError> {
         validate_map_name(&self.name)?;

@@ -26,13 +26,7 @@ fn entry(index: u64, batches: Vec<Vec<Op>>) -> Entry<TypeConfig> {
 }
 
 fn schema(max_entries: u32) -> MapSchema {
-    MapSchema {
-        name: "ct".into(),
-        map_type: MapType::Hash,
-        key_size: 2,
-        value_size: 2,
-        max_entries,
-    }
+    MapSchema::hash("ct", 2, 2, max_entries)
 }
 
 fn put(k: u8, v: u8) -> Op {
