@@ -136,14 +136,17 @@ async fn failover(cluster: &mut LocalCluster, round: u64) -> Result<(u64, Durati
     };
     let survivors: Vec<u64> = ids.iter().copied().filter(|&i| i != old).collect();
     let killed_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    // Writers that have committed a write: the kill waits until every one of them is going.
+    let going = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
     for (w, &id) in survivors.iter().cycle().take(4).enumerate() {
         let addr = cluster.node(id)?.api_addr.clone();
-        let killed_at = killed_at.clone();
+        let (killed_at, going) = (killed_at.clone(), going.clone());
         writers.push(tokio::spawn(async move {
             let ch = raftmap_node::endpoint(&addr)?.connect_lazy();
             let mut kv = pb::kv_client::KvClient::new(ch);
             let mut first_after: Option<Instant> = None;
+            let mut committed_once = false;
             let mut i = 0u64;
             // Until a write sent after the kill commits (or 20 s after the kill).
             loop {
@@ -163,6 +166,9 @@ async fn failover(cluster: &mut LocalCluster, round: u64) -> Result<(u64, Durati
                 req.set_timeout(Duration::from_secs(5));
                 let sent = Instant::now();
                 if kv.write(req).await.is_ok() {
+                    if !std::mem::replace(&mut committed_once, true) {
+                        going.fetch_add(1, Ordering::Relaxed);
+                    }
                     let k = *killed_at.lock().unwrap_or_else(|p| p.into_inner());
                     // A write sent after the kill and committed: the cluster is back.
                     if let Some(k) = k {
@@ -177,7 +183,13 @@ async fn failover(cluster: &mut LocalCluster, round: u64) -> Result<(u64, Durati
             Ok::<_, anyhow::Error>(first_after)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while going.load(Ordering::Relaxed) < writers.len() as u64 {
+        if Instant::now() > deadline {
+            bail!("the writers did not get a write committed before the kill");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     *killed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     let t_kill = Instant::now();
     cluster.kill(old)?;

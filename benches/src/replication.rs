@@ -423,15 +423,13 @@ impl pb::kv_server::Kv for NaivePeer {
     }
 }
 
-/// Each captured update of `source`, sent to each peer as one call over a new connection.
+/// Each update `cap` captures, sent to each peer as one call over a new connection.
 async fn naive_sync(
-    source_id: u32,
+    mut cap: Capture,
     peers: Vec<String>,
     stop: Arc<AtomicBool>,
     lost: Arc<Mutex<u64>>,
 ) -> Result<()> {
-    let mut cap = Capture::syscall()?;
-    cap.watch(source_id)?;
     let mut events = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         if tokio::time::timeout(Duration::from_millis(50), cap.next_events(&mut events))
@@ -490,14 +488,10 @@ async fn naive_run(secs: u64) -> Result<(Run, u64)> {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let lost = Arc::new(Mutex::new(0));
-    let sync = tokio::spawn(naive_sync(
-        maps[0].1.layout().id,
-        peers,
-        stop.clone(),
-        lost.clone(),
-    ));
-    // Let the capture attach before writing.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Attached and watching before the first write.
+    let mut cap = Capture::syscall()?;
+    cap.watch(maps[0].1.layout().id)?;
+    let sync = tokio::spawn(naive_sync(cap, peers, stop.clone(), lost.clone()));
     let remotes: Vec<Arc<KernelMap>> = maps[1..].iter().map(|(_, m)| m.clone()).collect();
     // Flat out for `secs`; what reached both peers by the end of the window is its throughput.
     let (n, wr, _, _, lat) = measure(&maps[0].0, &remotes, 0, secs, 1, Duration::ZERO).await?;
