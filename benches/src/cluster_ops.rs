@@ -97,20 +97,6 @@ fn disk_bytes(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// The node among `ids` whose own status says it leads.
-async fn leader(cluster: &LocalCluster, ids: &[u64]) -> Option<u64> {
-    for &id in ids {
-        if let Ok(c) = cluster.client(id).await {
-            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await {
-                if s.role == "leader" {
-                    return Some(id);
-                }
-            }
-        }
-    }
-    None
-}
-
 /// Kills the leader while writers keep writing through the other nodes; the time from the
 /// kill until a write commits again (the longest any writer waited).
 async fn failover(cluster: &mut LocalCluster, round: u64) -> Result<(u64, Duration)> {
@@ -119,7 +105,7 @@ async fn failover(cluster: &mut LocalCluster, round: u64) -> Result<(u64, Durati
     // term for a moment).
     let deadline = Instant::now() + Duration::from_secs(30);
     let old = loop {
-        let l = leader(cluster, &ids).await;
+        let l = cluster.leader(&ids).await;
         let mut agree = l.is_some();
         for &id in &ids {
             let s = match cluster.client(id).await {

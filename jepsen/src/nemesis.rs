@@ -236,21 +236,6 @@ fn grudges(
     (g, what)
 }
 
-/// The node that says it leads, if one answers in time.
-pub async fn leader_of(cluster: &LocalCluster, ids: &[NodeId]) -> Option<NodeId> {
-    for &id in ids {
-        let Ok(c) = cluster.client(id).await else {
-            continue;
-        };
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await {
-            if s.has_leader {
-                return Some(s.leader_id);
-            }
-        }
-    }
-    None
-}
-
 /// Most faults in effect at once.
 const MAX_OVERLAP: usize = 2;
 
@@ -407,9 +392,7 @@ impl<'a> Nemesis<'a> {
                 };
                 let shape = shapes[self.rng.gen_range(0..shapes.len())];
                 let leader = match shape {
-                    Shape::LeaderAlone | Shape::LeaderInMinority => {
-                        leader_of(self.cluster, &ids).await
-                    }
+                    Shape::LeaderAlone | Shape::LeaderInMinority => self.cluster.leader(&ids).await,
                     _ => None,
                 };
                 let (g, what) = grudges(shape, &ids, leader, &mut self.rng);

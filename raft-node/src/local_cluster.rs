@@ -457,6 +457,22 @@ impl LocalCluster {
         Client::connect(&[self.node(id)?.api_addr.clone()]).await
     }
 
+    /// The node among `ids` whose own status says it leads, asking each for at most 500 ms
+    /// (a paused node does not answer); `None` when none does right now.
+    pub async fn leader(&self, ids: &[NodeId]) -> Option<NodeId> {
+        for &id in ids {
+            let Ok(c) = self.client(id).await else {
+                continue;
+            };
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await {
+                if s.role == "leader" {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
     /// Waits until node `id` answers its status call, or fails with its log's tail.
     pub async fn wait_up(&mut self, id: NodeId, timeout: Duration) -> Result<()> {
         self.wait_for(id, timeout, "answer status", |_| true).await

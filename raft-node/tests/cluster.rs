@@ -36,14 +36,8 @@ fn key(i: u64) -> Vec<u8> {
 async fn leader_of(c: &LocalCluster, among: &[u64]) -> u64 {
     let deadline = Instant::now() + T;
     loop {
-        for &id in among {
-            if let Ok(cl) = c.client(id).await {
-                if let Ok(s) = cl.status().await {
-                    if s.role == "leader" && among.contains(&s.node_id) {
-                        return s.node_id;
-                    }
-                }
-            }
+        if let Some(l) = c.leader(among).await {
+            return l;
         }
         assert!(Instant::now() < deadline, "no leader among {among:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
