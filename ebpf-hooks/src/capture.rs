@@ -336,7 +336,7 @@ type EchoKey = (u32, Vec<u8>, Option<Vec<u8>>);
 /// same write, in which case the map holds that value either way.
 #[derive(Debug, Default)]
 pub struct EchoFilter {
-    expected: std::collections::HashMap<EchoKey, u32>,
+    expected: foldhash::HashMap<EchoKey, u32>,
 }
 
 impl EchoFilter {

@@ -332,25 +332,36 @@ impl KernelMap {
     /// where the kernel has no batch lookup for the map. Entries changed during the walk may
     /// or may not appear with their new value.
     pub fn entries(&self) -> Result<HashMap<Vec<u8>, Vec<u8>>> {
+        Ok(self.walk()?.into_map())
+    }
+
+    /// Every entry, like [`entries`](Self::entries), stored flat: two allocations whatever
+    /// the map's size, for walks that only compare.
+    pub fn walk(&self) -> Result<Entries> {
         match self.entries_batched() {
             Err(HookError::Syscall { source, .. })
                 // ENOTSUPP (524) is the kernel's own "not supported" code.
                 if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | 524)) =>
             {
-                self.entries_by_key()
+                let (ks, vs) = (self.layout.key_size as usize, self.layout.value_size as usize);
+                let mut flat = Entries::new(ks, vs);
+                for (k, v) in self.entries_by_key()? {
+                    flat.push(&k, &v);
+                }
+                Ok(flat)
             }
             other => other,
         }
     }
 
-    fn entries_batched(&self) -> Result<HashMap<Vec<u8>, Vec<u8>>> {
+    fn entries_batched(&self) -> Result<Entries> {
         let fd = self.data.fd().as_fd();
         let (ks, vs) = (
             self.layout.key_size as usize,
             self.layout.value_size as usize,
         );
         let token_len = ks.max(8);
-        let mut out = HashMap::new();
+        let mut out = Entries::new(ks, vs);
         let mut cap: usize = 1024.min(self.layout.max_entries.max(1) as usize);
         let mut token: Option<Vec<u8>> = None;
         let mut next = vec![0u8; token_len];
@@ -376,12 +387,11 @@ impl KernelMap {
                 }
                 Err(e) => return Err(self.syscall_err("BPF_MAP_LOOKUP_BATCH")(e)),
             };
-            for i in 0..(count as usize).min(cap) {
-                out.insert(
-                    keys[i * ks..(i + 1) * ks].to_vec(),
-                    values[i * vs..(i + 1) * vs].to_vec(),
-                );
-            }
+            // A hash map's walk visits each bucket once, and a key lives in one bucket: no
+            // key comes twice.
+            let n = (count as usize).min(cap);
+            out.keys.extend_from_slice(&keys[..n * ks]);
+            out.values.extend_from_slice(&values[..n * vs]);
             if !more {
                 return Ok(out);
             }
@@ -414,6 +424,51 @@ impl KernelMap {
             key = Some(next.clone());
         }
         Ok(out)
+    }
+}
+
+/// A map's entries from one walk ([`KernelMap::walk`]), keys and values each in one buffer.
+#[derive(Debug, Clone)]
+pub struct Entries {
+    key_size: usize,
+    value_size: usize,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+impl Entries {
+    fn new(key_size: usize, value_size: usize) -> Self {
+        Self {
+            key_size,
+            value_size,
+            keys: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.keys.extend_from_slice(key);
+        self.values.extend_from_slice(value);
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len().checked_div(self.key_size).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// (key, value) pairs in walk order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + '_ {
+        // Key sizes are at least 1 (the kernel refuses 0); value sizes may be 0 in principle.
+        let values =
+            (0..self.len()).map(|i| &self.values[i * self.value_size..(i + 1) * self.value_size]);
+        self.keys.chunks_exact(self.key_size.max(1)).zip(values)
+    }
+
+    pub fn into_map<S: std::hash::BuildHasher + Default>(self) -> HashMap<Vec<u8>, Vec<u8>, S> {
+        self.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The scan backend's core: what changed in a kernel map relative to what raftmap last knew.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 /// One key's new state in the kernel (`None`: deleted).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,9 +12,9 @@ pub struct KernelChange {
 
 /// Changes that turn `base` (the contents raftmap last applied or captured) into `kernel` (the
 /// contents now), sorted by key so that proposals are deterministic.
-pub fn diff(
-    base: &HashMap<Vec<u8>, Vec<u8>>,
-    kernel: &HashMap<Vec<u8>, Vec<u8>>,
+pub fn diff<S1: BuildHasher, S2: BuildHasher>(
+    base: &HashMap<Vec<u8>, Vec<u8>, S1>,
+    kernel: &HashMap<Vec<u8>, Vec<u8>, S2>,
 ) -> Vec<KernelChange> {
     let mut out: Vec<KernelChange> = kernel
         .iter()

@@ -21,7 +21,8 @@
 //! the committed state are local changes made while the daemon was down and are proposed; if the
 //! map is new, it is filled from the committed state by diff (never cleared first).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -838,9 +839,10 @@ impl KernelSync {
                 .map_err(NodeError::from)?
                 .into_iter()
                 .collect();
-            let kernel = kmap
-                .entries()
-                .map_err(|e| NodeError::Internal(e.to_string()))?;
+            let kernel: HashMap<Vec<u8>, Vec<u8>> = kmap
+                .walk()
+                .map_err(|e| NodeError::Internal(e.to_string()))?
+                .into_map();
             Ok((committed, kernel))
         };
         let (committed, kernel) = read().map_err(fail)?;
@@ -988,7 +990,7 @@ impl KernelSync {
         // The walk runs without the lock, and off the async workers (a large map takes
         // milliseconds of syscalls); keys the applier writes meanwhile are recorded in
         // `touched` and left out of this diff.
-        let entries = match tokio::task::spawn_blocking(move || kmap.entries()).await {
+        let entries = match tokio::task::spawn_blocking(move || kmap.walk()).await {
             Ok(e) => e,
             Err(e) => {
                 lock(&w.state).scanning = false;
@@ -1012,25 +1014,18 @@ impl KernelSync {
         // needs the lock for every committed entry) waits for a slice, not for the whole map.
         let mut differ = Vec::new();
         let mut found = 0usize;
-        let items: Vec<(&Vec<u8>, &Vec<u8>)> = kernel.iter().collect();
-        for slice in items.chunks(SCAN_SLICE) {
+        let mut items = kernel.iter();
+        while items.len() > 0 {
             {
                 let st = lock(&w.state);
-                for (k, v) in slice {
-                    match st.shadow.get(*k) {
-                        Some(s) => {
-                            found += 1;
-                            if s != *v {
-                                differ.push(KernelChange {
-                                    key: (*k).clone(),
-                                    value: Some((*v).clone()),
-                                });
-                            }
-                        }
-                        None => differ.push(KernelChange {
-                            key: (*k).clone(),
-                            value: Some((*v).clone()),
-                        }),
+                for (k, v) in items.by_ref().take(SCAN_SLICE) {
+                    let known = st.shadow.get(k);
+                    found += usize::from(known.is_some());
+                    if known.map(Vec::as_slice) != Some(v) {
+                        differ.push(KernelChange {
+                            key: k.to_vec(),
+                            value: Some(v.to_vec()),
+                        });
                     }
                 }
             }
@@ -1045,10 +1040,11 @@ impl KernelSync {
             // applier or a capture touched meanwhile can blur the count, so every tenth scan
             // looks regardless).
             if found != st.shadow.len() || st.scans % 10 == 0 {
+                let kernel: HashSet<&[u8]> = kernel.iter().map(|(k, _)| k).collect();
                 differ.extend(
                     st.shadow
                         .keys()
-                        .filter(|k| !kernel.contains_key(*k))
+                        .filter(|k| !kernel.contains(k.as_slice()))
                         .map(|k| KernelChange {
                             key: k.clone(),
                             value: None,
@@ -1477,8 +1473,8 @@ impl KernelSync {
     /// what is extra, never clear first. Keys with a local change on its way keep it.
     fn install(&self, st: &mut MapState, name: &str, contents: HashMap<Vec<u8>, Vec<u8>>) {
         let Some(kmap) = st.kmap.clone() else { return };
-        let kernel = match kmap.entries() {
-            Ok(k) => k,
+        let kernel: HashMap<Vec<u8>, Vec<u8>> = match kmap.walk() {
+            Ok(k) => k.into_map(),
             Err(e) => {
                 tracing::warn!(map = %name, error = %e, "cannot read the kernel map to install a snapshot");
                 return;

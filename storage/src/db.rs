@@ -51,9 +51,14 @@ impl Db {
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
         // A tiny memtable flush threshold is not needed; defaults suit a log-structured workload.
-        let cfs = ALL_CFS
-            .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let cfs = ALL_CFS.iter().map(|name| {
+            let opts = if *name == CF_SM_DATA {
+                data_cf_options()
+            } else {
+                Options::default()
+            };
+            ColumnFamilyDescriptor::new(*name, opts)
+        });
         let db =
             DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StorageError::Open {
                 path: dir.display().to_string(),
@@ -86,6 +91,20 @@ impl Db {
             }
         }
     }
+}
+
+/// Options of [`CF_SM_DATA`]. Applying a put looks its key up first (to keep per-map entry
+/// counts exact), and most replicated keys are new: whole-key bloom filters, in the memtable and
+/// in every table file, answer "absent" without searching either.
+fn data_cf_options() -> Options {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    let mut opts = Options::default();
+    opts.set_block_based_table_factory(&table);
+    opts.set_memtable_whole_key_filtering(true);
+    opts.set_memtable_prefix_bloom_ratio(0.1);
+    opts
 }
 
 pub(crate) fn encode<T: Serialize>(value: &T, what: &'static str) -> Result<Vec<u8>> {

@@ -5,7 +5,8 @@
 //! some log index. Snapshots are a full copy of that state, written to a file and streamed to
 //! peers in chunks by openraft; installing one replaces the state in one atomic batch.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -196,20 +197,20 @@ impl StateMachine {
         let shared = &self.shared;
         let db = &shared.db;
         let mut work = read_cache(shared).clone();
-        let mut pending: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        let mut pending: Pending<'_> = HashMap::new();
         let mut touched_schemas: Vec<String> = Vec::new();
         let mut membership_changed = false;
         let mut cluster_changed = false;
         let mut results = Vec::with_capacity(entries.len());
         let mut events = Vec::with_capacity(entries.len());
 
-        for entry in entries {
+        for entry in &entries {
             let index = entry.log_id.index;
             work.applied = Some(entry.log_id);
-            match entry.payload {
+            match &entry.payload {
                 EntryPayload::Blank => results.push(ApplyResult::default()),
                 EntryPayload::Membership(m) => {
-                    work.membership = StoredMembership::new(Some(entry.log_id), m);
+                    work.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     membership_changed = true;
                     results.push(ApplyResult::default());
                 }
@@ -270,6 +271,10 @@ impl StateMachine {
         let data_cf = db.cf(CF_SM_DATA)?;
         let meta_cf = db.cf(CF_SM_META)?;
         let mut batch = rocksdb::WriteBatch::default();
+        // In key order: the memtable's skip list inserts a run of ascending keys from where
+        // the previous one went instead of searching from the top each time.
+        let mut pending: Vec<_> = pending.into_iter().collect();
+        pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (k, v) in &pending {
             match v {
                 Some(v) => batch.put_cf(data_cf, k, v),
@@ -381,12 +386,15 @@ impl StateMachine {
     }
 }
 
+/// Staged writes of one `apply` call, by data key: values borrowed from the entries applied.
+type Pending<'a> = HashMap<Vec<u8>, Option<&'a [u8]>>;
+
 /// Applies one client batch to the working state, all or nothing.
-fn stage_batch(
+fn stage_batch<'a>(
     db: &Db,
     work: &mut Cache,
-    pending: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
-    batch: &ClientBatch,
+    pending: &mut Pending<'a>,
+    batch: &'a ClientBatch,
     changes: &mut Vec<Change>,
 ) -> Result<BatchOutcome> {
     if let Err(e) = validate_batch(&batch.ops, &work.schemas) {
@@ -395,21 +403,21 @@ fn stage_batch(
     // Effects of this batch alone, layered over `pending` and the database: in order, and the
     // latest value per key (a batch holds up to MAX_BATCH_OPS operations; looking keys up in
     // the ordered list alone would make a batch quadratic in its size).
-    let mut local: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    let mut local: Vec<(Vec<u8>, Option<&'a [u8]>)> = Vec::new();
+    let mut latest: Pending<'a> = HashMap::new();
     let mut declared: Vec<MapSchema> = Vec::new();
     let mut count_delta: HashMap<&str, i64> = HashMap::new();
     let mut mismatches = Vec::new();
-    let current =
-        |k: &[u8], latest: &HashMap<Vec<u8>, Option<Vec<u8>>>| -> Result<Option<Vec<u8>>> {
-            if let Some(v) = latest.get(k) {
-                return Ok(v.clone());
-            }
-            if let Some(v) = pending.get(k) {
-                return Ok(v.clone());
-            }
-            Ok(db.db.get_cf(db.cf(CF_SM_DATA)?, k)?)
-        };
+    let data_cf = db.cf(CF_SM_DATA)?;
+    let read = rocksdb::ReadOptions::default();
+    // The value `k` has before this op; only its presence when `need_value` is false.
+    let current = |k: &[u8], latest: &Pending<'a>, need_value: bool| -> Result<Option<Vec<u8>>> {
+        if let Some(v) = latest.get(k).or_else(|| pending.get(k)) {
+            return Ok(v.map(|v| if need_value { v.to_vec() } else { Vec::new() }));
+        }
+        let found = db.db.get_pinned_cf_opt(data_cf, k, &read)?;
+        Ok(found.map(|v| if need_value { v.to_vec() } else { Vec::new() }))
+    };
     for (i, op) in batch.ops.iter().enumerate() {
         let (map, key, new) = match op {
             Op::DeclareMap(s) => {
@@ -419,7 +427,7 @@ fn stage_batch(
                 }
                 continue;
             }
-            Op::Put { map, key, value } => (map, key, Some(value.clone())),
+            Op::Put { map, key, value } => (map, key, Some(value.as_slice())),
             Op::Delete { map, key } => (map, key, None),
             Op::CompareAndSwap {
                 map,
@@ -428,20 +436,20 @@ fn stage_batch(
                 new,
             } => {
                 let k = data_key(map, key);
-                let actual = current(&k, &latest)?;
+                let actual = current(&k, &latest, true)?;
                 if &actual != expected {
                     // Index fits: batches hold at most MAX_BATCH_OPS operations.
                     mismatches.push((i as u32, actual));
                     continue;
                 }
-                (map, key, new.clone())
+                (map, key, new.as_deref())
             }
         };
         let k = data_key(map, key);
-        let existed = current(&k, &latest)?.is_some();
+        let existed = current(&k, &latest, false)?.is_some();
         let delta = i64::from(new.is_some()) - i64::from(existed);
         *count_delta.entry(map.as_str()).or_default() += delta;
-        latest.insert(k.clone(), new.clone());
+        latest.insert(k.clone(), new);
         local.push((k, new));
     }
     if !mismatches.is_empty() {
@@ -476,11 +484,11 @@ fn stage_batch(
     }
     for (k, v) in local {
         if let Some((map, key)) = split_data_key(&k) {
-            changes.push(match &v {
+            changes.push(match v {
                 Some(value) => Change::Put {
                     map: map.to_string(),
                     key: key.to_vec(),
-                    value: value.clone(),
+                    value: value.to_vec(),
                 },
                 None => Change::Delete {
                     map: map.to_string(),
