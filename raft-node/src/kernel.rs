@@ -1361,9 +1361,16 @@ struct Captured {
 
 fn apply_to(shadow: &mut HashMap<Vec<u8>, Vec<u8>>, key: &[u8], value: Option<&[u8]>) {
     match value {
-        Some(v) => {
-            shadow.insert(key.to_vec(), v.to_vec());
-        }
+        // An existing key keeps its buffers: no allocation for the common in-place update.
+        Some(v) => match shadow.get_mut(key) {
+            Some(old) => {
+                old.clear();
+                old.extend_from_slice(v);
+            }
+            None => {
+                shadow.insert(key.to_vec(), v.to_vec());
+            }
+        },
         None => {
             shadow.remove(key);
         }
@@ -1381,20 +1388,33 @@ impl KernelSync {
         captured_here: bool,
         changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     ) {
-        let mut last: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::with_capacity(changes.len());
-        let mut order = Vec::with_capacity(changes.len());
-        for (k, v) in changes {
-            if last.insert(k.clone(), v).is_none() {
-                order.push(k);
+        // Several changes to one key: only the last counts.
+        let superseded = {
+            let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(changes.len());
+            for (i, (k, _)) in changes.iter().enumerate() {
+                last.insert(k, i);
             }
-        }
+            let mut superseded = vec![false; changes.len()];
+            if last.len() < changes.len() {
+                for (i, (k, _)) in changes.iter().enumerate() {
+                    superseded[i] = last.get(k.as_slice()) != Some(&i);
+                }
+            }
+            superseded
+        };
         let mut puts: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut deletes: Vec<Vec<u8>> = Vec::new();
-        for key in order {
-            let Some(value) = last.remove(&key) else {
+        for (i, (key, value)) in changes.into_iter().enumerate() {
+            if superseded[i] {
                 continue;
-            };
-            if st.pending.contains_key(&key) {
+            }
+            if let Some(mark) = st.pending.get(&key) {
+                if captured_here && mark.value == value {
+                    // This node's latest capture of the key committed: settling leaves the
+                    // kernel as it is, and any older committed value noted is superseded.
+                    st.committed_while_pending.remove(&key);
+                    continue;
+                }
                 // A local change to the key is on its way through the log: it is newer than
                 // this one (or is this one). Remember where the log is; settling the key ends
                 // there.
