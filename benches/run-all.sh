@@ -13,17 +13,17 @@ echo "## Capture overhead (syscall backend)"
 "$bin/capture-overhead" --json "$out/capture-overhead.json"
 echo
 echo "## Kernel write to remote kernel map, 3 nodes"
-"$bin/kernel-replication" --rates 1000,10000,50000,max --seconds 5 --fsync on,off \
+"$bin/kernel-replication" --rates 1000,10000,50000,100000,max --seconds 5 --fsync on,off \
   --json "$out/kernel-replication.json"
 echo
 echo "## Client API writes, 3 nodes"
 "$bin/cluster-write" --writers 1,64 --seconds 5 --json "$out/cluster-write.json"
 echo
 echo "## Catch-up, footprint, failover"
-"$bin/cluster-ops" --entries 1000000 --failovers 3 --json "$out/cluster-ops.json"
+"$bin/cluster-ops" --entries 1000000 --failovers 5 --json "$out/cluster-ops.json"
 echo
-echo "## Failover with a shorter election timeout"
+echo "## Failover with shorter timeouts (heartbeat 50 ms, election timeout 300 ms)"
 "$bin/cluster-ops" --entries 100000 --failovers 5 --agent-arg=--heartbeat-ms=50 \
-  --agent-arg=--election-timeout-ms=250 --json "$out/cluster-ops-fast-election.json"
+  --agent-arg=--election-timeout-ms=300 --json "$out/cluster-ops-short-timeouts.json"
 echo
 echo "JSON in $out"

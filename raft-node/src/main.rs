@@ -198,8 +198,10 @@ struct AgentArgs {
     /// How often the leader heartbeats its followers (default 100).
     #[arg(long)]
     heartbeat_ms: Option<u64>,
-    /// A follower that hears no leader for this long (randomised up to twice it) starts an
-    /// election (default 500). Shorter fails over faster and risks elections on loaded hosts.
+    /// Election timeout T (default 500): a follower that last heard its leader 2T ago (the
+    /// leader's lease) plus its own random pick in [T, 2T] starts an election, so a leader's
+    /// death is noticed after 3-4 T. Shorter fails over faster and risks elections on loaded
+    /// hosts.
     #[arg(long)]
     election_timeout_ms: Option<u64>,
 }
