@@ -301,8 +301,12 @@ pub struct KernelMapResult {
     pub final_entries: usize,
     /// Values written into a kernel map that never entered the log, without excuse.
     pub lost: Vec<(NodeId, u64, i64)>,
-    /// Values superseded while their node's daemon was down or being removed (allowed).
+    /// Values replaced by a later write on their node before capture, or whose node was
+    /// removed (allowed).
     pub coalesced: usize,
+    /// Values never committed because a write to the same key committed after them replaced
+    /// them on their node (allowed: last committed writer wins).
+    pub superseded: usize,
     /// `(node, key, first value out of order)`: a node showed values in an order the log does
     /// not have.
     pub out_of_order: Vec<(NodeId, u64, String)>,
@@ -399,15 +403,18 @@ pub fn check(
     // The committed order: the union of the streams by index, which must agree; and when each
     // value was first seen committed.
     let mut committed_at: HashMap<i64, u64> = HashMap::new();
+    // Committed deletes, `(key, index)` -> when first seen.
+    let mut deleted_at: BTreeMap<(u64, u64), u64> = BTreeMap::new();
     let mut by_index: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
     for s in streams {
         let mut mine: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
         for &(i, k, v, t) in &s.changes {
             mine.entry(i).or_default().push((k, v));
-            if let Some(v) = v {
-                let at = committed_at.entry(v).or_insert(t);
-                *at = (*at).min(t);
-            }
+            let at = match v {
+                Some(v) => committed_at.entry(v).or_insert(t),
+                None => deleted_at.entry((k, i)).or_insert(t),
+            };
+            *at = (*at).min(t);
         }
         for (i, ch) in mine {
             match by_index.get(&i) {
@@ -459,10 +466,28 @@ pub fn check(
             _ => {}
         }
     }
+    // Whether a write of `v` to `key` on `node`, done at `t`, was superseded by a write to the
+    // key committed after it (DESIGN invariant 3 allows that: the write may then never enter
+    // the log). The first other value the node's map showed for the key after the write
+    // decides: a value first seen committed after `t`, or absent with a delete of the key
+    // first seen committed after `t`. (First seen: an observer may learn of a commit a little
+    // late, never early.)
+    let superseded = |node: NodeId, key: u64, v: i64, t: u64| -> bool {
+        let next = samples
+            .get(&(node, key))
+            .and_then(|seen| seen.iter().find(|&&(t0, _, val)| t0 >= t && val != Some(v)));
+        match next {
+            Some(&(_, _, Some(r))) => committed_at.get(&r).is_some_and(|&c| c > t),
+            Some(&(_, _, None)) => deleted_at
+                .range((key, 0)..=(key, u64::MAX))
+                .any(|(_, &c)| c > t),
+            None => false,
+        }
+    };
     // A node's own write that never entered the log is fine when a later write on the same
     // node replaced it before it was captured (raftmap replicates states: changes to one key
-    // between two reads of the ring buffer coalesce), or when the node was removed; otherwise
-    // it is lost.
+    // between two reads of the ring buffer coalesce), when the node was removed, or when a
+    // later committed write superseded it; otherwise it is lost.
     for (&(node, key), ops) in &local {
         for (i, &(_, t, f)) in ops.iter().enumerate() {
             match f {
@@ -475,6 +500,8 @@ pub fn check(
                     let removed = removals.iter().any(|&(n, at)| n == node && at >= t);
                     if replaced || removed {
                         r.coalesced += 1;
+                    } else if superseded(node, key, *v, t) {
+                        r.superseded += 1;
                     } else {
                         r.lost.push((node, key, *v));
                     }
@@ -589,7 +616,7 @@ mod tests {
     }
 
     #[test]
-    fn a_write_missing_from_the_log_is_lost_unless_replaced_on_its_node_or_the_node_removed() {
+    fn a_write_missing_from_the_log_is_lost_unless_replaced_superseded_or_its_node_removed() {
         let streams = [Stream {
             changes: vec![(5, 1, Some(10), 2), (6, 1, Some(12), 5)],
             gaps: 0,
@@ -599,10 +626,16 @@ mod tests {
             ok(2, 1, Func::Write(11), 2),
             ok(1, 1, Func::Write(12), 3),
         ];
+        // Node 2's 11 gives way to 10, committed before 11 was written, and never commits.
         let mut samples = Samples::new();
         samples.insert(
             (2, 1),
-            vec![(0, 0, None), (2, 2, Some(11)), (9, 9, Some(12))],
+            vec![
+                (0, 0, None),
+                (2, 2, Some(11)),
+                (4, 4, Some(10)),
+                (9, 9, Some(12)),
+            ],
         );
         samples.insert(
             (1, 1),
@@ -611,6 +644,25 @@ mod tests {
         let r = check(&history, &samples, &streams, &[], (true, 1));
         assert_eq!(r.lost, vec![(2, 1, 11)]);
         assert!(!r.valid());
+        // Replaced by 12, committed after 11 was written: superseded, not lost.
+        let mut later = samples.clone();
+        later.insert(
+            (2, 1),
+            vec![(0, 0, None), (2, 2, Some(11)), (9, 9, Some(12))],
+        );
+        let r = check(&history, &later, &streams, &[], (true, 1));
+        assert!(r.valid(), "{r:?}");
+        assert_eq!(r.superseded, 1);
+        // Deleted by a delete committed after it: superseded too.
+        let deleted = [Stream {
+            changes: vec![(5, 1, Some(10), 2), (6, 1, None, 5)],
+            gaps: 0,
+        }];
+        later.insert((2, 1), vec![(0, 0, None), (2, 2, Some(11)), (9, 9, None)]);
+        later.insert((1, 1), vec![(0, 0, None), (1, 1, Some(10)), (6, 6, None)]);
+        let r = check(&history[..2], &later, &deleted, &[], (true, 1));
+        assert!(r.valid(), "{r:?}");
+        assert_eq!(r.superseded, 1);
         // Node 2 was removed after writing 11: its local state went with it.
         let r = check(
             &history,

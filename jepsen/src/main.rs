@@ -109,6 +109,9 @@ async fn main() -> Result<()> {
         .map(|e| serde_json::to_string(e).map(|l| l + "\n"))
         .collect::<Result<_, _>>()?;
     std::fs::write(out.join("history.jsonl"), history)?;
+    for (id, log) in &report.node_logs {
+        std::fs::write(out.join(format!("node-{id}.log")), log)?;
+    }
     std::fs::write(
         out.join("results.json"),
         serde_json::to_string_pretty(&report)?,
@@ -185,7 +188,7 @@ async fn main() -> Result<()> {
             serde_json::to_string(&k.evidence)?,
         )?;
         println!(
-            "kernel maps: {} writes, {} deletes; {} committed changes in {} entries; converged: {} ({} entries); {} lost, {} replaced on their node before capture, {} out of order, {} observations checked, {} divergent indexes, {} stream gaps",
+            "kernel maps: {} writes, {} deletes; {} committed changes in {} entries; converged: {} ({} entries); {} lost, {} replaced on their node before capture, {} superseded by a later commit, {} out of order, {} observations checked, {} divergent indexes, {} stream gaps",
             k.writes,
             k.deletes,
             k.committed_changes,
@@ -194,6 +197,7 @@ async fn main() -> Result<()> {
             k.final_entries,
             k.lost.len(),
             k.coalesced,
+            k.superseded,
             k.out_of_order.len(),
             k.observations,
             k.divergent_indexes.len(),

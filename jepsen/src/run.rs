@@ -127,6 +127,9 @@ pub struct Report {
     pub anomalies: Vec<Verdict>,
     #[serde(skip)]
     pub history: Vec<Event>,
+    /// Each node's log (stdout and stderr of `raftmap agent`, warnings and errors), by node id.
+    #[serde(skip)]
+    pub node_logs: Vec<(raftmap_node::storage::NodeId, String)>,
 }
 
 /// The history as it is recorded, shared by every client.
@@ -520,6 +523,14 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         .as_ref()
         .is_none_or(|r| r.lost.is_empty() && r.unexpected.is_empty());
     let kernel_ok = kernel_result.as_ref().is_none_or(KernelMapResult::valid);
+    let node_logs = cluster
+        .ids()
+        .into_iter()
+        .filter_map(|id| {
+            let path = &cluster.node(id).ok()?.log_path;
+            Some((id, std::fs::read_to_string(path).unwrap_or_default()))
+        })
+        .collect();
     Ok(Report {
         seed: cfg.seed,
         nodes: cfg.nodes,
@@ -537,6 +548,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         smallest_failing,
         anomalies,
         history,
+        node_logs,
     })
 }
 

@@ -172,7 +172,12 @@ async fn kernel_maps_converge_in_log_order_under_every_fault() {
     let report = run_checked(config(Workload::KernelMap, 3, &faults, 12, 10), 1000).await;
     let k = report.kernel.as_ref().unwrap();
     assert!(k.converged, "kernel maps did not converge: {k:#?}");
-    assert!(k.lost.is_empty(), "lost kernel writes: {:?}", k.lost);
+    assert!(
+        k.lost.is_empty(),
+        "lost kernel writes (node, key, value): {:?}\nfaults: {:#?}",
+        k.lost,
+        report.fault_log
+    );
     assert!(
         k.out_of_order.is_empty(),
         "a node's kernel map left the log's order: {:?}",
