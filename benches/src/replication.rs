@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo build --release --bin raftmap --bin kernel-replication
-//! target/release/kernel-replication --rates 1000,10000,50000,max --seconds 5
+//! target/release/kernel-replication --rates 1000,10000,50000,100000,max --seconds 5
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +25,11 @@ use raftmap_node::proto as pb;
 #[derive(Parser, Debug)]
 struct Args {
     /// Write rates per second, comma separated; `max` writes flat out.
-    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000,max")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1000,10000,50000,100000,max"
+    )]
     rates: Vec<String>,
     /// Seconds of writing per rate.
     #[arg(long, default_value_t = 5)]
