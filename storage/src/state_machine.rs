@@ -410,13 +410,23 @@ fn stage_batch<'a>(
     let mut mismatches = Vec::new();
     let data_cf = db.cf(CF_SM_DATA)?;
     let read = rocksdb::ReadOptions::default();
-    // The value `k` has before this op; only its presence when `need_value` is false.
-    let current = |k: &[u8], latest: &Pending<'a>, need_value: bool| -> Result<Option<Vec<u8>>> {
-        if let Some(v) = latest.get(k).or_else(|| pending.get(k)) {
-            return Ok(v.map(|v| if need_value { v.to_vec() } else { Vec::new() }));
+    // What this apply call has staged for `k` (`Some(None)`: deleted), if anything.
+    let staged = |k: &[u8], latest: &Pending<'a>| latest.get(k).or_else(|| pending.get(k)).copied();
+    // The value `k` has before this op, and whether it has one.
+    let current = |k: &[u8], latest: &Pending<'a>| -> Result<Option<Vec<u8>>> {
+        match staged(k, latest) {
+            Some(v) => Ok(v.map(<[u8]>::to_vec)),
+            None => Ok(db
+                .db
+                .get_pinned_cf_opt(data_cf, k, &read)?
+                .map(|v| v.to_vec())),
         }
-        let found = db.db.get_pinned_cf_opt(data_cf, k, &read)?;
-        Ok(found.map(|v| if need_value { v.to_vec() } else { Vec::new() }))
+    };
+    let exists = |k: &[u8], latest: &Pending<'a>| -> Result<bool> {
+        match staged(k, latest) {
+            Some(v) => Ok(v.is_some()),
+            None => Ok(db.db.get_pinned_cf_opt(data_cf, k, &read)?.is_some()),
+        }
     };
     for (i, op) in batch.ops.iter().enumerate() {
         let (map, key, new) = match op {
@@ -436,7 +446,7 @@ fn stage_batch<'a>(
                 new,
             } => {
                 let k = data_key(map, key);
-                let actual = current(&k, &latest, true)?;
+                let actual = current(&k, &latest)?;
                 if &actual != expected {
                     // Index fits: batches hold at most MAX_BATCH_OPS operations.
                     mismatches.push((i as u32, actual));
@@ -446,7 +456,7 @@ fn stage_batch<'a>(
             }
         };
         let k = data_key(map, key);
-        let existed = current(&k, &latest, false)?.is_some();
+        let existed = exists(&k, &latest)?;
         let delta = i64::from(new.is_some()) - i64::from(existed);
         *count_delta.entry(map.as_str()).or_default() += delta;
         latest.insert(k.clone(), new);
