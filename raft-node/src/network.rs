@@ -84,6 +84,16 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     pool: PeerPool,
+    /// The open append stream, if any: taken for a call and put back only when the call got
+    /// its answer, so an abandoned call (timeout, cancelled) never leaves an unread answer.
+    appends: Option<AppendStream>,
+}
+
+/// One `AppendEntries` stream: requests go in through `tx`, answers come back in order on `rx`.
+#[derive(Debug)]
+struct AppendStream {
+    tx: tokio::sync::mpsc::Sender<RaftPayload>,
+    rx: tonic::Streaming<RaftPayload>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -94,6 +104,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.raft_addr.clone(),
             pool: self.pool.clone(),
+            appends: None,
         }
     }
 }
@@ -125,7 +136,6 @@ impl PeerConnection {
         request.set_timeout(timeout);
         let resp = match which {
             Rpc::Vote => client.vote(request).await,
-            Rpc::Append => client.append_entries(request).await,
             Rpc::Snapshot => client.install_snapshot(request).await,
         }
         .map_err(|s| unreachable(&s))?;
@@ -135,10 +145,63 @@ impl PeerConnection {
     }
 }
 
+impl PeerConnection {
+    /// An append over this peer's append stream (opened on first use and after any failure).
+    async fn append(
+        &mut self,
+        rpc: &AppendEntriesRequest<TypeConfig>,
+        timeout: Duration,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+                "node {} at {}: {e}",
+                self.target, self.addr
+            ))))
+        };
+        let data = encode(rpc).map_err(|e| unreachable(&e))?;
+        let stream = self.appends.take();
+        let pool = self.pool.clone();
+        let addr = self.addr.clone();
+        let exchange = async move {
+            let mut s = match stream {
+                Some(s) => s,
+                None => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    let mut client = pool.peer(&addr).map_err(|e| e.to_string())?;
+                    let resp = client
+                        .append_entries(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    AppendStream {
+                        tx,
+                        rx: resp.into_inner(),
+                    }
+                }
+            };
+            s.tx.send(RaftPayload { data })
+                .await
+                .map_err(|_| "append stream closed".to_string())?;
+            match s.rx.message().await {
+                Ok(Some(p)) => Ok((s, p)),
+                Ok(None) => Err("append stream ended".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let (s, p) = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(unreachable(&e)),
+            Err(_) => return Err(unreachable(&format!("no answer within {timeout:?}"))),
+        };
+        self.appends = Some(s);
+        let result: std::result::Result<_, RaftError<NodeId>> =
+            decode(&p.data).map_err(|e| unreachable(&e))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Rpc {
     Vote,
-    Append,
     Snapshot,
 }
 
@@ -156,7 +219,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         } else {
             option.hard_ttl().max(MIN_APPEND_TIMEOUT)
         };
-        self.call(Rpc::Append, &rpc, ttl).await
+        self.append(&rpc, ttl).await
     }
 
     async fn install_snapshot(

@@ -135,9 +135,26 @@ impl pb::peer_server::Peer for PeerService {
         payload(&self.shared.raft.vote(rpc).await)
     }
 
-    async fn append_entries(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
-        let rpc = decode(&req.into_inner().data)?;
-        payload(&self.shared.raft.append_entries(rpc).await)
+    type AppendEntriesStream =
+        Pin<Box<dyn Stream<Item = Result<pb::RaftPayload, Status>> + Send + 'static>>;
+
+    /// Each request on the stream is answered, in order, before the next one is read: the
+    /// leader keeps one append in flight per follower.
+    async fn append_entries(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftPayload>>,
+    ) -> GrpcResult<Self::AppendEntriesStream> {
+        use tokio_stream::StreamExt;
+        let shared = self.shared.clone();
+        let answers = req.into_inner().then(move |m| {
+            let shared = shared.clone();
+            async move {
+                let rpc = decode(&m?.data)?;
+                let data = encode(&shared.raft.append_entries(rpc).await)?;
+                Ok(pb::RaftPayload { data })
+            }
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
