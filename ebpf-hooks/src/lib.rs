@@ -18,7 +18,7 @@ use aya::maps::{MapData, MapType};
 
 pub use capture::{Backend, Capture, CaptureEvent, EchoFilter, MAX_EVENT_KEY, MAX_EVENT_VALUE};
 pub use programs::{Conntrack, CT_KEY_SIZE, CT_VALUE_SIZE};
-pub use scan::{diff, KernelChange};
+pub use scan::{diff, Contents, KernelChange, Shadow};
 
 /// Errors of kernel map access.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,13 @@ pub enum HookError {
 }
 
 pub type Result<T, E = HookError> = std::result::Result<T, E>;
+
+/// Lowers the calling thread's priority (nice 10: about a tenth of a normal thread's share of a
+/// busy CPU): for a thread that walks large maps in the background, so that it yields to
+/// latency-bound work without being starved when the machine is saturated.
+pub fn set_thread_background_priority() -> std::io::Result<()> {
+    sys::set_thread_nice(10)
+}
 
 /// The kinds of kernel map raftmap replicates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -156,6 +156,19 @@ pub(crate) fn tight_timer_slack() {
 /// BPF_MAP_LOOKUP_BATCH: copies up to `*count` entries after `in_token` (from the start when
 /// `None`) into `keys` and `values`, sets `*count` to the number copied and `out_token` to where
 /// to resume. `Ok(false)`: the walk is complete (the entries copied are the last ones).
+/// Sets the calling thread's nice value (on Linux niceness is per thread).
+pub(crate) fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: plain system calls on the calling thread's own id; no memory is passed.
+    let ret = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub(crate) fn lookup_batch(
     fd: BorrowedFd<'_>,
     in_token: Option<&[u8]>,

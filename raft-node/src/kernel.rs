@@ -32,7 +32,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use raftmap_ebpf_hooks::{
-    diff, Backend, Capture, CaptureEvent, EchoFilter, KernelChange, KernelMap, MapKind,
+    diff, Backend, Capture, CaptureEvent, EchoFilter, KernelChange, KernelMap, MapKind, Shadow,
     UpdateFlags, MAX_EVENT_KEY, MAX_EVENT_VALUE,
 };
 use raftmap_storage::{
@@ -167,7 +167,7 @@ enum Missed {
 }
 
 /// Kernel entries compared per hold of a map's lock during a scan.
-const SCAN_SLICE: usize = 2048;
+const SCAN_SLICE: usize = 512;
 
 /// After a scan round that took `t`, the next one starts no sooner than `t` times this: scans
 /// of large maps take at most a tenth of the time.
@@ -194,7 +194,7 @@ struct MapState {
     /// The committed contents when the daemon started, before any entry was applied: what the
     /// kernel map held when the daemon last ran (the base of the three-way merge on restart).
     base: Option<HashMap<Vec<u8>, Vec<u8>>>,
-    shadow: HashMap<Vec<u8>, Vec<u8>>,
+    shadow: Shadow,
     /// Local changes on their way through the log.
     pending: HashMap<Vec<u8>, Mark>,
     /// For keys with a pending mark: the latest committed value the applier saw (and did not
@@ -862,7 +862,7 @@ impl KernelSync {
             st.committed_while_pending.clear();
             st.touched.clear();
             st.scanning = false;
-            st.shadow = committed;
+            st.shadow = committed.into_iter().collect();
             let base = st.base.take();
             let overflow = overflowed || std::mem::take(&mut st.missed_overflow);
             let missed = std::mem::take(&mut st.missed);
@@ -875,7 +875,12 @@ impl KernelSync {
                     // whose kernel value differs from the base and is none the log gave it since
                     // was changed while the daemon was down: capture it. Everything else takes
                     // the committed value.
-                    let base = base.unwrap_or_else(|| st.shadow.clone());
+                    let base = base.unwrap_or_else(|| {
+                        st.shadow
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect()
+                    });
                     let local: Vec<_> = diff(&base, &kernel)
                         .into_iter()
                         .filter(|c| {
@@ -987,10 +992,24 @@ impl KernelSync {
             st.touched.clear();
             kmap
         };
-        // The walk runs without the lock, and off the async workers (a large map takes
-        // milliseconds of syscalls); keys the applier writes meanwhile are recorded in
-        // `touched` and left out of this diff.
-        let entries = match tokio::task::spawn_blocking(move || kmap.walk()).await {
+        // The walk runs without the lock, on a thread of its own at background priority: a large map
+        // takes tens of milliseconds of syscalls (the kernel visits every bucket), which must
+        // not delay the node's replication on a busy machine. Keys the applier writes meanwhile
+        // are recorded in `touched` and left out of this diff.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("raftmap-scan".into())
+            .spawn(move || {
+                if let Err(e) = raftmap_ebpf_hooks::set_thread_background_priority() {
+                    tracing::debug!(error = %e, "scan thread keeps its priority");
+                }
+                let _ = tx.send(kmap.walk());
+            });
+        let entries = match spawned {
+            Ok(_) => rx.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let entries = match entries {
             Ok(e) => e,
             Err(e) => {
                 lock(&w.state).scanning = false;
@@ -1031,20 +1050,27 @@ impl KernelSync {
             }
             tokio::task::yield_now().await;
         }
+        // Entries gone from the kernel map. Every key the shadow gained while the walk ran is in
+        // `touched`, so a shadow larger than the keys found plus the touched ones certainly lost
+        // some to the kernel; otherwise every tenth scan looks regardless (a busy map always has
+        // touched keys that could hide a deletion). The kernel's key set is built without the
+        // map's lock: the applier waits for no more than the shadow pass.
+        let look_for_deletes = {
+            let st = lock(&w.state);
+            st.shadow.len() > found + st.touched.len() || (st.scans + 1) % 10 == 0
+        };
+        let kernel_keys: Option<HashSet<&[u8]>> =
+            look_for_deletes.then(|| kernel.iter().map(|(k, _)| k).collect());
         let changes = {
             let mut st = lock(&w.state);
             st.scanning = false;
             let touched = std::mem::take(&mut st.touched);
             st.scans += 1;
-            // Entries gone from the kernel map: only if the counts say some may be (keys the
-            // applier or a capture touched meanwhile can blur the count, so every tenth scan
-            // looks regardless).
-            if found != st.shadow.len() || st.scans % 10 == 0 {
-                let kernel: HashSet<&[u8]> = kernel.iter().map(|(k, _)| k).collect();
+            if let Some(kernel_keys) = &kernel_keys {
                 differ.extend(
                     st.shadow
                         .keys()
-                        .filter(|k| !kernel.contains(k.as_slice()))
+                        .filter(|k| !kernel_keys.contains(k.as_slice()))
                         .map(|k| KernelChange {
                             key: k.clone(),
                             value: None,
@@ -1359,7 +1385,7 @@ struct Captured {
     gen: u64,
 }
 
-fn apply_to(shadow: &mut HashMap<Vec<u8>, Vec<u8>>, key: &[u8], value: Option<&[u8]>) {
+fn apply_to(shadow: &mut Shadow, key: &[u8], value: Option<&[u8]>) {
     match value {
         // An existing key keeps its buffers: no allocation for the common in-place update.
         Some(v) => match shadow.get_mut(key) {
@@ -1513,7 +1539,7 @@ impl KernelSync {
             .into_iter()
             .filter(|c| !st.pending.contains_key(&c.key))
             .collect();
-        st.shadow = contents;
+        st.shadow = contents.into_iter().collect();
         for (k, m) in pending {
             apply_to(&mut st.shadow, &k, m.value.as_deref());
         }

@@ -106,6 +106,17 @@ async fn writes_through_any_node_read_linearizably_everywhere() {
     let leader = leader_of(&c, &[1, 2, 3]).await;
     clients[0].declare(&schema()).await.unwrap();
 
+    // Daemons run without transparent huge pages (a fault on a fresh 2 MiB page stalls the
+    // apply path while the page is zeroed).
+    for id in c.ids() {
+        let pid = c.node(id).unwrap().pid().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status.contains("THP_enabled:\t0"),
+            "node {id} has transparent huge pages on"
+        );
+    }
+
     // Watch from the learner before writing.
     let mut watch = clients[3]
         .kv()

@@ -516,4 +516,20 @@ async fn bpf_program_writes_replicate() {
         2,
         "in-place count replicated"
     );
+
+    // The program removes a flow on FIN: deletions by a BPF program reach the other nodes too.
+    for i in 0..10u16 {
+        let mut fin = Conntrack::frame([10, 0, 0, 1], [10, 0, 0, 2], 10_000 + i, 443, true);
+        fin[47] = 0x11; // FIN, ACK
+        prog.run(&fin).unwrap();
+    }
+    let m = converge(&maps, &[1, 2, 3], &client, "program deletes").await;
+    assert_eq!(m.len(), 90);
+    assert!(!m.contains_key(&Conntrack::key(
+        [10, 0, 0, 1],
+        [10, 0, 0, 2],
+        10_000,
+        443,
+        true
+    )));
 }
