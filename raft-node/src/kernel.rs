@@ -128,8 +128,8 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// A key and its new value (`None`: deleted).
-type KeyChange = (Vec<u8>, Option<Vec<u8>>);
+/// A key and its new value (`None`: deleted), borrowed from the committed entry.
+type KeyChange<'a> = (&'a [u8], Option<&'a [u8]>);
 
 /// Where a watched map stands, for status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -942,9 +942,12 @@ impl KernelSync {
                         captured_here,
                         key,
                         value,
-                    } if index > read_index => {
-                        self.apply_changes(&mut st, name, captured_here, vec![(key, value)])
-                    }
+                    } if index > read_index => self.apply_changes(
+                        &mut st,
+                        name,
+                        captured_here,
+                        vec![(&key, value.as_deref())],
+                    ),
                     Missed::Snapshot { index, contents } if index > read_index => {
                         self.install(&mut st, name, contents)
                     }
@@ -1412,7 +1415,7 @@ impl KernelSync {
         st: &mut MapState,
         map: &str,
         captured_here: bool,
-        changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        changes: Vec<KeyChange<'_>>,
     ) {
         // Several changes to one key: only the last counts.
         let superseded = {
@@ -1423,22 +1426,22 @@ impl KernelSync {
             let mut superseded = vec![false; changes.len()];
             if last.len() < changes.len() {
                 for (i, (k, _)) in changes.iter().enumerate() {
-                    superseded[i] = last.get(k.as_slice()) != Some(&i);
+                    superseded[i] = last.get(k) != Some(&i);
                 }
             }
             superseded
         };
-        let mut puts: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut deletes: Vec<Vec<u8>> = Vec::new();
+        let mut puts: Vec<(&[u8], &[u8])> = Vec::new();
+        let mut deletes: Vec<&[u8]> = Vec::new();
         for (i, (key, value)) in changes.into_iter().enumerate() {
             if superseded[i] {
                 continue;
             }
-            if let Some(mark) = st.pending.get(&key) {
-                if captured_here && mark.value == value {
+            if let Some(mark) = st.pending.get(key) {
+                if captured_here && mark.value.as_deref() == value {
                     // This node's latest capture of the key committed: settling leaves the
                     // kernel as it is, and any older committed value noted is superseded.
-                    st.committed_while_pending.remove(&key);
+                    st.committed_while_pending.remove(key);
                     continue;
                 }
                 // A local change to the key is on its way through the log: it is newer than
@@ -1447,15 +1450,16 @@ impl KernelSync {
                 if !captured_here {
                     self.metrics.deferred.get_or_create(&label(map)).inc();
                 }
-                st.committed_while_pending.insert(key, value);
+                st.committed_while_pending
+                    .insert(key.to_vec(), value.map(<[u8]>::to_vec));
                 continue;
             }
-            if captured_here && st.shadow.get(&key) == value.as_ref() {
+            if captured_here && st.shadow.get(key).map(Vec::as_slice) == value {
                 continue; // our own capture: the kernel has it
             }
-            apply_to(&mut st.shadow, &key, value.as_deref());
+            apply_to(&mut st.shadow, key, value);
             if st.scanning {
-                st.touched.insert(key.clone());
+                st.touched.insert(key.to_vec());
             }
             match value {
                 Some(v) => puts.push((key, v)),
@@ -1473,11 +1477,7 @@ impl KernelSync {
                     echoes.register(id, k, Some(v));
                 }
             }
-            let refs: Vec<(&[u8], &[u8])> = puts
-                .iter()
-                .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                .collect();
-            let done = match kmap.update_batch(&refs) {
+            let done = match kmap.update_batch(&puts) {
                 Ok(()) => puts.len(),
                 Err((n, _)) => n.min(puts.len()),
             };
@@ -1492,14 +1492,14 @@ impl KernelSync {
                 }
                 match self.write_kernel(&kmap, k, Some(v)) {
                     Ok(()) => ok += 1,
-                    Err(e) => failed.push((k.clone(), e)),
+                    Err(e) => failed.push((k.to_vec(), e)),
                 }
             }
         }
         for k in &deletes {
             match self.write_kernel(&kmap, k, None) {
                 Ok(()) => ok += 1,
-                Err(e) => failed.push((k.clone(), e)),
+                Err(e) => failed.push((k.to_vec(), e)),
             }
         }
         self.metrics.applied.get_or_create(&label(map)).inc_by(ok);
@@ -1579,10 +1579,10 @@ impl ApplyHook for KernelSync {
     fn on_batch(&self, index: u64, origin: NodeId, source: Source, changes: &[Change]) {
         // Only this node's own captures are already in its kernel maps.
         let captured_here = source == Source::Kernel && origin == self.me;
-        let mut by_map: BTreeMap<&str, Vec<KeyChange>> = BTreeMap::new();
+        let mut by_map: BTreeMap<&str, Vec<KeyChange<'_>>> = BTreeMap::new();
         for c in changes {
             let (map, key, value) = match c {
-                Change::Put { map, key, value } => (map, key, Some(value.clone())),
+                Change::Put { map, key, value } => (map, key, Some(value.as_slice())),
                 Change::Delete { map, key } => (map, key, None),
                 Change::Declare(_) => continue,
             };
@@ -1590,7 +1590,7 @@ impl ApplyHook for KernelSync {
                 by_map
                     .entry(map.as_str())
                     .or_default()
-                    .push((key.clone(), value));
+                    .push((key.as_slice(), value));
             }
         }
         for (map, changes) in by_map {
@@ -1605,8 +1605,8 @@ impl ApplyHook for KernelSync {
                 st.hold(changes.into_iter().map(|(key, value)| Missed::Change {
                     index,
                     captured_here,
-                    key,
-                    value,
+                    key: key.to_vec(),
+                    value: value.map(<[u8]>::to_vec),
                 }));
                 continue;
             }
