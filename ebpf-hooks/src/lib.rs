@@ -64,11 +64,11 @@ pub enum HookError {
 
 pub type Result<T, E = HookError> = std::result::Result<T, E>;
 
-/// Lowers the calling thread's priority (nice 10: about a tenth of a normal thread's share of a
-/// busy CPU): for a thread that walks large maps in the background, so that it yields to
-/// latency-bound work without being starved when the machine is saturated.
+/// Lowers the calling thread's priority by 10 nice levels (about a tenth of its process's other
+/// threads' share of a busy CPU): for a thread that walks large maps in the background, so
+/// that it yields to latency-bound work without being starved when the machine is saturated.
 pub fn set_thread_background_priority() -> std::io::Result<()> {
-    sys::set_thread_nice(10)
+    sys::lower_thread_priority(10)
 }
 
 /// The kinds of kernel map raftmap replicates.
@@ -505,4 +505,30 @@ pub fn bpf_or_skip(test: &str) -> bool {
 /// The default bpffs mount point.
 pub fn bpffs() -> PathBuf {
     PathBuf::from("/sys/fs/bpf")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn background_priority_is_10_nice_levels_lower_for_the_calling_thread_only() {
+        let nice_of = |stat: &str| -> i64 {
+            // Field 19 of /proc/.../stat, counted after the parenthesised command name.
+            let after = &stat[stat.rfind(')').unwrap_or(0) + 2..];
+            after
+                .split(' ')
+                .nth(16)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(i64::MIN)
+        };
+        let main_before = nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+        let in_thread = std::thread::spawn(move || {
+            super::set_thread_background_priority().unwrap();
+            nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(in_thread, (main_before + 10).min(19));
+        let main_after = nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+        assert_eq!(main_after, main_before);
+    }
 }

@@ -94,4 +94,27 @@ mod tests {
         );
         assert!(diff(&kernel, &kernel).is_empty());
     }
+
+    #[test]
+    fn a_shadow_diffs_like_the_map_it_mirrors() {
+        let base = m(&[(1, 1), (2, 2), (3, 3)]);
+        let kernel = m(&[(1, 1), (2, 9), (4, 4)]);
+        let shadow: Shadow = base.clone().into_iter().collect();
+        assert_eq!(diff(&shadow, &kernel), diff(&base, &kernel));
+        assert_eq!(diff(&kernel, &shadow), diff(&kernel, &base));
+        // Grown far past its first table (incremental resizing in progress), still the same.
+        let big = |n: u32| -> HashMap<Vec<u8>, Vec<u8>> {
+            (0..n)
+                .map(|i| (i.to_be_bytes().to_vec(), vec![1]))
+                .collect()
+        };
+        let mut shadow = Shadow::default();
+        for (k, v) in big(100_000) {
+            shadow.insert(k, v);
+        }
+        assert!(diff(&shadow, &big(100_000)).is_empty());
+        let changes = diff(&shadow, &big(100_001));
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].key, 100_000u32.to_be_bytes().to_vec());
+    }
 }

@@ -156,12 +156,19 @@ pub(crate) fn tight_timer_slack() {
 /// BPF_MAP_LOOKUP_BATCH: copies up to `*count` entries after `in_token` (from the start when
 /// `None`) into `keys` and `values`, sets `*count` to the number copied and `out_token` to where
 /// to resume. `Ok(false)`: the walk is complete (the entries copied are the last ones).
-/// Sets the calling thread's nice value (on Linux niceness is per thread).
-pub(crate) fn set_thread_nice(nice: i32) -> io::Result<()> {
-    // SAFETY: plain system calls on the calling thread's own id; no memory is passed.
+/// Raises the calling thread's nice value by `by` (at most to 19; on Linux niceness is per
+/// thread): it yields the CPU to the process's other threads, whatever niceness they run at.
+pub(crate) fn lower_thread_priority(by: i32) -> io::Result<()> {
+    // SAFETY: plain system calls on the calling thread's own id; no memory is passed. errno is
+    // cleared first because -1 is also a valid getpriority result.
     let ret = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        if now == -1 && *libc::__errno_location() != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::setpriority(libc::PRIO_PROCESS, tid, (now + by).min(19))
     };
     if ret < 0 {
         return Err(io::Error::last_os_error());
