@@ -995,32 +995,25 @@ impl KernelSync {
             st.touched.clear();
             kmap
         };
-        // The walk runs without the lock, on a thread of its own at background priority: a large map
-        // takes tens of milliseconds of syscalls (the kernel visits every bucket), which must
-        // not delay the node's replication on a busy machine. Keys the applier writes meanwhile
-        // are recorded in `touched` and left out of this diff.
+        // The walk runs without the lock, on a thread of its own at background priority: a
+        // large map takes tens of milliseconds of syscalls (the kernel visits every bucket),
+        // which must not delay the node's replication on a busy machine. Keys the applier
+        // writes meanwhile are recorded in `touched` and left out of this diff.
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
+        let walked = match std::thread::Builder::new()
             .name("raftmap-scan".into())
             .spawn(move || {
                 if let Err(e) = raftmap_ebpf_hooks::set_thread_background_priority() {
                     tracing::debug!(error = %e, "scan thread keeps its priority");
                 }
-                let _ = tx.send(kmap.walk());
-            });
-        let entries = match spawned {
-            Ok(_) => rx.await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                let _ = tx.send(kmap.walk().map_err(|e| e.to_string()));
+            }) {
+            Ok(_) => rx
+                .await
+                .unwrap_or_else(|_| Err("the scan thread ended without an answer".into())),
+            Err(e) => Err(format!("cannot start a scan thread: {e}")),
         };
-        let entries = match entries {
-            Ok(e) => e,
-            Err(e) => {
-                lock(&w.state).scanning = false;
-                tracing::warn!(map = %name, error = %e, "scan task failed");
-                return Ok(());
-            }
-        };
-        let kernel = match entries {
+        let kernel = match walked {
             Ok(e) => e,
             Err(e) => {
                 lock(&w.state).scanning = false;
