@@ -391,180 +391,181 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
     };
     let mut cluster = LocalCluster::start(opts, cfg.nodes, 0, Duration::from_secs(60)).await?;
     // Whatever fails once the nodes run, the error carries the end of each node's log.
-    let outcome: Result<Report, RunError> = async {
-        let ids = cluster.ids();
+    drive(cfg, &mut cluster, setup.as_ref(), kernel, network)
+        .await
+        .map_err(|e| RunError::Aborted {
+            logs: cluster
+                .ids()
+                .into_iter()
+                .map(|id| format!("--- node {id} ---\n{}", cluster.log_tail(id, 30)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            error: Box::new(e),
+        })
+}
+
+/// The run once the nodes are up: load, faults, checks.
+async fn drive(
+    cfg: &RunConfig,
+    cluster: &mut LocalCluster,
+    setup: &dyn NodeSetup,
+    kernel: Option<Arc<KernelMaps>>,
+    network: String,
+) -> Result<Report, RunError> {
+    let ids = cluster.ids();
+    for &id in &ids {
+        setup.joined(id);
+    }
+    if kernel.is_some() {
+        // The nodes declare the map from their kernel maps' layout.
         for &id in &ids {
-            setup.joined(id);
-        }
-        if kernel.is_some() {
-            // The nodes declare the map from their kernel maps' layout.
-            for &id in &ids {
-                cluster
-                    .wait_for(id, Duration::from_secs(30), "sync its kernel map", |s| {
-                        !s.watched.is_empty() && s.watched.iter().all(|w| w.state == "synced")
-                    })
-                    .await?;
-            }
-        } else {
             cluster
-                .client(1)
-                .await?
-                .declare(&MapSchema::hash(MAP, 8, 8, 1 << 20))
+                .wait_for(id, Duration::from_secs(30), "sync its kernel map", |s| {
+                    !s.watched.is_empty() && s.watched.iter().all(|w| w.state == "synced")
+                })
                 .await?;
         }
-        let members = Arc::new(Members::new(&cluster));
-        let rec = Arc::new(Recorder::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        // Kernel-map runs: one committed-order stream per node and a sampler, before any write.
-        let mut observers = Vec::new();
-        let mut sampler = None;
-        if let Some(maps) = &kernel {
-            for &id in &ids {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let addr = cluster.node(id)?.api_addr.clone();
-                observers.push(tokio::spawn(kernel_map::observer(
-                    addr,
-                    stop.clone(),
-                    tx,
-                    rec.clone(),
-                )));
-                tokio::time::timeout(Duration::from_secs(10), rx)
-                    .await
-                    .map_err(|_| RunError::Config(format!("node {id} did not start a watch")))?
-                    .map_err(|_| RunError::Config(format!("node {id}'s watch ended")))?;
-            }
-            sampler = Some(tokio::spawn(kernel_map::sampler(
-                maps.clone(),
-                cfg.keys,
+    } else {
+        cluster
+            .client(1)
+            .await?
+            .declare(&MapSchema::hash(MAP, 8, 8, 1 << 20))
+            .await?;
+    }
+    let members = Arc::new(Members::new(cluster));
+    let rec = Arc::new(Recorder::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Kernel-map runs: one committed-order stream per node and a sampler, before any write.
+    let mut observers = Vec::new();
+    let mut sampler = None;
+    if let Some(maps) = &kernel {
+        for &id in &ids {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let addr = cluster.node(id)?.api_addr.clone();
+            observers.push(tokio::spawn(kernel_map::observer(
+                addr,
                 stop.clone(),
+                tx,
                 rec.clone(),
             )));
+            tokio::time::timeout(Duration::from_secs(10), rx)
+                .await
+                .map_err(|_| RunError::Config(format!("node {id} did not start a watch")))?
+                .map_err(|_| RunError::Config(format!("node {id}'s watch ended")))?;
         }
-        let deadline = Instant::now() + cfg.time_limit;
-        let mut tasks = Vec::new();
-        for p in 0..cfg.clients {
-            let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(p);
-            tasks.push(match &kernel {
-                Some(maps) => tokio::spawn(kernel_map::writer(
-                    p,
-                    maps.clone(),
-                    cfg.keys,
-                    seed,
-                    deadline,
-                    rec.clone(),
-                )),
-                None => tokio::spawn(client(
-                    p,
-                    members.clone(),
-                    cfg.workload,
-                    cfg.keys,
-                    seed,
-                    deadline,
-                    rec.clone(),
-                )),
-            });
-        }
-        let nemesis = Nemesis::new(
-            &mut cluster,
-            &members,
-            setup.as_ref(),
-            &cfg.faults,
-            cfg.seed,
-            rec.start,
-        );
-        let fault_log = nemesis.run(deadline).await?;
-        for t in tasks {
-            let _ = t.await;
-        }
-        let mut kernel_result = None;
-        if let Some(maps) = &kernel {
-            let converged =
-                kernel_map::converge(&cluster, &members, maps, Duration::from_secs(30)).await;
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            let samples = match sampler {
-                Some(s) => s.await.unwrap_or_default(),
-                None => Default::default(),
-            };
-            let mut streams = Vec::new();
-            for o in observers {
-                if let Ok(s) = o.await {
-                    streams.push(s);
-                }
+        sampler = Some(tokio::spawn(kernel_map::sampler(
+            maps.clone(),
+            cfg.keys,
+            stop.clone(),
+            rec.clone(),
+        )));
+    }
+    let deadline = Instant::now() + cfg.time_limit;
+    let mut tasks = Vec::new();
+    for p in 0..cfg.clients {
+        let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(p);
+        tasks.push(match &kernel {
+            Some(maps) => tokio::spawn(kernel_map::writer(
+                p,
+                maps.clone(),
+                cfg.keys,
+                seed,
+                deadline,
+                rec.clone(),
+            )),
+            None => tokio::spawn(client(
+                p,
+                members.clone(),
+                cfg.workload,
+                cfg.keys,
+                seed,
+                deadline,
+                rec.clone(),
+            )),
+        });
+    }
+    let nemesis = Nemesis::new(cluster, &members, setup, &cfg.faults, cfg.seed, rec.start);
+    let fault_log = nemesis.run(deadline).await?;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut kernel_result = None;
+    if let Some(maps) = &kernel {
+        let converged =
+            kernel_map::converge(cluster, &members, maps, Duration::from_secs(30)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let samples = match sampler {
+            Some(s) => s.await.unwrap_or_default(),
+            None => Default::default(),
+        };
+        let mut streams = Vec::new();
+        for o in observers {
+            if let Ok(s) = o.await {
+                streams.push(s);
             }
-            let history = rec.take();
-            kernel_result = Some(kernel_map::check(
-                &history, &samples, &streams, &fault_log, converged,
-            ));
-            rec.events
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(history);
         }
         let history = rec.take();
-        let count = |k: EventType| history.iter().filter(|e| e.kind == k).count();
-        let (anomalies, set) = match cfg.workload {
-            Workload::Register => (check(&operations(&history)?), None),
-            Workload::Set => (Vec::new(), Some(check_set(&cluster, &history).await?)),
-            Workload::KernelMap => (Vec::new(), None),
-        };
-        let smallest_failing = if anomalies.is_empty() {
-            Vec::new()
-        } else {
-            let ops = operations(&history)?;
-            anomalies
-                .iter()
-                .filter_map(|v| match v {
-                    Verdict::NotLinearizable { key, .. } => Some(*key),
-                    Verdict::Linearizable => None,
-                })
-                .map(|key| {
-                    let of_key: Vec<Operation> =
-                        ops.iter().filter(|o| o.key == key).cloned().collect();
-                    shrink(key, &of_key, Duration::from_secs(10))
-                })
-                .collect()
-        };
-        let set_ok = set
-            .as_ref()
-            .is_none_or(|r| r.lost.is_empty() && r.unexpected.is_empty());
-        let kernel_ok = kernel_result.as_ref().is_none_or(KernelMapResult::valid);
-        let node_logs = cluster
-            .ids()
-            .into_iter()
-            .filter_map(|id| {
-                let path = &cluster.node(id).ok()?.log_path;
-                Some((id, std::fs::read_to_string(path).unwrap_or_default()))
-            })
-            .collect();
-        Ok(Report {
-            seed: cfg.seed,
-            nodes: cfg.nodes,
-            workload: cfg.workload,
-            faults: cfg.faults.clone(),
-            network,
-            fault_log,
-            ops_ok: count(EventType::Ok),
-            ops_fail: count(EventType::Fail),
-            ops_info: count(EventType::Info),
-            valid: anomalies.is_empty() && set_ok && kernel_ok,
-            linearizable: anomalies.is_empty(),
-            set,
-            kernel: kernel_result,
-            smallest_failing,
-            anomalies,
-            history,
-            node_logs,
-        })
+        kernel_result = Some(kernel_map::check(
+            &history, &samples, &streams, &fault_log, converged,
+        ));
+        rec.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(history);
     }
-    .await;
-    outcome.map_err(|e| RunError::Aborted {
-        logs: cluster
-            .ids()
-            .into_iter()
-            .map(|id| format!("--- node {id} ---\n{}", cluster.log_tail(id, 30)))
-            .collect::<Vec<_>>()
-            .join("\n"),
-        error: Box::new(e),
+    let history = rec.take();
+    let count = |k: EventType| history.iter().filter(|e| e.kind == k).count();
+    let (anomalies, set) = match cfg.workload {
+        Workload::Register => (check(&operations(&history)?), None),
+        Workload::Set => (Vec::new(), Some(check_set(cluster, &history).await?)),
+        Workload::KernelMap => (Vec::new(), None),
+    };
+    let smallest_failing = if anomalies.is_empty() {
+        Vec::new()
+    } else {
+        let ops = operations(&history)?;
+        anomalies
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::NotLinearizable { key, .. } => Some(*key),
+                Verdict::Linearizable => None,
+            })
+            .map(|key| {
+                let of_key: Vec<Operation> = ops.iter().filter(|o| o.key == key).cloned().collect();
+                shrink(key, &of_key, Duration::from_secs(10))
+            })
+            .collect()
+    };
+    let set_ok = set
+        .as_ref()
+        .is_none_or(|r| r.lost.is_empty() && r.unexpected.is_empty());
+    let kernel_ok = kernel_result.as_ref().is_none_or(KernelMapResult::valid);
+    let node_logs = cluster
+        .ids()
+        .into_iter()
+        .filter_map(|id| {
+            let path = &cluster.node(id).ok()?.log_path;
+            Some((id, std::fs::read_to_string(path).unwrap_or_default()))
+        })
+        .collect();
+    Ok(Report {
+        seed: cfg.seed,
+        nodes: cfg.nodes,
+        workload: cfg.workload,
+        faults: cfg.faults.clone(),
+        network,
+        fault_log,
+        ops_ok: count(EventType::Ok),
+        ops_fail: count(EventType::Fail),
+        ops_info: count(EventType::Info),
+        valid: anomalies.is_empty() && set_ok && kernel_ok,
+        linearizable: anomalies.is_empty(),
+        set,
+        kernel: kernel_result,
+        smallest_failing,
+        anomalies,
+        history,
+        node_logs,
     })
 }
 

@@ -113,6 +113,30 @@ type RpcResult<T, E = openraft::error::Infallible> =
     std::result::Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
 impl PeerConnection {
+    /// The error openraft gets for a transport failure: it retries after its backoff.
+    fn unreachable<E: std::error::Error>(
+        &self,
+        e: &dyn std::fmt::Display,
+    ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
+        RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+            "node {} at {}: {e}",
+            self.target, self.addr
+        ))))
+    }
+
+    /// The peer's answer: openraft's result, encoded (the peer's own error is a remote error).
+    // The error is openraft's own RPC error, which the RaftNetwork methods return as it is.
+    #[allow(clippy::result_large_err)]
+    fn answer<Resp, E>(&self, data: &[u8]) -> RpcResult<Resp, E>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result: std::result::Result<Resp, RaftError<NodeId, E>> =
+            decode(data).map_err(|e| self.unreachable(&e))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
     async fn call<Req, Resp, E>(
         &self,
         which: Rpc,
@@ -124,41 +148,28 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
-                "node {} at {}: {e}",
-                self.target, self.addr
-            ))))
-        };
-        let data = encode(req).map_err(|e| unreachable(&e))?;
-        let mut client = self.pool.peer(&self.addr).map_err(|e| unreachable(&e))?;
+        let data = encode(req).map_err(|e| self.unreachable(&e))?;
+        let mut client = self
+            .pool
+            .peer(&self.addr)
+            .map_err(|e| self.unreachable(&e))?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(timeout);
         let resp = match which {
             Rpc::Vote => client.vote(request).await,
             Rpc::Snapshot => client.install_snapshot(request).await,
         }
-        .map_err(|s| unreachable(&s))?;
-        let result: std::result::Result<Resp, RaftError<NodeId, E>> =
-            decode(&resp.into_inner().data).map_err(|e| unreachable(&e))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        .map_err(|s| self.unreachable(&s))?;
+        self.answer(&resp.into_inner().data)
     }
-}
 
-impl PeerConnection {
     /// An append over this peer's append stream (opened on first use and after any failure).
     async fn append(
         &mut self,
         rpc: &AppendEntriesRequest<TypeConfig>,
         timeout: Duration,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
-                "node {} at {}: {e}",
-                self.target, self.addr
-            ))))
-        };
-        let data = encode(rpc).map_err(|e| unreachable(&e))?;
+        let data = encode(rpc).map_err(|e| self.unreachable(&e))?;
         let stream = self.appends.take();
         let pool = self.pool.clone();
         let addr = self.addr.clone();
@@ -189,13 +200,11 @@ impl PeerConnection {
         };
         let (s, p) = match tokio::time::timeout(timeout, exchange).await {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(unreachable(&e)),
-            Err(_) => return Err(unreachable(&format!("no answer within {timeout:?}"))),
+            Ok(Err(e)) => return Err(self.unreachable(&e)),
+            Err(_) => return Err(self.unreachable(&format!("no answer within {timeout:?}"))),
         };
         self.appends = Some(s);
-        let result: std::result::Result<_, RaftError<NodeId>> =
-            decode(&p.data).map_err(|e| unreachable(&e))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        self.answer(&p.data)
     }
 }
 
