@@ -41,6 +41,8 @@ fn main() {
                 "-target",
                 "bpf",
                 "-O2",
+                // Atomic exchange (the reader's wakeup flag): ISA v3, kernels 5.12 and later.
+                "-mcpu=v3",
                 "-g",
                 "-Wall",
                 "-Werror",

@@ -51,7 +51,8 @@ static __always_inline int rm_emit(struct bpf_map *map, __u32 op, const void *ke
 		rm_count(0);
 		return 0;
 	}
-	bpf_ringbuf_submit(ev, rm_wake_flags());
+	bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+	rm_wake_reader();
 	return 0;
 }
 

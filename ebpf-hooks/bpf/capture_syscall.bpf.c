@@ -146,8 +146,11 @@ int BPF_PROG(rm_sys_exit, struct pt_regs *regs, long ret)
 	__u64 len = offsetof(struct rm_event, value) + (vs & (RM_MAX_VALUE * 2 - 1));
 	if (len > sizeof(*ev))
 		return 0;
-	if (bpf_ringbuf_output(&rm_events, ev, len, rm_wake_flags()))
+	if (bpf_ringbuf_output(&rm_events, ev, len, BPF_RB_NO_WAKEUP)) {
 		rm_count(0);
+		return 0;
+	}
+	rm_wake_reader();
 	return 0;
 }
 

@@ -51,16 +51,17 @@ struct {
 	__uint(max_entries, 16 * 1024 * 1024);
 } rm_events SEC(".maps");
 
-// When a record last woke the reader (ns, CLOCK_MONOTONIC). Waking it costs the writer more
-// than the rest of the capture; records within RM_WAKE_NS of the last wakeup do not wake it,
-// and the reader, once woken, looks again after RM_WAKE_NS (ebpf-hooks/src/capture.rs).
-#define RM_WAKE_NS 50000
+// Whether the reader sleeps waiting for records: set to 1 by the reader (mapped into its memory)
+// just before it sleeps, cleared by the record that wakes it. Records are committed without a
+// wakeup and wake the reader only when it waits: a reader that is busy or pausing between
+// batches is never woken (each wakeup costs the writer an interrupt, a VM exit on a guest).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
-	__type(value, __u64);
-} rm_last_wake SEC(".maps");
+	__type(value, __u32);
+} rm_reader_waits SEC(".maps");
 
 // [0]: events lost (ring buffer full, unreadable memory, in-flight table full);
 // [1]: changes seen but not forwarded (batch syscalls, oversize keys or values).
@@ -84,19 +85,18 @@ static __always_inline bool rm_is_watched(__u32 map_id)
 	return bpf_map_lookup_elem(&rm_watched, &map_id) != 0;
 }
 
-// Ring buffer flags for the next record: wake the reader only if it was not woken within the
-// last RM_WAKE_NS (racing CPUs may both wake it: harmless).
-static __always_inline __u64 rm_wake_flags(void)
+// Call after committing a record with BPF_RB_NO_WAKEUP: wakes the reader if it waits, with an
+// empty record (user space skips records shorter than an event). The exchange is a locked
+// instruction: the committed record is visible before the flag is read, and the reader sets
+// the flag before it looks at the ring one last time, so one side always sees the other.
+static __always_inline void rm_wake_reader(void)
 {
 	__u32 zero = 0;
-	__u64 *last = bpf_map_lookup_elem(&rm_last_wake, &zero);
-	__u64 now = bpf_ktime_get_ns();
-	if (!last || now - *last >= RM_WAKE_NS) {
-		if (last)
-			*last = now;
-		return BPF_RB_FORCE_WAKEUP;
+	__u32 *waits = bpf_map_lookup_elem(&rm_reader_waits, &zero);
+	if (waits && __sync_lock_test_and_set(waits, 0)) {
+		__u64 nudge = 0;
+		bpf_ringbuf_output(&rm_events, &nudge, sizeof(nudge), BPF_RB_FORCE_WAKEUP);
 	}
-	return BPF_RB_NO_WAKEUP;
 }
 
 // Whether a map's keys and values fit an event; counts the change as not forwarded if not.

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::sys::MappedU32;
 use crate::{HookError, Result};
+use std::os::fd::AsFd;
 
 static CAPTURE_SYSCALL: &[u8] =
     include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture_syscall.bpf.o"));
@@ -136,37 +138,53 @@ impl Drop for Capture {
     }
 }
 
-/// How long after a wakeup the programs send records without waking the reader
-/// (`RM_WAKE_NS` in `bpf/raftmap.h`): the reader looks again after this.
-const WAKE_WINDOW: Duration = Duration::from_micros(50);
+/// How long the reader pauses after a batch before it looks again (records sent meanwhile do
+/// not wake it); under a flood, up to ten times as long.
+const POLL_PAUSE: Duration = Duration::from_micros(50);
 
-/// The reader thread: drains the ring buffer into batches. After a batch it looks again one
-/// wake window later (records sent in that window did not wake it; any later one will), and
-/// when the ring is empty it waits for a wakeup. Ends when the capture is dropped.
+/// The reader thread: drains the ring buffer into batches. After a batch it pauses, then looks
+/// again; when the ring is empty it raises `waits` (`rm_reader_waits`, shared with the
+/// programs), looks one last time and sleeps until a record wakes it. Records never wake a
+/// reader that has not raised the flag. Ends when the capture is dropped.
 fn read_ring(
     mut ring: RingBuf<MapData>,
+    waits: MappedU32,
     tx: tokio::sync::mpsc::Sender<Vec<CaptureEvent>>,
     stop: Arc<AtomicBool>,
 ) {
     crate::sys::tight_timer_slack();
-    while !stop.load(Ordering::Relaxed) {
-        let mut batch = Vec::new();
+    let drain = |ring: &mut RingBuf<MapData>, batch: &mut Vec<CaptureEvent>| {
         while let Some(item) = ring.next() {
+            // Records shorter than an event (the programs' wakeups) are skipped here.
             if let Some(ev) = parse(&item) {
                 batch.push(ev);
             }
         }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let mut batch = Vec::new();
+        drain(&mut ring, &mut batch);
         if batch.is_empty() {
-            if let Err(e) = crate::sys::wait_readable(&ring, 100) {
-                tracing::error!(error = %e, "waiting on the capture ring buffer");
-                return;
+            // Sequentially consistent: the flag is visible before the ring is read again, and a
+            // program commits its record before it reads the flag; either this last look finds
+            // the record or the program sees the flag and wakes the poll below.
+            waits.value().swap(1, Ordering::SeqCst);
+            drain(&mut ring, &mut batch);
+            if batch.is_empty() {
+                // The timeout bounds a wakeup lost to a full ring.
+                if let Err(e) = crate::sys::wait_readable(&ring, 100) {
+                    tracing::error!(error = %e, "waiting on the capture ring buffer");
+                    return;
+                }
             }
-            continue;
+            waits.value().store(0, Ordering::SeqCst);
+            if batch.is_empty() {
+                continue;
+            }
         }
-        // Look again no sooner than one wake window from now (correct for any longer pause);
-        // under a flood, pause longer (up to ten windows): bigger batches, fewer wakeups of
-        // this thread and the daemon, for at most half a millisecond more latency.
-        let pause = WAKE_WINDOW * (1 + batch.len() / 64).min(10) as u32;
+        // Under a flood, pause longer (up to ten times): bigger batches and fewer wakeups of
+        // the daemon, for at most half a millisecond more latency.
+        let pause = POLL_PAUSE * (1 + batch.len() / 64).min(10) as u32;
         // A full channel blocks here, the ring fills and the programs count losses: the
         // daemon then scans, rather than holding unbounded events in memory.
         if tx.blocking_send(batch).is_err() {
@@ -261,12 +279,21 @@ impl Capture {
         };
         let ring = RingBuf::try_from(take(&mut ebpf, "rm_events")?)
             .map_err(|e| err("ring buffer")(e.to_string()))?;
+        let waits = match take(&mut ebpf, "rm_reader_waits")? {
+            aya::maps::Map::Array(m) => MappedU32::map(m.fd().as_fd())
+                .map_err(|e| err("mmap")(format!("rm_reader_waits: {e}")))?,
+            other => {
+                return Err(err("rm_reader_waits")(format!(
+                    "expected an array map, found {other:?}"
+                )))
+            }
+        };
         let (tx, events) = tokio::sync::mpsc::channel(1024);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
             .name("raftmap-capture".into())
-            .spawn(move || read_ring(ring, tx, flag))
+            .spawn(move || read_ring(ring, waits, tx, flag))
             .map_err(|e| err("ring buffer")(format!("starting the reader thread: {e}")))?;
         let watched = BpfHashMap::try_from(take(&mut ebpf, "rm_watched")?)
             .map_err(|e| err("rm_watched")(e.to_string()))?;

@@ -147,6 +147,55 @@ pub(crate) fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> io::Result<bo
     }
 }
 
+/// The first value of a `BPF_F_MMAPABLE` array map of `u32`, mapped into this process: shared
+/// with the BPF programs, read and written with atomic operations on both sides.
+pub(crate) struct MappedU32 {
+    ptr: std::ptr::NonNull<libc::c_void>,
+}
+
+// SAFETY: the mapping is plain shared memory, only accessed through `AtomicU32`.
+unsafe impl Send for MappedU32 {}
+
+/// One page: an array's values start at offset 0 of its mapping, page aligned.
+const PAGE: usize = 4096;
+
+impl MappedU32 {
+    /// Maps the array map `fd` (which must be `BPF_F_MMAPABLE`, with `u32` values). The mapping
+    /// keeps the map alive after `fd` is closed.
+    pub(crate) fn map(fd: BorrowedFd<'_>) -> io::Result<Self> {
+        // SAFETY: a new shared mapping of one page of the map; nothing else is touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        std::ptr::NonNull::new(ptr)
+            .map(|ptr| Self { ptr })
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))
+    }
+
+    pub(crate) fn value(&self) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: the mapping is page aligned, at least 4 bytes long and lives as long as
+        // `self`; the kernel side only accesses it atomically or with aligned 4-byte loads.
+        unsafe { &*self.ptr.as_ptr().cast::<std::sync::atomic::AtomicU32>() }
+    }
+}
+
+impl Drop for MappedU32 {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the page mapped in `map`; no reference outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr(), PAGE) };
+    }
+}
+
 /// Lets this thread's short sleeps be short (the default slack is 50 us).
 pub(crate) fn tight_timer_slack() {
     // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects only this thread.

@@ -229,6 +229,42 @@ async fn syscall_backend_reports_successful_changes_made_by_other_processes() {
     assert_eq!(cap.drops().unwrap(), (0, 0));
 }
 
+/// The capture reader sleeps when the ring is empty and only a record that finds it waiting
+/// wakes it; a change made while it sleeps must reach it at once, not when its poll times out
+/// (100 ms). Twenty lone changes, each made by another process while the reader is idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_change_wakes_the_idle_capture_reader() {
+    if !bpf_or_skip("a_lone_change_wakes_the_idle_capture_reader") {
+        return;
+    }
+    use raftmap_ebpf_hooks::{Capture, CaptureEvent};
+    use std::time::{Duration, Instant};
+    let mut cap = Capture::syscall().expect("the syscall backend loads on this kernel");
+    let pin = Pin::new("wake");
+    let map = KernelMap::create(MapKind::Hash, 4, 8, 64, "rm_t_wake").unwrap();
+    map.pin(&pin.0).unwrap();
+    cap.watch(map.layout().id).unwrap();
+    let mut waited = Duration::ZERO;
+    for i in 0..20u8 {
+        assert!(bpftool_update(&pin.0, &[i; 4], &[i; 8], &[]));
+        let written = Instant::now();
+        let mut events = Vec::new();
+        while !events.iter().any(|e: &CaptureEvent| e.key == vec![i; 4]) {
+            tokio::time::timeout(Duration::from_secs(10), cap.next_events(&mut events))
+                .await
+                .expect("the change is reported")
+                .unwrap();
+        }
+        waited += written.elapsed();
+    }
+    // Woken, the twenty take a few milliseconds in all; left to the poll timeout they would
+    // take about a second (half the timeout each, on average).
+    assert!(
+        waited < Duration::from_millis(500),
+        "twenty lone changes took {waited:?} to arrive: the reader was not woken"
+    );
+}
+
 #[test]
 fn large_maps_are_read_whole_in_batches() {
     if !bpf_or_skip("large_maps_are_read_whole_in_batches") {
