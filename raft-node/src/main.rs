@@ -198,9 +198,9 @@ struct AgentArgs {
     /// How often the leader heartbeats its followers (default 100).
     #[arg(long)]
     heartbeat_ms: Option<u64>,
-    /// Election timeout T (default 500): a follower that last heard its leader 2T ago (the
-    /// leader's lease) plus its own random pick in [T, 2T] starts an election, so a leader's
-    /// death is noticed after 3-4 T. Shorter fails over faster and risks elections on loaded
+    /// Election timeout T (default 500): a follower that last heard its leader 1.5T ago (the
+    /// leader's lease) plus its own random pick in [T, 1.5T] starts an election, so a leader's
+    /// death is noticed after 2.5-3 T. Shorter fails over faster and risks elections on loaded
     /// hosts.
     #[arg(long)]
     election_timeout_ms: Option<u64>,

@@ -140,8 +140,11 @@ impl RunningNode {
         let raft_config = openraft::Config {
             cluster_name: "raftmap".into(),
             heartbeat_interval: cfg.heartbeat_ms,
+            // openraft 0.9 makes the upper bound the leader's lease too: a follower waits for
+            // the lease and then its own random timeout, 2.5-3 T here (3-4 T with [T, 2T]).
+            // A quarter-second spread still dwarfs a vote's round trip.
             election_timeout_min: cfg.election_timeout_ms,
-            election_timeout_max: cfg.election_timeout_ms * 2,
+            election_timeout_max: cfg.election_timeout_ms * 3 / 2,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
