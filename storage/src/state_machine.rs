@@ -197,15 +197,7 @@ impl StateMachine {
         let shared = &self.shared;
         let db = &shared.db;
         let mut work = read_cache(shared).clone();
-        // Sized for every operation at once: growing it rehashes every key staged so far.
-        let ops = entries
-            .iter()
-            .map(|e| match &e.payload {
-                EntryPayload::Normal(p) => p.batches.iter().map(|b| b.ops.len()).sum(),
-                _ => 0,
-            })
-            .sum();
-        let mut pending: Pending<'_> = HashMap::with_capacity(ops);
+        let mut pending: Pending<'_> = HashMap::new();
         let mut touched_schemas: Vec<String> = Vec::new();
         let mut membership_changed = false;
         let mut cluster_changed = false;
@@ -411,8 +403,8 @@ fn stage_batch<'a>(
     // Effects of this batch alone, layered over `pending` and the database: in order, and the
     // latest value per key (a batch holds up to MAX_BATCH_OPS operations; looking keys up in
     // the ordered list alone would make a batch quadratic in its size).
-    let mut local: Vec<(Vec<u8>, Option<&'a [u8]>)> = Vec::with_capacity(batch.ops.len());
-    let mut latest: Pending<'a> = HashMap::with_capacity(batch.ops.len());
+    let mut local: Vec<(Vec<u8>, Option<&'a [u8]>)> = Vec::new();
+    let mut latest: Pending<'a> = HashMap::new();
     let mut declared: Vec<MapSchema> = Vec::new();
     let mut count_delta: HashMap<&str, i64> = HashMap::new();
     let mut mismatches = Vec::new();
