@@ -18,7 +18,7 @@ use aya::maps::{MapData, MapType};
 
 pub use capture::{Backend, Capture, CaptureEvent, EchoFilter, MAX_EVENT_KEY, MAX_EVENT_VALUE};
 pub use programs::{Conntrack, CT_KEY_SIZE, CT_VALUE_SIZE};
-pub use scan::{diff, Contents, KernelChange, Shadow};
+pub use scan::{diff, shadow_from, Contents, KernelChange, Shadow, ShadowKey};
 
 /// Errors of kernel map access.
 #[derive(Debug, thiserror::Error)]

@@ -32,8 +32,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use raftmap_ebpf_hooks::{
-    diff, Backend, Capture, CaptureEvent, EchoFilter, KernelChange, KernelMap, MapKind, Shadow,
-    UpdateFlags, MAX_EVENT_KEY, MAX_EVENT_VALUE,
+    diff, shadow_from, Backend, Capture, CaptureEvent, EchoFilter, KernelChange, KernelMap,
+    MapKind, Shadow, ShadowKey, UpdateFlags, MAX_EVENT_KEY, MAX_EVENT_VALUE,
 };
 use raftmap_storage::{
     ApplyHook, BatchOutcome, Change, MapContents, MapSchema, MapType, NodeId, Op, Source,
@@ -668,7 +668,7 @@ impl KernelSync {
         // lock before the echo lock.)
         for (name, key) in applier_evicted {
             if let Some(w) = self.maps.get(&name) {
-                lock(&w.state).shadow.remove(&key);
+                lock(&w.state).shadow.remove(key.as_slice());
             }
         }
         for (name, changes) in by_map {
@@ -695,7 +695,9 @@ impl KernelSync {
                 });
                 // Already known (the shadow has it): nothing to propose.
                 let fresh: Vec<_> = changes
-                    .filter(|c| st.shadow.get(&c.key).map(Vec::as_slice) != c.value.as_deref())
+                    .filter(|c| {
+                        st.shadow.get(c.key.as_slice()).map(Vec::as_slice) != c.value.as_deref()
+                    })
                     .collect();
                 self.mark_captured(&mut st, fresh)
             };
@@ -862,7 +864,7 @@ impl KernelSync {
             st.committed_while_pending.clear();
             st.touched.clear();
             st.scanning = false;
-            st.shadow = committed.into_iter().collect();
+            st.shadow = shadow_from(committed);
             let base = st.base.take();
             let overflow = overflowed || std::mem::take(&mut st.missed_overflow);
             let missed = std::mem::take(&mut st.missed);
@@ -878,7 +880,7 @@ impl KernelSync {
                     let base = base.unwrap_or_else(|| {
                         st.shadow
                             .iter()
-                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .map(|(k, v)| (k.to_vec(), v.clone()))
                             .collect()
                     });
                     let local: Vec<_> = diff(&base, &kernel)
@@ -922,7 +924,7 @@ impl KernelSync {
                     let writes: Vec<_> = theirs
                         .into_iter()
                         .map(|c| raftmap_ebpf_hooks::KernelChange {
-                            value: st.shadow.get(&c.key).cloned(),
+                            value: st.shadow.get(c.key.as_slice()).cloned(),
                             key: c.key,
                         })
                         .collect();
@@ -1068,7 +1070,7 @@ impl KernelSync {
                         .keys()
                         .filter(|k| !kernel_keys.contains(k.as_slice()))
                         .map(|k| KernelChange {
-                            key: k.clone(),
+                            key: k.to_vec(),
                             value: None,
                         }),
                 );
@@ -1268,7 +1270,7 @@ impl KernelSync {
             let Some(last) = st.committed_while_pending.remove(&key) else {
                 continue;
             };
-            if st.shadow.get(&key) != last.as_ref() {
+            if st.shadow.get(key.as_slice()) != last.as_ref() {
                 apply_to(&mut st.shadow, &key, last.as_deref());
                 if st.scanning {
                     st.touched.insert(key.clone());
@@ -1390,7 +1392,7 @@ fn apply_to(shadow: &mut Shadow, key: &[u8], value: Option<&[u8]>) {
                 old.extend_from_slice(v);
             }
             None => {
-                shadow.insert(key.to_vec(), v.to_vec());
+                shadow.insert(ShadowKey::from_slice(key), v.to_vec());
             }
         },
         None => {
@@ -1532,7 +1534,7 @@ impl KernelSync {
             .into_iter()
             .filter(|c| !st.pending.contains_key(&c.key))
             .collect();
-        st.shadow = contents.into_iter().collect();
+        st.shadow = shadow_from(contents);
         for (k, m) in pending {
             apply_to(&mut st.shadow, &k, m.value.as_deref());
         }
