@@ -4,6 +4,7 @@
 //! which the scan covers.
 
 use std::fmt;
+use std::os::fd::AsFd;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::{BtfTracePoint, FExit};
@@ -14,7 +15,6 @@ use std::time::Duration;
 
 use crate::sys::MappedU32;
 use crate::{HookError, Result};
-use std::os::fd::AsFd;
 
 static CAPTURE_SYSCALL: &[u8] =
     include_bytes_aligned!(concat!(env!("OUT_DIR"), "/capture_syscall.bpf.o"));
