@@ -226,6 +226,22 @@ async fn run(c: &mut Checks) -> Result<(), String> {
             expected.len()
         ),
     );
+    // Lone changes, each made after the reader has gone back to sleep (the gap lets it): each
+    // must wake it rather than wait for its poll to time out (100 ms).
+    let mut waited = Duration::ZERO;
+    for i in 0..20u8 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hash.update(&[i; 4], &[i; 8], UpdateFlags::Any)
+            .map_err(err)?;
+        let written = Instant::now();
+        until_marker(&mut cap, h, &[i; 4]).await;
+        waited += written.elapsed();
+    }
+    c.check(
+        "a lone change wakes the idle reader",
+        waited < Duration::from_millis(1000),
+        format!("twenty lone changes took {waited:?} to arrive"),
+    );
     let (lost, undecoded) = cap.drops().map_err(err)?;
     c.check(
         "no events lost",
