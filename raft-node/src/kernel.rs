@@ -877,13 +877,12 @@ impl KernelSync {
                     // whose kernel value differs from the base and is none the log gave it since
                     // was changed while the daemon was down: capture it. Everything else takes
                     // the committed value.
-                    let base = base.unwrap_or_else(|| {
-                        st.shadow
-                            .iter()
-                            .map(|(k, v)| (k.to_vec(), v.clone()))
-                            .collect()
-                    });
-                    let local: Vec<_> = diff(&base, &kernel)
+                    // Without a recorded base the committed contents are the shadow itself.
+                    let since_base = match &base {
+                        Some(base) => diff(base, &kernel),
+                        None => diff(&st.shadow, &kernel),
+                    };
+                    let local: Vec<_> = since_base
                         .into_iter()
                         .filter(|c| {
                             !logged
