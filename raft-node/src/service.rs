@@ -184,6 +184,9 @@ impl pb::peer_server::Peer for PeerService {
 
 // ---------------------------------------------------------------- kv
 
+/// How long a write waits, after it committed, to be applied on the node that took it.
+const WRITE_VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug)]
 pub(crate) struct KvService {
     shared: Arc<NodeShared>,
@@ -230,6 +233,20 @@ impl pb::kv_server::Kv for KvService {
             return Err(NodeError::Invalid(e).into());
         }
         let out = self.shared.batcher.submit(ops, Source::Api).await?;
+        // Read your writes on the node that took the write: a follower returns once it has
+        // applied the entry itself, not only when the leader has.
+        if !self
+            .shared
+            .view
+            .wait_applied(out.index, WRITE_VISIBLE_WAIT)
+            .await
+        {
+            return Err(NodeError::Timeout(format!(
+                "entry {} committed but not applied on this node within {WRITE_VISIBLE_WAIT:?}",
+                out.index
+            ))
+            .into());
+        }
         match out.outcome {
             BatchOutcome::Applied => Ok(Response::new(pb::WriteResponse {
                 index: out.index,
