@@ -427,19 +427,19 @@ pub fn check(
             *at = (*at).min(t);
         }
         for (i, ch) in mine {
+            let cut = s.cut.contains(&i);
             match by_index.get_mut(&i) {
-                Some((other, other_cut)) if *other != ch => {
-                    // A copy cut short is a prefix of the whole one; anything else differs.
-                    if *other_cut && ch.starts_with(other) {
-                        *other = ch;
-                        *other_cut = s.cut.contains(&i);
-                    } else if !(s.cut.contains(&i) && other.starts_with(&ch)) {
-                        r.divergent_indexes.push(i);
-                    }
+                // A copy cut short is a prefix of the whole one; anything else differs.
+                Some((other, other_cut)) if *other_cut && ch.starts_with(other) => {
+                    *other = ch;
+                    *other_cut = cut;
+                }
+                Some((other, _)) if *other != ch && !(cut && other.starts_with(&ch)) => {
+                    r.divergent_indexes.push(i);
                 }
                 Some(_) => {}
                 None => {
-                    by_index.insert(i, (ch, s.cut.contains(&i)));
+                    by_index.insert(i, (ch, cut));
                 }
             }
         }

@@ -14,13 +14,19 @@ use raftmap_jepsen::run::{run, Report, RunConfig, Workload};
 /// One run at a time: each starts a cluster of its own.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Cargo's output directory for this build profile (`target/<profile>`): this test runs from
+/// its `deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
 /// The `raftmap` binary cargo built next to this test's directory.
 fn raftmap_bin() -> PathBuf {
     if let Some(b) = std::env::var_os("RAFTMAP_BIN") {
         return b.into();
     }
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("raftmap");
+    let bin = profile_dir().join("raftmap");
     assert!(
         bin.exists(),
         "{} is missing: build the workspace (cargo test --workspace)",
@@ -52,8 +58,7 @@ async fn run_checked(cfg: RunConfig, min_ok: usize) -> Report {
     if !report.valid && !cfg.unsafe_local_reads {
         // Keep the evidence of a failing run (history, node logs, the checker's findings)
         // where CI can collect it: target/<profile>/jepsen-failures/.
-        let exe = std::env::current_exe().unwrap();
-        let out = exe.parent().unwrap().parent().unwrap().join(format!(
+        let out = profile_dir().join(format!(
             "jepsen-failures/{:?}-seed{}-{}",
             cfg.workload,
             cfg.seed,
