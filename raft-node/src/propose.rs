@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use raftmap_storage::{ApplyResult, BatchOutcome, ClientBatch, NodeId, Op, Proposal, Raft, Source};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -134,7 +135,12 @@ impl Proposer {
 
     /// Raft address of a member.
     pub(crate) fn node_addr(&self, id: NodeId) -> Result<String> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         m.membership()
             .get_node(&id)
             .map(|n| n.raft_addr.clone())
