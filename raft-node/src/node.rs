@@ -141,11 +141,16 @@ impl RunningNode {
         let raft_config = openraft::Config {
             cluster_name: "raftmap".into(),
             heartbeat_interval: cfg.heartbeat_ms,
-            // openraft 0.9 makes the upper bound the leader's lease too: a follower waits for
-            // the lease and then its own random timeout, 2.5-3 T here (3-4 T with [T, 2T]).
-            // A quarter-second spread still dwarfs a vote's round trip.
+            // openraft makes the upper bound the leader's lease too: a follower waits for the
+            // lease and then its own random timeout, 2.5-3 T here (3-4 T with [T, 2T]). A
+            // quarter-second spread still dwarfs a vote's round trip.
             election_timeout_min: cfg.election_timeout_ms,
             election_timeout_max: cfg.election_timeout_ms * 3 / 2,
+            // A candidate first asks whether it could win; one whose log lags (a restarted
+            // node) learns it cannot without raising the term and voiding a better
+            // candidate's election.
+            enable_pre_vote: Some(true),
+            broadcast_submitted_on_append: Some(true),
             install_snapshot_timeout: 10_000,
             max_payload_entries: 64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),

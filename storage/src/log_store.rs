@@ -26,15 +26,64 @@ pub struct LogStore {
     db: Arc<Db>,
     /// Last committed index this node has persisted (`u64::MAX` when none), for status.
     committed: Arc<AtomicU64>,
+    /// Where appends wait to be made durable; `None` when fsync is off.
+    syncer: Option<WalSyncer>,
+}
+
+/// Makes appends durable off openraft's path. An append is written to RocksDB at once
+/// (readable, so the leader can replicate it while its own disk syncs) and its callback
+/// waits here for the next sync of the write-ahead log. One sync covers every append written
+/// before it started, so appends that arrive while a sync runs share the next one.
+#[derive(Debug, Clone)]
+struct WalSyncer {
+    tx: std::sync::mpsc::Sender<IOFlushed<TypeConfig>>,
+}
+
+impl WalSyncer {
+    fn start(db: &Arc<Db>) -> crate::error::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<IOFlushed<TypeConfig>>();
+        // Weak: the thread must not keep the database open once the store is dropped (a
+        // reopen in the same process would find RocksDB's lock held). It ends when every
+        // clone of the store, and with them the sender, is gone.
+        let db = Arc::downgrade(db);
+        std::thread::Builder::new()
+            .name("raftmap-wal-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let waiting: Vec<_> = std::iter::once(first).chain(rx.try_iter()).collect();
+                    let res = match db.upgrade() {
+                        Some(db) => db.db.flush_wal(true).map_err(|e| e.to_string()),
+                        None => Err("the log store was closed".to_string()),
+                    };
+                    if let Err(e) = &res {
+                        tracing::error!(error = %e, "syncing the raft log failed");
+                    }
+                    for callback in waiting {
+                        callback.io_completed(res.clone().map_err(io::Error::other));
+                    }
+                }
+            })
+            .map_err(|source| crate::error::StorageError::Io {
+                path: "raft log sync thread".into(),
+                source,
+            })?;
+        Ok(Self { tx })
+    }
 }
 
 impl LogStore {
     pub(crate) fn new(db: Arc<Db>) -> crate::error::Result<Self> {
         let committed: Option<Option<LogId>> = db.get(CF_META, KEY_COMMITTED)?;
         let index = committed.flatten().map_or(u64::MAX, |l| l.index);
+        let syncer = if db.opts.sync {
+            Some(WalSyncer::start(&db)?)
+        } else {
+            None
+        };
         Ok(Self {
             db,
             committed: Arc::new(AtomicU64::new(index)),
+            syncer,
         })
     }
 
@@ -171,18 +220,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let bytes = encode(&entry, "log entry").map_err(io_err)?;
             batch.put_cf(cf, index_key(entry.log_id.index), bytes);
         }
-        // One synced write per append call: group commit upstream makes this one fsync per batch.
-        let res = self.db.db.write_opt(batch, &self.db.write_opts(true));
-        match res {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.io_completed(Err(io::Error::other(e.to_string())));
-                Err(io_err(e))
-            }
+        // Written now, durable later: the syncer calls back once the write-ahead log holding
+        // this write is on disk.
+        if let Err(e) = self.db.db.write_opt(batch, &self.db.write_opts(false)) {
+            callback.io_completed(Err(io::Error::other(e.to_string())));
+            return Err(io_err(e));
         }
+        match &self.syncer {
+            Some(syncer) => {
+                if let Err(std::sync::mpsc::SendError(callback)) = syncer.tx.send(callback) {
+                    callback.io_completed(Err(io::Error::other("raft log sync thread is gone")));
+                }
+            }
+            None => callback.io_completed(Ok(())),
+        }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
