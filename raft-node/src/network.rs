@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
@@ -74,6 +73,8 @@ const MIN_APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Bytes of snapshot data per message of a snapshot transfer.
 const SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
+/// The slowest transfer rate, in bytes a second, a snapshot's deadline allows for.
+const SNAPSHOT_MIN_RATE: usize = 8 * 1024 * 1024;
 
 /// Retry delays towards an unreachable peer: doubling from the first to the last. A restarted
 /// follower is caught up within about the first delay instead of waiting out a long constant
@@ -158,6 +159,56 @@ impl PeerConnection {
 /// What the peer answers on the append stream, in order, one per request.
 type AppendAnswer = std::result::Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>>;
 
+/// The appends of one stream that are sent and not answered yet, by when each was sent: a
+/// peer that leaves the oldest unanswered for too long fails the stream.
+#[derive(Debug, Default)]
+struct Pending {
+    sent_at: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
+    /// Wakes an answer wait that started with nothing outstanding.
+    more: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn sent(&self) {
+        lock(&self.sent_at).push_back(tokio::time::Instant::now());
+        self.more.notify_one();
+    }
+
+    /// The next answer; `Ok(None)` when the peer ended the stream.
+    async fn answer(
+        &self,
+        rx: &mut tonic::Streaming<RaftPayload>,
+        timeout: Duration,
+    ) -> std::result::Result<Option<RaftPayload>, String> {
+        loop {
+            let oldest = lock(&self.sent_at).front().copied();
+            // `message()` may be abandoned and called again without losing a message.
+            let next = match oldest {
+                None => tokio::select! {
+                    m = rx.message() => m,
+                    () = self.more.notified() => continue,
+                },
+                Some(at) => match tokio::time::timeout_at(at + timeout, rx.message()).await {
+                    Ok(m) => m,
+                    Err(_) => return Err(format!("no answer within {timeout:?}")),
+                },
+            };
+            return match next {
+                Ok(Some(p)) => {
+                    lock(&self.sent_at).pop_front();
+                    Ok(Some(p))
+                }
+                Ok(None) => Ok(None),
+                Err(status) => Err(status.to_string()),
+            };
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A snapshot transfer's first message; the snapshot's bytes follow in later messages.
 #[derive(Debug, Serialize, serde::Deserialize)]
 pub(crate) struct SnapshotHeader {
@@ -181,7 +232,8 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             .stream_append(futures_util::stream::iter([rpc]), option)
             .await?;
         match answers.next().await {
-            Some(Ok(Ok(_))) => Ok(AppendEntriesResponse::Success),
+            Some(Ok(Ok(matched))) if matched == last => Ok(AppendEntriesResponse::Success),
+            Some(Ok(Ok(matched))) => Ok(AppendEntriesResponse::PartialSuccess(matched)),
             Some(Ok(Err(openraft::raft::StreamAppendError::Conflict(_)))) => {
                 Ok(AppendEntriesResponse::Conflict)
             }
@@ -218,12 +270,15 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
     {
         Box::pin(async move {
             let timeout = option.hard_ttl().max(MIN_APPEND_TIMEOUT);
-            // Requests handed to the transport and not answered yet: while there are any, a
-            // silent peer is a broken stream.
-            let outstanding = Arc::new(AtomicUsize::new(0));
-            let sent = outstanding.clone();
-            let requests = input.map(move |req| {
-                sent.fetch_add(1, Ordering::Relaxed);
+            let pending = Arc::new(Pending::default());
+            // Dropping the answers (openraft ends a session, or an answer failed) ends the
+            // requests too: the transport sends nothing more from this session, and the peer
+            // sees its input end. Without this, the upload would go on pulling appends that
+            // belong to openraft's next session and their answers would be lost.
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let sent = pending.clone();
+            let requests = input.take_until(stopped).map(move |req| {
+                sent.sent();
                 // Encoding a request into memory does not fail; should it, the peer gets an
                 // empty message, rejects the stream, and replication starts a new one.
                 let data = encode(&req).unwrap_or_default();
@@ -236,33 +291,24 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 .map_err(|s| self.unreachable(&s))?
                 .into_inner();
             let (target, addr) = (self.target, self.addr.clone());
-            let answers = futures_util::stream::unfold(Some(rx), move |state| {
-                let outstanding = outstanding.clone();
+            let answers = futures_util::stream::unfold(Some((rx, stop)), move |state| {
+                let pending = pending.clone();
                 let addr = addr.clone();
                 async move {
-                    let mut rx = state?;
+                    let (mut rx, stop) = state?;
                     let fail = |e: &dyn std::fmt::Display| {
                         Some((
                             Err(RPCError::Unreachable(unreachable(target, &addr, e))),
                             None,
                         ))
                     };
-                    let next = if outstanding.load(Ordering::Relaxed) > 0 {
-                        match tokio::time::timeout(timeout, rx.message()).await {
-                            Ok(r) => r,
-                            Err(_) => return fail(&format!("no answer within {timeout:?}")),
-                        }
-                    } else {
-                        rx.message().await
-                    };
-                    let payload = match next {
+                    let payload = match pending.answer(&mut rx, timeout).await {
                         Ok(Some(p)) => p,
                         Ok(None) => return None,
-                        Err(status) => return fail(&status),
+                        Err(e) => return fail(&e),
                     };
-                    outstanding.fetch_sub(1, Ordering::Relaxed);
                     match decode::<AppendAnswer>(&payload.data) {
-                        Ok(Ok(result)) => Some((Ok(result), Some(rx))),
+                        Ok(Ok(result)) => Some((Ok(result), Some((rx, stop)))),
                         Ok(Err(fatal)) => fail(&fatal),
                         Err(e) => fail(&e),
                     }
@@ -303,13 +349,23 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         };
         let header = encode(&header).map_err(|e| self.unreachable(&e))?;
         let data = snapshot.snapshot.into_inner();
-        let chunks: Vec<RaftPayload> = std::iter::once(header)
-            .chain(data.chunks(SNAPSHOT_CHUNK).map(<[u8]>::to_vec))
-            .map(|data| RaftPayload { data })
-            .collect();
+        // The whole transfer and the peer's install must fit in the deadline: openraft's
+        // timeout plus time for the data at a modest 8 MiB/s, so a large snapshot on a slow
+        // link is not cut off and retried forever.
+        let deadline = option.hard_ttl()
+            + Duration::from_secs_f64(data.len() as f64 / SNAPSHOT_MIN_RATE as f64);
+        // One chunk copied at a time, as the transport asks for it.
+        let count = data.len().div_ceil(SNAPSHOT_CHUNK);
+        let chunks = futures_util::stream::once(std::future::ready(RaftPayload { data: header }))
+            .chain(futures_util::stream::iter(0..count).map(move |i| {
+                let end = ((i + 1) * SNAPSHOT_CHUNK).min(data.len());
+                RaftPayload {
+                    data: data[i * SNAPSHOT_CHUNK..end].to_vec(),
+                }
+            }));
         let mut client = self.client()?;
-        let mut request = tonic::Request::new(futures_util::stream::iter(chunks));
-        request.set_timeout(option.hard_ttl());
+        let mut request = tonic::Request::new(chunks);
+        request.set_timeout(deadline);
         let call = client.install_snapshot(request);
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
