@@ -2,8 +2,8 @@
 //!
 //! Each `apply` call writes one atomic RocksDB batch holding every change of the applied entries
 //! together with the new applied log id, so the stored state is always exactly the state after
-//! some log index. Snapshots are a full copy of that state, written to a file and streamed to
-//! peers in chunks by openraft; installing one replaces the state in one atomic batch.
+//! some log index. Snapshots are a full copy of that state, written to a file and sent whole to
+//! a peer that needs one; installing one replaces the state in one atomic batch.
 
 use foldhash::{HashMap, HashMapExt};
 use std::collections::{BTreeMap, VecDeque};
