@@ -129,7 +129,7 @@ async fn writes_through_any_node_read_linearizably_everywhere() {
         .into_inner();
 
     // Every node (a follower and the learner forward to the leader) accepts writes, and a
-    // linearizable read on every other node sees each write as soon as it is acknowledged.
+    // linearizable read on every node sees each write as soon as it is acknowledged.
     for (i, writer) in clients.iter().enumerate() {
         let status = writer.status().await.unwrap();
         let r = writer
@@ -137,6 +137,15 @@ async fn writes_through_any_node_read_linearizably_everywhere() {
             .await
             .unwrap();
         assert!(r.succeeded && r.index > 0);
+        // Read your writes: the node that took the write has applied it when it answers, so
+        // even its local (no round trip) read sees it.
+        assert_eq!(
+            writer.get(MAP, key(i as u64), false).await.unwrap(),
+            Some(key(100 + i as u64)),
+            "write through node {} ({}) not in its own local read",
+            status.node_id,
+            status.role
+        );
         for reader in &clients {
             let got = reader.get(MAP, key(i as u64), true).await.unwrap();
             assert_eq!(
@@ -195,6 +204,23 @@ async fn writes_through_any_node_read_linearizably_everywhere() {
 
     let all = converged(&mut c, &[1, 2, 3, 4]).await;
     assert_eq!(all.len(), 4);
+
+    // Read your writes through a node that is not the leader, many times over: a follower
+    // hears of a commit at about the time the leader's answer to its forwarded write arrives,
+    // so a node that answered before applying would be caught out here.
+    let follower = clients
+        .iter()
+        .find(|c| c.addr() != clients[leader as usize - 1].addr())
+        .unwrap();
+    for n in 0..200u64 {
+        follower.put(MAP, key(1000 + n), key(n)).await.unwrap();
+        assert_eq!(
+            follower.get(MAP, key(1000 + n), false).await.unwrap(),
+            Some(key(n)),
+            "write {n} through {} not in its own local read",
+            follower.addr()
+        );
+    }
 
     // Prometheus metrics and probes.
     let leader_metrics = &c.node(leader).unwrap().metrics_addr;
