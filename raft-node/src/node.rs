@@ -349,15 +349,7 @@ impl NodeShared {
         if leader == self.id {
             return Ok(None);
         }
-        let m = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .clone();
-        let node = m.membership().get_node(&leader).ok_or_else(|| {
-            NodeError::Unavailable(format!("leader {leader} is not in the membership"))
-        })?;
+        let node = self.proposer.member(leader)?;
         let ch = self.proposer.pool.channel(&node.api_addr)?;
         Ok(Some(AdminClient::new(ch)))
     }
