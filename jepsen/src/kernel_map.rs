@@ -195,9 +195,12 @@ pub async fn sampler(
 
 /// One node's committed changes as its watch stream delivered them: `(index, key, value,
 /// time received)`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Stream {
     pub changes: Vec<(u64, u64, Value, u64)>,
+    /// Indexes whose changes may have been cut short: the last index before the stream broke.
+    /// What arrived of such an index is a prefix of its changes.
+    pub cut: BTreeSet<u64>,
     /// The stream had to restart from the current contents (changes in between are unseen).
     pub gaps: usize,
 }
@@ -271,10 +274,16 @@ pub async fn observer(
                 // Quiet: check for the end of the run.
                 Err(_) if !stop.load(Ordering::SeqCst) => continue,
                 Err(_) => break,
-                // Broken or ended: the last index may have been cut short; leave it to the
-                // other streams and resume after it.
+                // Broken or ended: the last index may have been cut short. Keep what arrived
+                // of it, marked (the merge prefers a whole copy from another stream), and
+                // resume after it: a restarted node no longer holds it to send again, and when
+                // it was the only one that recorded it (a leader killed right after its
+                // commit, the others partitioned) dropping it would lose a committed entry
+                // from the order.
                 Ok(_) => {
-                    s.changes.retain(|c| c.0 < after);
+                    if s.changes.last().is_some_and(|c| c.0 == after) {
+                        s.cut.insert(after);
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     break;
                 }
@@ -405,7 +414,8 @@ pub fn check(
     let mut committed_at: HashMap<i64, u64> = HashMap::new();
     // Committed deletes, `(key, index)` -> when first seen.
     let mut deleted_at: BTreeMap<(u64, u64), u64> = BTreeMap::new();
-    let mut by_index: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
+    // Per index: its changes, and whether the copy kept may have been cut short.
+    let mut by_index: BTreeMap<u64, (Vec<(u64, Value)>, bool)> = BTreeMap::new();
     for s in streams {
         let mut mine: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
         for &(i, k, v, t) in &s.changes {
@@ -417,18 +427,26 @@ pub fn check(
             *at = (*at).min(t);
         }
         for (i, ch) in mine {
-            match by_index.get(&i) {
-                Some(other) if *other != ch => r.divergent_indexes.push(i),
+            match by_index.get_mut(&i) {
+                Some((other, other_cut)) if *other != ch => {
+                    // A copy cut short is a prefix of the whole one; anything else differs.
+                    if *other_cut && ch.starts_with(other) {
+                        *other = ch;
+                        *other_cut = s.cut.contains(&i);
+                    } else if !(s.cut.contains(&i) && other.starts_with(&ch)) {
+                        r.divergent_indexes.push(i);
+                    }
+                }
                 Some(_) => {}
                 None => {
-                    by_index.insert(i, ch);
+                    by_index.insert(i, (ch, s.cut.contains(&i)));
                 }
             }
         }
     }
     r.committed_entries = by_index.len();
     let mut order: BTreeMap<u64, Vec<Value>> = BTreeMap::new();
-    for ch in by_index.values() {
+    for (ch, _) in by_index.values() {
         for &(k, v) in ch {
             let seq = order.entry(k).or_insert_with(|| vec![None]);
             r.committed_changes += 1;
@@ -619,7 +637,7 @@ mod tests {
     fn a_write_missing_from_the_log_is_lost_unless_replaced_superseded_or_its_node_removed() {
         let streams = [Stream {
             changes: vec![(5, 1, Some(10), 2), (6, 1, Some(12), 5)],
-            gaps: 0,
+            ..Default::default()
         }];
         let mut history = vec![
             ok(1, 1, Func::Write(10), 1),
@@ -656,7 +674,7 @@ mod tests {
         // Deleted by a delete committed after it: superseded too.
         let deleted = [Stream {
             changes: vec![(5, 1, Some(10), 2), (6, 1, None, 5)],
-            gaps: 0,
+            ..Default::default()
         }];
         later.insert((2, 1), vec![(0, 0, None), (2, 2, Some(11)), (9, 9, None)]);
         later.insert((1, 1), vec![(0, 0, None), (1, 1, Some(10)), (6, 6, None)]);
@@ -703,7 +721,7 @@ mod tests {
         h2.push(ok(1, 1, Func::Write(10), 1));
         let streams = [Stream {
             changes: vec![(5, 1, Some(10), 9), (6, 1, Some(12), 9)],
-            gaps: 0,
+            ..Default::default()
         }];
         let r = check(&h2, &samples, &streams, &[], (true, 1));
         assert!(r.out_of_order.is_empty(), "{r:?}");
@@ -713,13 +731,44 @@ mod tests {
     fn streams_that_disagree_on_an_index_are_reported() {
         let a = Stream {
             changes: vec![(5, 1, Some(10), 0)],
-            gaps: 0,
+            ..Default::default()
         };
         let b = Stream {
             changes: vec![(5, 1, Some(11), 0)],
-            gaps: 0,
+            ..Default::default()
         };
         let r = check(&[], &Samples::new(), &[a, b], &[], (true, 0));
+        assert_eq!(r.divergent_indexes, vec![5]);
+    }
+
+    #[test]
+    fn an_index_cut_short_by_a_broken_stream_still_counts_and_a_whole_copy_completes_it() {
+        // Node A recorded index 5 whole; node B's stream broke after the first change of it.
+        let whole = Stream {
+            changes: vec![(5, 1, Some(10), 0), (5, 2, Some(20), 0)],
+            ..Default::default()
+        };
+        let cut = Stream {
+            changes: vec![(4, 1, Some(9), 0), (5, 1, Some(10), 0)],
+            cut: BTreeSet::from([5]),
+            ..Default::default()
+        };
+        for streams in [[whole.clone(), cut.clone()], [cut.clone(), whole.clone()]] {
+            let r = check(&[], &Samples::new(), &streams, &[], (true, 0));
+            assert!(r.divergent_indexes.is_empty(), "{r:?}");
+            assert_eq!(r.committed_changes, 3, "{r:?}");
+            assert_eq!(r.evidence.committed[&2], vec![None, Some(20)]);
+        }
+        // Only the cut copy: what arrived of the index is committed and counts.
+        let r = check(&[], &Samples::new(), &[cut], &[], (true, 0));
+        assert_eq!(r.evidence.committed[&1], vec![None, Some(9), Some(10)]);
+        // A cut copy that is not a prefix of the whole one is a divergence.
+        let other = Stream {
+            changes: vec![(5, 1, Some(11), 0)],
+            cut: BTreeSet::from([5]),
+            ..Default::default()
+        };
+        let r = check(&[], &Samples::new(), &[whole, other], &[], (true, 0));
         assert_eq!(r.divergent_indexes, vec![5]);
     }
 }
