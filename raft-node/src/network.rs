@@ -276,14 +276,24 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             // sees its input end. Without this, the upload would go on pulling appends that
             // belong to openraft's next session and their answers would be lost.
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let mut input = input.take_until(stopped);
+            // Wait for the first append before connecting: openraft delays it while its
+            // backoff for this peer runs, and connecting first would retry a dead peer in a
+            // tight loop (each failed connect ends the session before any request is asked
+            // for, so the backoff never gets a turn).
+            let Some(first) = input.next().await else {
+                return Ok(futures_util::stream::empty().boxed());
+            };
             let sent = pending.clone();
-            let requests = input.take_until(stopped).map(move |req| {
-                sent.sent();
-                // Encoding a request into memory does not fail; should it, the peer gets an
-                // empty message, rejects the stream, and replication starts a new one.
-                let data = encode(&req).unwrap_or_default();
-                RaftPayload { data }
-            });
+            let requests = futures_util::stream::once(std::future::ready(first))
+                .chain(input)
+                .map(move |req| {
+                    sent.sent();
+                    // Encoding a request into memory does not fail; should it, the peer gets an
+                    // empty message, rejects the stream, and replication starts a new one.
+                    let data = encode(&req).unwrap_or_default();
+                    RaftPayload { data }
+                });
             let mut client = self.client()?;
             let rx = client
                 .append_entries(requests)
