@@ -385,7 +385,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
     let opts = ClusterOptions {
         bin: cfg.bin.clone(),
         agent_args,
-        log_filter: "warn".into(),
+        log_filter: "warn,raftmap_node::kernel=info,raftmap_storage=info".into(),
         node_args,
         netns,
     };
