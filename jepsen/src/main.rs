@@ -102,28 +102,9 @@ async fn main() -> Result<()> {
         loopback,
     };
     let report = run(&cfg).await?;
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let history: String = report
-        .history
-        .iter()
-        .map(|e| serde_json::to_string(e).map(|l| l + "\n"))
-        .collect::<Result<_, _>>()?;
-    std::fs::write(out.join("history.jsonl"), history)?;
-    for (id, log) in &report.node_logs {
-        std::fs::write(out.join(format!("node-{id}.log")), log)?;
-    }
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(
-        out.join("latency.svg"),
-        raftmap_jepsen::plot::latency_svg(&report.history, &report.fault_log),
-    )?;
-    std::fs::write(
-        out.join("timeline.svg"),
-        raftmap_jepsen::plot::timeline_svg(&report.history, &report.fault_log),
-    )?;
+    report
+        .write_to(&out)
+        .with_context(|| format!("writing the run's output to {}", out.display()))?;
     println!(
         "seed {seed}: {} ok, {} fail, {} info; {} faults injected ({}); network: {}; output in {}",
         report.ops_ok,

@@ -134,6 +134,35 @@ pub struct Report {
     pub node_logs: Vec<(raftmap_node::storage::NodeId, String)>,
 }
 
+impl Report {
+    /// Writes everything the run produced into `out` (created if needed): `history.jsonl`, one
+    /// log per node, `results.json` and the latency and fault timelines as SVG.
+    pub fn write_to(&self, out: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(out)?;
+        let mut history = String::new();
+        for e in &self.history {
+            history += &serde_json::to_string(e).map_err(std::io::Error::other)?;
+            history.push('\n');
+        }
+        std::fs::write(out.join("history.jsonl"), history)?;
+        for (id, log) in &self.node_logs {
+            std::fs::write(out.join(format!("node-{id}.log")), log)?;
+        }
+        std::fs::write(
+            out.join("results.json"),
+            serde_json::to_string_pretty(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::write(
+            out.join("latency.svg"),
+            crate::plot::latency_svg(&self.history, &self.fault_log),
+        )?;
+        std::fs::write(
+            out.join("timeline.svg"),
+            crate::plot::timeline_svg(&self.history, &self.fault_log),
+        )
+    }
+}
+
 /// The history as it is recorded, shared by every client.
 #[derive(Debug)]
 pub struct Recorder {

@@ -49,6 +49,24 @@ fn config(workload: Workload, nodes: u64, faults: &[Fault], secs: u64, seed: u64
 async fn run_checked(cfg: RunConfig, min_ok: usize) -> Report {
     let _turn = ONE_AT_A_TIME.lock().await;
     let report = run(&cfg).await.unwrap();
+    if !report.valid && !cfg.unsafe_local_reads {
+        // Keep the evidence of a failing run (history, node logs, the checker's findings)
+        // where CI can collect it: target/<profile>/jepsen-failures/.
+        let exe = std::env::current_exe().unwrap();
+        let out = exe.parent().unwrap().parent().unwrap().join(format!(
+            "jepsen-failures/{:?}-seed{}-{}",
+            cfg.workload,
+            cfg.seed,
+            std::process::id()
+        ));
+        match report.write_to(&out) {
+            Ok(()) => eprintln!("failing run's output in {}", out.display()),
+            Err(e) => eprintln!(
+                "could not keep the failing run's output in {}: {e}",
+                out.display()
+            ),
+        }
+    }
     assert_eq!(report.network, "netns", "the nodes must run in namespaces");
     for f in &cfg.faults {
         assert!(
