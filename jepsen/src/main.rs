@@ -164,10 +164,6 @@ async fn main() -> Result<()> {
         }
     }
     if let Some(k) = &report.kernel {
-        std::fs::write(
-            out.join("kernel-evidence.json"),
-            serde_json::to_string(&k.evidence)?,
-        )?;
         println!(
             "kernel maps: {} writes, {} deletes; {} committed changes in {} entries; converged: {} ({} entries); {} lost, {} replaced on their node before capture, {} superseded by a later commit, {} out of order, {} observations checked, {} divergent indexes, {} stream gaps",
             k.writes,

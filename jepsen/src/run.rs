@@ -136,7 +136,8 @@ pub struct Report {
 
 impl Report {
     /// Writes everything the run produced into `out` (created if needed): `history.jsonl`, one
-    /// log per node, `results.json` and the latency and fault timelines as SVG.
+    /// log per node, `results.json`, the kernel-map evidence (`kernel-evidence.json`) and the
+    /// latency and fault timelines as SVG.
     pub fn write_to(&self, out: &std::path::Path) -> std::io::Result<()> {
         std::fs::create_dir_all(out)?;
         let mut history = String::new();
@@ -152,6 +153,12 @@ impl Report {
             out.join("results.json"),
             serde_json::to_string_pretty(self).map_err(std::io::Error::other)?,
         )?;
+        if let Some(k) = &self.kernel {
+            std::fs::write(
+                out.join("kernel-evidence.json"),
+                serde_json::to_string(&k.evidence).map_err(std::io::Error::other)?,
+            )?;
+        }
         std::fs::write(
             out.join("latency.svg"),
             crate::plot::latency_svg(&self.history, &self.fault_log),
