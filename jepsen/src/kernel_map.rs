@@ -6,9 +6,9 @@
 //! the committed changes in log order (streams resume after a kill; they must agree index by
 //! index). The checks:
 //! - convergence: after healing, every member's kernel map equals the committed contents;
-//! - order: each node's sequence of values per key, leaving out its own writes until they
-//!   commit, is a subsequence of the committed order (a node never shows a state the log does
-//!   not pass through, nor goes back);
+//! - order: each node's sequence of values per key, leaving out its own writes until the node
+//!   applies them from the log (its watch stream shows them), is a subsequence of the committed
+//!   order (a node never shows a state the log does not pass through, nor goes back);
 //! - lost writes: every value written into a kernel map is in the committed order, unless a
 //!   later write on the same node replaced it before it was captured (raftmap replicates a
 //!   map's states: changes to one key between two reads of the ring buffer, or made while the
@@ -197,6 +197,8 @@ pub async fn sampler(
 /// time received)`.
 #[derive(Debug, Default, Clone)]
 pub struct Stream {
+    /// The node whose applied changes these are.
+    pub node: NodeId,
     pub changes: Vec<(u64, u64, Value, u64)>,
     /// Indexes whose changes may have been cut short: the last index before the stream broke.
     /// What arrived of such an index is a prefix of its changes.
@@ -208,12 +210,16 @@ pub struct Stream {
 /// Follows node `addr`'s committed changes to the map until `stop`, resuming after breaks
 /// (a kill, a snapshot install). Signals `ready` once connected the first time.
 pub async fn observer(
+    node: NodeId,
     addr: String,
     stop: Arc<AtomicBool>,
     ready: tokio::sync::oneshot::Sender<()>,
     rec: Arc<Recorder>,
 ) -> Stream {
-    let mut s = Stream::default();
+    let mut s = Stream {
+        node,
+        ..Default::default()
+    };
     let mut ready = Some(ready);
     let mut after = 0u64;
     // After a restart from the current contents: skip that dump (the first index received).
@@ -414,12 +420,18 @@ pub fn check(
     let mut committed_at: HashMap<i64, u64> = HashMap::new();
     // Committed deletes, `(key, index)` -> when first seen.
     let mut deleted_at: BTreeMap<(u64, u64), u64> = BTreeMap::new();
+    // When each node applied each value (its own stream's record; streams report after the
+    // node has written its kernel map).
+    let mut applied_at: HashMap<(NodeId, i64), u64> = HashMap::new();
     // Per index: its changes, and whether the copy kept may have been cut short.
     let mut by_index: BTreeMap<u64, (Vec<(u64, Value)>, bool)> = BTreeMap::new();
     for s in streams {
         let mut mine: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
         for &(i, k, v, t) in &s.changes {
             mine.entry(i).or_default().push((k, v));
+            if let Some(v) = v {
+                applied_at.entry((s.node, v)).or_insert(t);
+            }
             let at = match v {
                 Some(v) => committed_at.entry(v).or_insert(t),
                 None => deleted_at.entry((k, i)).or_insert(t),
@@ -556,10 +568,13 @@ pub fn check(
         let mut kept: Vec<Value> = seen
             .iter()
             .filter(|(t0, t1, v)| match v {
-                // The node's own write, perhaps seen before it committed: a transient local
-                // state, which the order does not cover (older committed values may be
-                // applied over it before it is captured; it comes back when it commits).
-                Some(v) if own(*v) => committed_at.get(v).is_some_and(|c| c <= t0),
+                // The node's own write, seen before the node applied it from the log: a
+                // transient local state, which the order does not cover (older committed
+                // values the node had yet to apply may go over it; it comes back when the node
+                // applies it). Committed elsewhere is not enough: a lagging node may hold it
+                // before its backlog. Nodes without a stream (added during the run) never
+                // show an own value the order checks.
+                Some(v) if own(*v) => applied_at.get(&(node, *v)).is_some_and(|c| c <= t0),
                 Some(_) => true,
                 None => !own_delete(*t0, *t1),
             })
@@ -770,5 +785,44 @@ mod tests {
         };
         let r = check(&[], &Samples::new(), &[whole, other], &[], (true, 0));
         assert_eq!(r.divergent_indexes, vec![5]);
+    }
+
+    #[test]
+    fn an_own_write_shown_before_the_node_applied_it_is_transient_even_if_committed_elsewhere() {
+        // Key 1's log: 3 (index 4), then node 2's own 7 (index 5). Node 1 applied both by t=2;
+        // node 2, lagging, wrote 7 at t=2, and applied index 4 at t=5 and index 5 at t=8.
+        let streams = [
+            Stream {
+                node: 1,
+                changes: vec![(4, 1, Some(3), 1), (5, 1, Some(7), 2)],
+                ..Default::default()
+            },
+            Stream {
+                node: 2,
+                changes: vec![(4, 1, Some(3), 5), (5, 1, Some(7), 8)],
+                ..Default::default()
+            },
+        ];
+        let history = [ok(2, 1, Func::Write(7), 2)];
+        let mut samples = Samples::new();
+        samples.insert(
+            (2, 1),
+            vec![
+                (0, 0, None),
+                (3, 3, Some(7)),
+                (5, 5, Some(3)),
+                (8, 8, Some(7)),
+            ],
+        );
+        let r = check(&history, &samples, &streams, &[], (true, 1));
+        assert!(r.valid(), "{r:?}");
+        // Once node 2 has applied 7, going back to 3 leaves the log's order.
+        samples.insert(
+            (2, 1),
+            vec![(0, 0, None), (9, 9, Some(7)), (10, 10, Some(3))],
+        );
+        let r = check(&history, &samples, &streams, &[], (true, 1));
+        assert_eq!(r.out_of_order.len(), 1, "{r:?}");
+        assert!(r.out_of_order[0].2.starts_with("3 after ["), "{r:?}");
     }
 }

@@ -479,6 +479,7 @@ async fn drive(
             let (tx, rx) = tokio::sync::oneshot::channel();
             let addr = cluster.node(id)?.api_addr.clone();
             observers.push(tokio::spawn(kernel_map::observer(
+                id,
                 addr,
                 stop.clone(),
                 tx,

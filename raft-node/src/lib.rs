@@ -4,7 +4,7 @@
 //! ```text
 //! client ─Kv.Write─> Batcher (group commit) ─> Proposer ─┬─ leader: raft.client_write
 //!                                                        └─ otherwise: Peer.Propose to the leader
-//! openraft ─Peer.{Vote,AppendEntries,InstallSnapshot}─> other nodes
+//! openraft ─Peer.{PreVote,Vote,AppendEntries,InstallSnapshot}─> other nodes
 //! committed entries ─> StateMachine (RocksDB) ─> StateView (reads, watch)
 //! ```
 //!

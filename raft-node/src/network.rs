@@ -4,15 +4,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use std::future::Future;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::{BoxStream, StreamExt};
+use openraft::error::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
 use raftmap_proto::peer_client::PeerClient;
 use raftmap_proto::RaftPayload;
-use raftmap_storage::{NodeId, NodeInfo, TypeConfig};
+use raftmap_storage::{NodeId, NodeInfo, Snapshot, TypeConfig, Vote};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -62,13 +66,19 @@ pub fn endpoint(addr: &str) -> Result<Endpoint> {
         .keep_alive_timeout(Duration::from_secs(5)))
 }
 
-/// The shortest time an append carrying entries may take before it counts as failed.
+/// The longest an append may wait for its answer before the stream counts as broken. openraft
+/// passes the heartbeat interval; an append of a full batch to a loaded follower (an fsync of
+/// megabytes) can take longer, and a broken stream sends replication into its backoff.
 const MIN_APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Bytes of snapshot data per message of a snapshot transfer.
+const SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
+/// The slowest transfer rate, in bytes a second, a snapshot's deadline allows for.
+const SNAPSHOT_MIN_RATE: usize = 8 * 1024 * 1024;
+
 /// Retry delays towards an unreachable peer: doubling from the first to the last. A restarted
-/// follower is caught up within about the first delay instead of openraft's constant 500 ms; a
-/// lagging follower, in turn, is what makes a later election slow (its candidacies with a stale
-/// log keep raising the term until a node with the whole log times out first).
+/// follower is caught up within about the first delay instead of waiting out a long constant
+/// delay.
 const RETRY_FIRST: Duration = Duration::from_millis(25);
 const RETRY_MAX: Duration = Duration::from_millis(500);
 
@@ -84,16 +94,6 @@ pub struct PeerConnection {
     target: NodeId,
     addr: String,
     pool: PeerPool,
-    /// The open append stream, if any: taken for a call and put back only when the call got
-    /// its answer, so an abandoned call (timeout, cancelled) never leaves an unread answer.
-    appends: Option<AppendStream>,
-}
-
-/// One `AppendEntries` stream: requests go in through `tx`, answers come back in order on `rx`.
-#[derive(Debug)]
-struct AppendStream {
-    tx: tokio::sync::mpsc::Sender<RaftPayload>,
-    rx: tonic::Streaming<RaftPayload>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -104,152 +104,294 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.raft_addr.clone(),
             pool: self.pool.clone(),
-            appends: None,
         }
     }
 }
 
-type RpcResult<T, E = openraft::error::Infallible> =
-    std::result::Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
+/// The error openraft gets for a transport failure (or an answer it cannot use): it retries
+/// after its backoff.
+fn unreachable(target: NodeId, addr: &str, e: &dyn std::fmt::Display) -> Unreachable<TypeConfig> {
+    Unreachable::new(&std::io::Error::other(format!(
+        "node {target} at {addr}: {e}"
+    )))
+}
 
 impl PeerConnection {
-    /// The error openraft gets for a transport failure: it retries after its backoff.
-    fn unreachable<E: std::error::Error>(
-        &self,
-        e: &dyn std::fmt::Display,
-    ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
-        RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
-            "node {} at {}: {e}",
-            self.target, self.addr
-        ))))
+    fn unreachable(&self, e: &dyn std::fmt::Display) -> Unreachable<TypeConfig> {
+        unreachable(self.target, &self.addr, e)
     }
 
-    /// The peer's answer: openraft's result, encoded (the peer's own error is a remote error).
-    // The error is openraft's own RPC error, which the RaftNetwork methods return as it is.
-    #[allow(clippy::result_large_err)]
-    fn answer<Resp, E>(&self, data: &[u8]) -> RpcResult<Resp, E>
+    fn client(&self) -> Result<PeerClient<Channel>, Unreachable<TypeConfig>> {
+        self.pool.peer(&self.addr).map_err(|e| self.unreachable(&e))
+    }
+
+    /// The peer's answer: openraft's result, encoded. An error the peer's Raft returned (it
+    /// is shutting down) is, to this node, a peer it cannot use right now.
+    fn answer<Resp>(&self, data: &[u8]) -> Result<Resp, RPCError<TypeConfig>>
     where
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
-        let result: std::result::Result<Resp, RaftError<NodeId, E>> =
+        let result: std::result::Result<Resp, RaftError<TypeConfig>> =
             decode(data).map_err(|e| self.unreachable(&e))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        result.map_err(|e| RPCError::Unreachable(self.unreachable(&e)))
     }
 
-    async fn call<Req, Resp, E>(
+    async fn vote_call(
         &self,
-        which: Rpc,
-        req: &Req,
+        pre_vote: bool,
+        req: &VoteRequest<TypeConfig>,
         timeout: Duration,
-    ) -> RpcResult<Resp, E>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let data = encode(req).map_err(|e| self.unreachable(&e))?;
-        let mut client = self
-            .pool
-            .peer(&self.addr)
-            .map_err(|e| self.unreachable(&e))?;
+        let mut client = self.client()?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(timeout);
-        let resp = match which {
-            Rpc::Vote => client.vote(request).await,
-            Rpc::Snapshot => client.install_snapshot(request).await,
+        let resp = if pre_vote {
+            client.pre_vote(request).await
+        } else {
+            client.vote(request).await
         }
         .map_err(|s| self.unreachable(&s))?;
         self.answer(&resp.into_inner().data)
     }
+}
 
-    /// An append over this peer's append stream (opened on first use and after any failure).
-    async fn append(
-        &mut self,
-        rpc: &AppendEntriesRequest<TypeConfig>,
+/// What the peer answers on the append stream, in order, one per request.
+type AppendAnswer = std::result::Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>>;
+
+/// The appends of one stream that are sent and not answered yet, by when each was sent: a
+/// peer that leaves the oldest unanswered for too long fails the stream.
+#[derive(Debug, Default)]
+struct Pending {
+    sent_at: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
+    /// Wakes an answer wait that started with nothing outstanding.
+    more: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn sent(&self) {
+        lock(&self.sent_at).push_back(tokio::time::Instant::now());
+        self.more.notify_one();
+    }
+
+    /// The next answer; `Ok(None)` when the peer ended the stream.
+    async fn answer(
+        &self,
+        rx: &mut tonic::Streaming<RaftPayload>,
         timeout: Duration,
-    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        let data = encode(rpc).map_err(|e| self.unreachable(&e))?;
-        let stream = self.appends.take();
-        let pool = self.pool.clone();
-        let addr = self.addr.clone();
-        let exchange = async move {
-            let mut s = match stream {
-                Some(s) => s,
-                None => {
-                    let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    let mut client = pool.peer(&addr).map_err(|e| e.to_string())?;
-                    let resp = client
-                        .append_entries(tokio_stream::wrappers::ReceiverStream::new(rx))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    AppendStream {
-                        tx,
-                        rx: resp.into_inner(),
-                    }
-                }
+    ) -> std::result::Result<Option<RaftPayload>, String> {
+        loop {
+            let oldest = lock(&self.sent_at).front().copied();
+            // `message()` may be abandoned and called again without losing a message.
+            let next = match oldest {
+                None => tokio::select! {
+                    m = rx.message() => m,
+                    () = self.more.notified() => continue,
+                },
+                Some(at) => match tokio::time::timeout_at(at + timeout, rx.message()).await {
+                    Ok(m) => m,
+                    Err(_) => return Err(format!("no answer within {timeout:?}")),
+                },
             };
-            s.tx.send(RaftPayload { data })
-                .await
-                .map_err(|_| "append stream closed".to_string())?;
-            match s.rx.message().await {
-                Ok(Some(p)) => Ok((s, p)),
-                Ok(None) => Err("append stream ended".to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        };
-        let (s, p) = match tokio::time::timeout(timeout, exchange).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => return Err(self.unreachable(&e)),
-            Err(_) => return Err(self.unreachable(&format!("no answer within {timeout:?}"))),
-        };
-        self.appends = Some(s);
-        self.answer(&p.data)
+            return match next {
+                Ok(Some(p)) => {
+                    lock(&self.sent_at).pop_front();
+                    Ok(Some(p))
+                }
+                Ok(None) => Ok(None),
+                Err(status) => Err(status.to_string()),
+            };
+        }
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Rpc {
-    Vote,
-    Snapshot,
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl RaftNetwork<TypeConfig> for PeerConnection {
+/// A snapshot transfer's first message; the snapshot's bytes follow in later messages.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub(crate) struct SnapshotHeader {
+    pub(crate) vote: Vote,
+    pub(crate) meta: raftmap_storage::SnapshotMeta,
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = std::io::Cursor<Vec<u8>>;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        // openraft bounds an append by the heartbeat interval; a full batch to a busy follower
-        // (an fsync of megabytes under load) can take longer, and a timed-out append sends
-        // replication into a half-second backoff. Entries carry data: give them time.
-        let ttl = if rpc.entries.is_empty() {
-            option.hard_ttl()
-        } else {
-            option.hard_ttl().max(MIN_APPEND_TIMEOUT)
-        };
-        self.append(&rpc, ttl).await
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        // Only used outside replication streams: one request on a stream of its own.
+        let prev = rpc.prev_log_id;
+        let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+        let (target, addr) = (self.target, self.addr.clone());
+        let mut answers = self
+            .stream_append(futures_util::stream::iter([rpc]), option)
+            .await?;
+        match answers.next().await {
+            Some(Ok(Ok(matched))) if matched == last => Ok(AppendEntriesResponse::Success),
+            Some(Ok(Ok(matched))) => Ok(AppendEntriesResponse::PartialSuccess(matched)),
+            Some(Ok(Err(openraft::raft::StreamAppendError::Conflict(_)))) => {
+                Ok(AppendEntriesResponse::Conflict)
+            }
+            Some(Ok(Err(openraft::raft::StreamAppendError::HigherVote(v)))) => {
+                Ok(AppendEntriesResponse::HigherVote(v))
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(RPCError::Unreachable(unreachable(
+                target,
+                &addr,
+                &format!(
+                    "append stream ended without an answer (entries after {prev:?} up to {last:?})"
+                ),
+            ))),
+        }
     }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+    /// Appends as a pipeline on one gRPC stream: each request goes out as soon as openraft
+    /// produces it, without waiting for the answer to the one before; the peer answers them in
+    /// order as its log persists them.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
         option: RPCOption,
-    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.call(Rpc::Snapshot, &rpc, option.hard_ttl()).await
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures_util::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let timeout = option.hard_ttl().max(MIN_APPEND_TIMEOUT);
+            let pending = Arc::new(Pending::default());
+            // Dropping the answers (openraft ends a session, or an answer failed) ends the
+            // requests too: the transport sends nothing more from this session, and the peer
+            // sees its input end. Without this, the upload would go on pulling appends that
+            // belong to openraft's next session and their answers would be lost.
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let mut input = input.take_until(stopped);
+            // Wait for the first append before connecting: openraft delays it while its
+            // backoff for this peer runs, and connecting first would retry a dead peer in a
+            // tight loop (each failed connect ends the session before any request is asked
+            // for, so the backoff never gets a turn).
+            let Some(first) = input.next().await else {
+                return Ok(futures_util::stream::empty().boxed());
+            };
+            let sent = pending.clone();
+            let requests = futures_util::stream::once(std::future::ready(first))
+                .chain(input)
+                .map(move |req| {
+                    sent.sent();
+                    // Encoding a request into memory does not fail; should it, the peer gets an
+                    // empty message, rejects the stream, and replication starts a new one.
+                    let data = encode(&req).unwrap_or_default();
+                    RaftPayload { data }
+                });
+            let mut client = self.client()?;
+            let rx = client
+                .append_entries(requests)
+                .await
+                .map_err(|s| self.unreachable(&s))?
+                .into_inner();
+            let (target, addr) = (self.target, self.addr.clone());
+            let answers = futures_util::stream::unfold(Some((rx, stop)), move |state| {
+                let pending = pending.clone();
+                let addr = addr.clone();
+                async move {
+                    let (mut rx, stop) = state?;
+                    let fail = |e: &dyn std::fmt::Display| {
+                        Some((
+                            Err(RPCError::Unreachable(unreachable(target, &addr, e))),
+                            None,
+                        ))
+                    };
+                    let payload = match pending.answer(&mut rx, timeout).await {
+                        Ok(Some(p)) => p,
+                        Ok(None) => return None,
+                        Err(e) => return fail(&e),
+                    };
+                    match decode::<AppendAnswer>(&payload.data) {
+                        Ok(Ok(result)) => Some((Ok(result), Some((rx, stop)))),
+                        Ok(Err(fatal)) => fail(&fatal),
+                        Err(e) => fail(&e),
+                    }
+                }
+            });
+            Ok(answers.boxed())
+        })
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> RpcResult<VoteResponse<NodeId>> {
-        self.call(Rpc::Vote, &rpc, option.hard_ttl()).await
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.vote_call(false, &rpc, option.hard_ttl()).await
     }
 
-    fn backoff(&self) -> Backoff {
-        Backoff::new(std::iter::successors(Some(RETRY_FIRST), |d| {
-            Some((*d * 2).min(RETRY_MAX))
-        }))
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.vote_call(true, &rpc, option.hard_ttl()).await
+    }
+
+    /// The whole snapshot on one client stream: a header (the leader's vote and the
+    /// snapshot's metadata), then the data in chunks; the peer installs it once all arrived.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let header = SnapshotHeader {
+            vote,
+            meta: snapshot.meta,
+        };
+        let header = encode(&header).map_err(|e| self.unreachable(&e))?;
+        let data = snapshot.snapshot.into_inner();
+        // The whole transfer and the peer's install must fit in the deadline: openraft's
+        // timeout plus time for the data at a modest 8 MiB/s, so a large snapshot on a slow
+        // link is not cut off and retried forever.
+        let deadline = option.hard_ttl()
+            + Duration::from_secs_f64(data.len() as f64 / SNAPSHOT_MIN_RATE as f64);
+        // One chunk copied at a time, as the transport asks for it.
+        let count = data.len().div_ceil(SNAPSHOT_CHUNK);
+        let chunks = futures_util::stream::once(std::future::ready(RaftPayload { data: header }))
+            .chain(futures_util::stream::iter(0..count).map(move |i| {
+                let end = ((i + 1) * SNAPSHOT_CHUNK).min(data.len());
+                RaftPayload {
+                    data: data[i * SNAPSHOT_CHUNK..end].to_vec(),
+                }
+            }));
+        let mut client = self.client()?;
+        let mut request = tonic::Request::new(chunks);
+        request.set_timeout(deadline);
+        let call = client.install_snapshot(request);
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            resp = call => {
+                let resp = resp.map_err(|s| self.unreachable(&s))?;
+                let answer: std::result::Result<SnapshotResponse<TypeConfig>, Fatal<TypeConfig>> =
+                    decode(&resp.into_inner().data).map_err(|e| self.unreachable(&e))?;
+                answer.map_err(|e| StreamingError::Unreachable(self.unreachable(&e)))
+            }
+        }
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        Some(Backoff::new(std::iter::successors(
+            Some(RETRY_FIRST),
+            |d| Some((*d * 2).min(RETRY_MAX)),
+        )))
     }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{CheckIsLeaderError, RaftError};
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{LinearizableReadError, RaftError};
 use openraft::{ServerState, SnapshotPolicy};
 use raftmap_proto::admin_client::AdminClient;
 use raftmap_proto::admin_server::AdminServer;
@@ -140,11 +141,16 @@ impl RunningNode {
         let raft_config = openraft::Config {
             cluster_name: "raftmap".into(),
             heartbeat_interval: cfg.heartbeat_ms,
-            // openraft 0.9 makes the upper bound the leader's lease too: a follower waits for
-            // the lease and then its own random timeout, 2.5-3 T here (3-4 T with [T, 2T]).
-            // A quarter-second spread still dwarfs a vote's round trip.
+            // openraft makes the upper bound the leader's lease too: a follower waits for the
+            // lease and then its own random timeout, 2.5-3 T here (3-4 T with [T, 2T]). A
+            // quarter-second spread still dwarfs a vote's round trip.
             election_timeout_min: cfg.election_timeout_ms,
             election_timeout_max: cfg.election_timeout_ms * 3 / 2,
+            // A candidate first asks whether it could win; one whose log lags (a restarted
+            // node) learns it cannot without raising the term and voiding a better
+            // candidate's election.
+            enable_pre_vote: Some(true),
+            broadcast_submitted_on_append: Some(true),
             install_snapshot_timeout: 10_000,
             max_payload_entries: 64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
@@ -321,7 +327,7 @@ impl NodeShared {
     /// True when this node may serve traffic: it is a member, a leader is known, it has applied
     /// everything it knows to be committed, and its kernel maps are reconciled.
     pub fn ready(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft.metrics().borrow_watched().clone();
         let member = m
             .membership_config
             .membership()
@@ -343,10 +349,7 @@ impl NodeShared {
         if leader == self.id {
             return Ok(None);
         }
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        let node = m.membership().get_node(&leader).ok_or_else(|| {
-            NodeError::Unavailable(format!("leader {leader} is not in the membership"))
-        })?;
+        let node = self.proposer.member(leader)?;
         let ch = self.proposer.pool.channel(&node.api_addr)?;
         Ok(Some(AdminClient::new(ch)))
     }
@@ -357,9 +360,13 @@ impl NodeShared {
         loop {
             let leader = self.proposer.wait_for_leader(deadline).await?;
             let index = if leader == self.id {
-                match self.raft.ensure_linearizable().await {
-                    Ok(l) => return Ok(l.map_or(0, |l| l.index)),
-                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => None,
+                match self
+                    .raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+                    .await
+                {
+                    Ok(l) => return Ok(l.index()),
+                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => None,
                     Err(e) => {
                         return Err(NodeError::Unavailable(format!(
                             "cannot confirm leadership for a linearizable read: {e}"
@@ -418,7 +425,7 @@ async fn join_cluster(shared: &NodeShared, join: &str, learner: bool) -> Result<
     let already = shared
         .raft
         .metrics()
-        .borrow()
+        .borrow_watched()
         .membership_config
         .membership()
         .get_node(&shared.id)
@@ -492,7 +499,7 @@ fn is_self(shared: &NodeShared, s: &tonic::Status) -> bool {
 
 /// Nodes of the current configuration: id -> (info, voter?).
 pub(crate) fn members(raft: &Raft) -> (BTreeMap<NodeId, (NodeInfo, bool)>, Option<NodeId>) {
-    let m = raft.metrics().borrow().clone();
+    let m = raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
     let nodes = membership

@@ -8,8 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
-use raftmap_storage::{ApplyResult, BatchOutcome, ClientBatch, NodeId, Op, Proposal, Raft, Source};
+use raftmap_storage::{
+    ApplyResult, BatchOutcome, ClientBatch, NodeId, NodeInfo, Op, Proposal, Raft, Source,
+};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::{decode, encode, NodeError, ProposeError, Result};
@@ -132,13 +135,20 @@ impl Proposer {
         decode(&resp.into_inner().data)
     }
 
+    /// How to reach a member, as the current membership says.
+    pub(crate) fn member(&self, id: NodeId) -> Result<NodeInfo> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .membership()
+            .get_node(&id)
+            .cloned()
+            .ok_or_else(|| NodeError::Unavailable(format!("node {id} is not in the membership")))
+    }
+
     /// Raft address of a member.
     pub(crate) fn node_addr(&self, id: NodeId) -> Result<String> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
-        m.membership()
-            .get_node(&id)
-            .map(|n| n.raft_addr.clone())
-            .ok_or_else(|| NodeError::Unavailable(format!("node {id} is not in the membership")))
+        Ok(self.member(id)?.raft_addr)
     }
 
     /// The current leader, waiting for one to be elected until `deadline`.

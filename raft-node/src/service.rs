@@ -4,12 +4,13 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use raftmap_proto as pb;
 use raftmap_storage::{
     validate_batch, AdminOp, BatchOutcome, Change, MapSchema, MapType, NodeInfo, Op, Proposal,
-    SmEvent, Source, ValidationError,
+    SmEvent, Source, TypeConfig, ValidationError,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,6 +18,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{decode, encode, NodeError, ProposeError};
+use crate::network::SnapshotHeader;
 use crate::node::{members, NodeShared};
 
 /// Largest client request or response message.
@@ -135,31 +137,65 @@ impl pb::peer_server::Peer for PeerService {
         payload(&self.shared.raft.vote(rpc).await)
     }
 
+    async fn pre_vote(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let rpc = decode(&req.into_inner().data)?;
+        payload(&self.shared.raft.pre_vote(rpc).await)
+    }
+
     type AppendEntriesStream =
         Pin<Box<dyn Stream<Item = Result<pb::RaftPayload, Status>> + Send + 'static>>;
 
-    /// Each request on the stream is answered, in order, before the next one is read: the
-    /// leader keeps one append in flight per follower.
+    /// The requests on the stream go into openraft's append pipeline as they arrive; each
+    /// answer goes back, in order, once the entries it covers are durable here.
     async fn append_entries(
         &self,
         req: Request<tonic::Streaming<pb::RaftPayload>>,
     ) -> GrpcResult<Self::AppendEntriesStream> {
         use tokio_stream::StreamExt;
-        let shared = self.shared.clone();
-        let answers = req.into_inner().then(move |m| {
-            let shared = shared.clone();
-            async move {
-                let rpc = decode(&m?.data)?;
-                let data = encode(&shared.raft.append_entries(rpc).await)?;
-                Ok(pb::RaftPayload { data })
-            }
+        // A message that fails to decode ends the input: the answers stop short and the
+        // leader, missing answers, opens a new stream.
+        let requests = req
+            .into_inner()
+            .map_while(|m| match m.map(|m| decode(&m.data)) {
+                Ok(Ok(rpc)) => Some(rpc),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "malformed append request; closing the stream");
+                    None
+                }
+                Err(_) => None,
+            });
+        let answers = self.shared.raft.stream_append(requests).map(|answer| {
+            Ok(pb::RaftPayload {
+                data: encode(&answer)?,
+            })
         });
         Ok(Response::new(Box::pin(answers)))
     }
 
-    async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
-        let rpc = decode(&req.into_inner().data)?;
-        payload(&self.shared.raft.install_snapshot(rpc).await)
+    async fn install_snapshot(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftPayload>>,
+    ) -> GrpcResult<pb::RaftPayload> {
+        let mut parts = req.into_inner();
+        let Some(first) = parts.message().await? else {
+            return Err(Status::invalid_argument("empty snapshot transfer"));
+        };
+        let header: SnapshotHeader = decode(&first.data)?;
+        let mut data = Vec::new();
+        while let Some(chunk) = parts.message().await? {
+            data.extend_from_slice(&chunk.data);
+        }
+        let snapshot = raftmap_storage::Snapshot {
+            meta: header.meta,
+            snapshot: std::io::Cursor::new(data),
+        };
+        payload(
+            &self
+                .shared
+                .raft
+                .install_full_snapshot(header.vote, snapshot)
+                .await,
+        )
     }
 
     async fn propose(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
@@ -172,9 +208,14 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         _req: Request<pb::ReadIndexRequest>,
     ) -> GrpcResult<pb::ReadIndexResponse> {
-        match self.shared.raft.get_read_log_id().await {
+        match self
+            .shared
+            .raft
+            .get_read_log_id(openraft::ReadPolicy::ReadIndex)
+            .await
+        {
             Ok((read, _applied)) => Ok(Response::new(pb::ReadIndexResponse {
-                read_index: read.map_or(0, |l| l.index),
+                read_index: read.index(),
             })),
             Err(RaftError::APIError(e)) => Err(Status::failed_precondition(e.to_string())),
             Err(e) => Err(Status::unavailable(e.to_string())),
@@ -486,7 +527,7 @@ impl AdminService {
     }
 }
 
-fn membership_error(e: RaftError<u64, ClientWriteError<u64, NodeInfo>>) -> Status {
+fn membership_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => match c {
             ChangeMembershipError::InProgress(p) => Status::unavailable(format!(
@@ -610,7 +651,7 @@ impl pb::admin_server::Admin for AdminService {
         } else {
             r.max_lag
         };
-        let m = s.raft.metrics().borrow().clone();
+        let m = s.raft.metrics().borrow_watched().clone();
         let last = m.last_log_index.unwrap_or(0);
         let matched = m
             .replication
@@ -684,7 +725,7 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> GrpcResult<pb::StatusResponse> {
         let s = &self.shared;
-        let m = s.raft.metrics().borrow().clone();
+        let m = s.raft.metrics().borrow_watched().clone();
         let role = match m.state {
             ServerState::Leader => "leader",
             ServerState::Follower => "follower",

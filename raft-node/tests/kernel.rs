@@ -397,9 +397,14 @@ async fn a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff()
             > 0
     );
     assert_eq!(m.len(), 350);
+    // The snapshot reached the kernel map by diff: installed into the adopted map, or, when
+    // it arrived before the daemon had adopted the map again, by the reconcile that adopts
+    // it (the map outlived the daemon) writing what the snapshot changed.
     let log = c.log_tail(4, 200);
+    assert!(log.contains("installed snapshot"), "{log}");
     assert!(
-        log.contains("installed snapshot into kernel map by diff"),
+        log.contains("installed snapshot into kernel map by diff")
+            || log.contains("kernel map outlived the daemon"),
         "{log}"
     );
 }

@@ -19,19 +19,25 @@ openraft::declare_raft_types!(
         R = ApplyResult,
         NodeId = NodeId,
         Node = NodeInfo,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
 /// Cluster-unique, never-reused node identifier.
 pub type NodeId = u64;
 /// The openraft handle specialised to raftmap.
-pub type Raft = openraft::Raft<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, crate::StateMachine>;
 /// A log id (term, leader, index).
-pub type LogId = openraft::LogId<NodeId>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 /// Stored membership (log id of the config entry plus the membership).
-pub type StoredMembership = openraft::StoredMembership<NodeId, NodeInfo>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+/// A vote (term, candidate, committed).
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+/// A snapshot as openraft passes it around: metadata plus the encoded state.
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+/// Snapshot metadata.
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 
 /// Longest map name accepted.
 pub const MAX_MAP_NAME: usize = 64;
@@ -242,6 +248,18 @@ pub enum AdminOp {
 pub struct Proposal {
     pub batches: Vec<ClientBatch>,
     pub admin: Vec<AdminOp>,
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} batches, {} operations, {} admin records",
+            self.batches.len(),
+            self.op_count(),
+            self.admin.len()
+        )
+    }
 }
 
 impl Proposal {

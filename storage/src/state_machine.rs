@@ -2,8 +2,8 @@
 //!
 //! Each `apply` call writes one atomic RocksDB batch holding every change of the applied entries
 //! together with the new applied log id, so the stored state is always exactly the state after
-//! some log index. Snapshots are a full copy of that state, written to a file and streamed to
-//! peers in chunks by openraft; installing one replaces the state in one atomic batch.
+//! some log index. Snapshots are a full copy of that state, written to a file and sent whole to
+//! a peer that needs one; installing one replaces the state in one atomic batch.
 
 use foldhash::{HashMap, HashMapExt};
 use std::collections::{BTreeMap, VecDeque};
@@ -12,21 +12,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use openraft::storage::RaftStateMachine;
-use openraft::{
-    Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError,
-};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
+use tokio_stream::{Stream, StreamExt};
 
 use crate::db::{data_key, decode, encode, map_prefix, split_data_key, Db, CF_SM_DATA, CF_SM_META};
 use crate::error::{Result, StorageError, ValidationError};
 use crate::model::{
-    validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, LogId, MapSchema,
-    MapType, NodeId, NodeInfo, Op, Source, StoredMembership, TypeConfig,
+    validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, Entry, LogId,
+    MapSchema, MapType, NodeId, Op, Snapshot, SnapshotMeta, Source, StoredMembership, TypeConfig,
 };
-
-type StorageResult<T> = std::result::Result<T, openraft::StorageError<NodeId>>;
 
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
@@ -149,18 +146,20 @@ struct SnapshotPayload {
 /// The snapshot as stored on disk.
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, NodeInfo>,
+    meta: SnapshotMeta,
     data: Vec<u8>,
 }
 
-fn sm_read_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
-    StorageIOError::read_state_machine(&e).into()
+/// A snapshot's name in logs and errors: the log id it ends at.
+fn snapshot_name(meta: &SnapshotMeta) -> String {
+    match &meta.last_log_id {
+        Some(l) => format!("{}-{}", l.leader_id.term, l.index),
+        None => "empty".into(),
+    }
 }
-fn sm_write_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
-    StorageIOError::write_state_machine(&e).into()
-}
-fn snap_err(e: impl std::error::Error + 'static) -> openraft::StorageError<NodeId> {
-    StorageIOError::write_snapshot(None, &e).into()
+
+fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(e)
 }
 
 impl StateMachine {
@@ -193,7 +192,14 @@ impl StateMachine {
         ))
     }
 
-    fn apply_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<ApplyResult>> {
+    /// Applies committed entries, in order, as one atomic write, and returns each entry's
+    /// result. openraft calls this through [`RaftStateMachine::apply`]; tools and tests that
+    /// drive a state machine directly call it themselves.
+    pub async fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<Vec<ApplyResult>> {
+        self.apply_now(entries)
+    }
+
+    fn apply_now(&self, entries: Vec<Entry>) -> Result<Vec<ApplyResult>> {
         let shared = &self.shared;
         let db = &shared.db;
         let mut work = read_cache(shared).clone();
@@ -317,8 +323,9 @@ impl StateMachine {
         Ok(results)
     }
 
-    fn install(&self, meta: &SnapshotMeta<NodeId, NodeInfo>, data: Vec<u8>) -> Result<()> {
-        let payload: SnapshotPayload = decode(&data, || format!("snapshot {}", meta.snapshot_id))?;
+    fn install(&self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<()> {
+        let payload: SnapshotPayload =
+            decode(&data, || format!("snapshot {}", snapshot_name(meta)))?;
         let db = &self.shared.db;
         let data_cf = db.cf(CF_SM_DATA)?;
         let meta_cf = db.cf(CF_SM_META)?;
@@ -381,7 +388,7 @@ impl StateMachine {
         *write_cache(&self.shared) = cache;
         self.shared.publish(SmEvent::SnapshotInstalled { index });
         self.shared.applied_tx.send_replace(index);
-        tracing::info!(snapshot = %meta.snapshot_id, index, "installed snapshot");
+        tracing::info!(snapshot = %snapshot_name(meta), index, "installed snapshot");
         Ok(())
     }
 }
@@ -604,68 +611,74 @@ fn read_snapshot_file(path: &Path) -> Result<Option<StoredSnapshot>> {
 /// Builds a snapshot from a copy of the state taken between two applies.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
-    meta: SnapshotMeta<NodeId, NodeInfo>,
+    meta: SnapshotMeta,
     payload: Option<SnapshotPayload>,
     snapshot_path: PathBuf,
     error: Option<String>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> std::io::Result<Snapshot> {
         if let Some(e) = &self.error {
-            return Err(snap_err(std::io::Error::other(e.clone())));
+            return Err(std::io::Error::other(e.clone()));
         }
         let payload = self
             .payload
             .take()
-            .ok_or_else(|| snap_err(std::io::Error::other("snapshot builder used twice")))?;
-        let data = encode(&payload, "snapshot payload").map_err(snap_err)?;
+            .ok_or_else(|| std::io::Error::other("snapshot builder used twice"))?;
+        let data = encode(&payload, "snapshot payload").map_err(io_err)?;
         let stored = StoredSnapshot {
             meta: self.meta.clone(),
             data,
         };
-        write_snapshot_file(&self.snapshot_path, &stored).map_err(snap_err)?;
-        tracing::info!(snapshot = %stored.meta.snapshot_id, entries = payload.entries.len(), "built snapshot");
+        write_snapshot_file(&self.snapshot_path, &stored).map_err(io_err)?;
+        tracing::info!(snapshot = %snapshot_name(&stored.meta), entries = payload.entries.len(), "built snapshot");
         Ok(Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
+            snapshot: Cursor::new(stored.data),
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(&mut self) -> StorageResult<(Option<LogId>, StoredMembership)> {
+    async fn applied_state(&mut self) -> std::io::Result<(Option<LogId>, StoredMembership)> {
         let c = read_cache(&self.shared);
         Ok((c.applied, c.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<ApplyResult>>
+    async fn apply<S>(&mut self, mut entries: S) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        S: Stream<Item = std::io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
-        let entries: Vec<_> = entries.into_iter().collect();
-        self.apply_entries(entries).map_err(sm_write_err)
+        // Everything openraft hands over in one call is applied as one atomic write.
+        let mut batch = Vec::new();
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            batch.push(entry);
+            responders.push(responder);
+        }
+        let results = self.apply_now(batch).map_err(io_err)?;
+        for (responder, result) in responders.into_iter().zip(results) {
+            if let Some(r) = responder {
+                r.send(result);
+            }
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         // Copy the state now, between two applies, so the snapshot is exactly the state at
         // `applied`; serialising and writing it happens later, off the apply path.
         let cache = read_cache(&self.shared).clone();
-        let snapshot_id = format!(
-            "{}-{}",
-            cache.applied.map_or(0, |l| l.index),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-                .as_millis()
-        );
         let meta = SnapshotMeta {
             last_log_id: cache.applied,
             last_membership: cache.membership.clone(),
-            snapshot_id,
         };
         let entries = self.shared.scan_all();
         let (payload, error) = match entries {
@@ -687,24 +700,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> StorageResult<()> {
-        self.install(meta, snapshot.into_inner())
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
+        meta: &SnapshotMeta,
+        snapshot: Cursor<Vec<u8>>,
+    ) -> std::io::Result<()> {
+        self.install(meta, snapshot.into_inner()).map_err(io_err)
     }
 
-    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let stored = read_snapshot_file(&self.snapshot_path).map_err(sm_read_err)?;
+    async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
+        let stored = read_snapshot_file(&self.snapshot_path).map_err(io_err)?;
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+            snapshot: Cursor::new(s.data),
         }))
     }
 }

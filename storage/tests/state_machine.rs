@@ -2,13 +2,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use openraft::impls::leader_id_adv::LeaderId;
 use openraft::storage::RaftStateMachine;
-use openraft::{CommittedLeaderId, Entry, EntryPayload, RaftSnapshotBuilder};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
 use raftmap_storage::*;
 
-fn entry(index: u64, batches: Vec<Vec<Op>>) -> Entry<TypeConfig> {
+fn entry(index: u64, batches: Vec<Vec<Op>>) -> Entry {
     Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        log_id: LogId::new(
+            LeaderId {
+                term: 1,
+                node_id: 1,
+            },
+            index,
+        ),
         payload: EntryPayload::Normal(Proposal {
             batches: batches
                 .into_iter()
@@ -47,7 +54,7 @@ async fn batches_are_atomic_and_outcomes_are_per_batch() {
     let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
     let mut events = view.subscribe();
     let res = sm
-        .apply(vec![
+        .apply_entries(vec![
             entry(1, vec![vec![Op::DeclareMap(schema(3)), put(1, 1)]]),
             entry(
                 2,
@@ -138,13 +145,13 @@ async fn state_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (_log, mut sm, _view) = open(dir.path(), StoreOptions::default(), None).unwrap();
-        sm.apply(vec![entry(
+        sm.apply_entries(vec![entry(
             1,
             vec![vec![Op::DeclareMap(schema(10)), put(1, 1), put(2, 2)]],
         )])
         .await
         .unwrap();
-        sm.apply(vec![entry(
+        sm.apply_entries(vec![entry(
             2,
             vec![vec![Op::Delete {
                 map: "ct".into(),
@@ -167,7 +174,7 @@ async fn state_survives_reopen() {
 async fn snapshot_replaces_the_state_of_another_node() {
     let a_dir = tempfile::tempdir().unwrap();
     let (_la, mut a, _va) = open(a_dir.path(), StoreOptions::default(), None).unwrap();
-    a.apply(vec![entry(
+    a.apply_entries(vec![entry(
         1,
         vec![vec![Op::DeclareMap(schema(10)), put(1, 1), put(2, 2)]],
     )])
@@ -184,7 +191,7 @@ async fn snapshot_replaces_the_state_of_another_node() {
     // B holds a stale, different state.
     let b_dir = tempfile::tempdir().unwrap();
     let (_lb, mut b, vb) = open(b_dir.path(), StoreOptions::default(), None).unwrap();
-    b.apply(vec![entry(
+    b.apply_entries(vec![entry(
         1,
         vec![vec![Op::DeclareMap(schema(10)), put(9, 9)]],
     )])
