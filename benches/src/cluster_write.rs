@@ -117,7 +117,7 @@ fn scrape_counter(cluster: &LocalCluster, name: &str) -> Result<f64> {
         .into_iter()
         .map(|id| Ok(cluster.node(id)?.metrics_addr.clone()))
         .collect::<Result<Vec<_>>>()?;
-    raftmap_bench::scrape_counter(&addrs, name)
+    Ok(raftmap_bench::scrape_counter(&addrs, name)?)
 }
 
 #[tokio::main]

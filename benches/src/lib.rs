@@ -109,29 +109,7 @@ impl Floor {
     }
 }
 
-/// Sum of a counter (every labelled series of it) over the `/metrics` pages at `addrs`.
-pub fn scrape_counter(addrs: &[String], name: &str) -> Result<f64> {
-    let mut total = 0.0;
-    for addr in addrs {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        // `name value` or `name{labels} value`: every series of the family.
-        total += body
-            .lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix(name)?;
-                let rest = match rest.strip_prefix('{') {
-                    Some(r) => r.split_once("} ")?.1,
-                    None => rest.strip_prefix(' ')?,
-                };
-                rest.trim().parse::<f64>().ok()
-            })
-            .sum::<f64>();
-    }
-    Ok(total)
-}
+pub use raftmap_node::local_cluster::scrape_counter;
 
 /// CLOCK_MONOTONIC in nanoseconds: the same clock in every process on this machine, so a
 /// writer can stamp a value and another process can tell how old it is.

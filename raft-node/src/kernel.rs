@@ -5,7 +5,8 @@
 //!
 //! - **capture**: a periodic scan diffs the kernel map against the shadow; every difference is a
 //!   local change. It is recorded in the shadow and as *pending* (on its way through the log),
-//!   then proposed through group commit.
+//!   then proposed through group commit. A proposal that does not commit (no leader, a lost
+//!   answer) keeps its mark, and the next scan proposes the kernel's value again.
 //! - **apply** ([`ApplyHook`]): a committed change made elsewhere is written to the kernel map and
 //!   the shadow, unless the key has a pending local change (a newer local value must not be
 //!   overwritten by an older committed one; the local change commits after it). A committed
@@ -173,6 +174,9 @@ const SCAN_SLICE: usize = 512;
 /// of large maps take at most a tenth of the time.
 const SCAN_PAUSE_FACTOR: u32 = 9;
 
+/// How long after a proposal of captured changes failed to commit a scan proposes them again.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
 /// Most key and value bytes held for a map that is not reconciled yet; past that they are
 /// dropped and the map, once found, is filled from the committed state.
 const HELD_BYTES_CAP: usize = 256 << 20;
@@ -204,6 +208,10 @@ struct MapState {
     /// Captures known committed, by commit index: `(key, capture generation)`. Settling takes
     /// the due ones from the front instead of walking every pending mark.
     commits: BTreeMap<u64, Vec<(Vec<u8>, u64)>>,
+    /// Pending keys whose proposal did not commit (or is not known to have): the next scan
+    /// proposes the kernel's value again. The mark stays meanwhile, so that committed values
+    /// this node has yet to apply (it may lag behind the log) do not go over the local one.
+    retry: HashSet<Vec<u8>>,
     scanning: bool,
     touched: HashSet<Vec<u8>>,
     /// Scans done, for the occasional full look for deleted entries.
@@ -277,6 +285,7 @@ pub struct KernelMetrics {
     pub deferred: Family<Vec<(String, String)>, Counter>,
     pub apply_errors: Family<Vec<(String, String)>, Counter>,
     pub scan_repairs: Family<Vec<(String, String)>, Counter>,
+    pub uncommitted: Family<Vec<(String, String)>, Counter>,
     pub entries: Family<Vec<(String, String)>, Gauge>,
     pub ring_drops: Family<Vec<(String, String)>, Counter>,
     pub echoes: Family<Vec<(String, String)>, Counter>,
@@ -706,7 +715,7 @@ impl KernelSync {
     }
 
     async fn step(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         w: &Watched,
         view: &StateView,
@@ -862,6 +871,7 @@ impl KernelSync {
             }
             st.pending.clear();
             st.committed_while_pending.clear();
+            st.retry.clear();
             st.touched.clear();
             st.scanning = false;
             st.shadow = shadow_from(committed);
@@ -981,20 +991,20 @@ impl KernelSync {
 
     /// One scan: capture what changed in the kernel since the shadow.
     async fn scan(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         w: &Watched,
         view: &StateView,
         batcher: &Batcher,
     ) -> Result<()> {
-        let kmap = {
+        let (kmap, mut retry) = {
             let mut st = lock(&w.state);
             let Some(kmap) = st.kmap.clone() else {
                 return Ok(());
             };
             st.scanning = true;
             st.touched.clear();
-            kmap
+            (kmap, st.retry.clone())
         };
         // The walk runs without the lock, on a thread of its own at background priority: a
         // large map takes tens of milliseconds of syscalls (the kernel visits every bucket),
@@ -1037,7 +1047,9 @@ impl KernelSync {
                 for (k, v) in items.by_ref().take(SCAN_SLICE) {
                     let known = st.shadow.get(k);
                     found += usize::from(known.is_some());
-                    if known.map(Vec::as_slice) != Some(v) {
+                    // A proposal to try again: whatever the kernel holds now.
+                    let again = !retry.is_empty() && retry.remove(k);
+                    if known.map(Vec::as_slice) != Some(v) || again {
                         differ.push(KernelChange {
                             key: k.to_vec(),
                             value: Some(v.to_vec()),
@@ -1074,6 +1086,20 @@ impl KernelSync {
                         }),
                 );
             }
+            // Proposals to try again for keys now absent from the kernel: a delete (unless
+            // the deletion pass above found it already).
+            if !retry.is_empty() {
+                let listed: HashSet<&[u8]> = differ.iter().map(|c| c.key.as_slice()).collect();
+                let absent: Vec<Vec<u8>> = retry
+                    .into_iter()
+                    .filter(|k| !listed.contains(k.as_slice()))
+                    .collect();
+                differ.extend(
+                    absent
+                        .into_iter()
+                        .map(|key| KernelChange { key, value: None }),
+                );
+            }
             differ.retain(|c| !touched.contains(&c.key));
             differ.sort_by(|a, b| a.key.cmp(&b.key));
             let changes = self.mark_captured(&mut st, differ);
@@ -1087,7 +1113,10 @@ impl KernelSync {
             }
             changes
         };
-        self.propose(name, w, view, batcher, changes).await
+        // Not waiting for the outcomes: a scan's pause is a share of its own time, not of
+        // the time a proposal may wait for a leader.
+        self.propose_detached(name, view, batcher, changes).await;
+        Ok(())
     }
 
     /// Records captured changes in the shadow and marks them pending; returns them with their
@@ -1103,6 +1132,10 @@ impl KernelSync {
                 apply_to(&mut st.shadow, &c.key, c.value.as_deref());
                 if st.scanning {
                     st.touched.insert(c.key.clone());
+                }
+                // A new capture supersedes a proposal waiting to be tried again.
+                if !st.retry.is_empty() {
+                    st.retry.remove(&c.key);
                 }
                 let gen = self.gen.fetch_add(1, Ordering::Relaxed);
                 st.pending.insert(
@@ -1201,12 +1234,13 @@ impl KernelSync {
         view: &StateView,
         queued: Vec<(Vec<Captured>, Result<Ticket>)>,
     ) {
+        let mut retry = false;
         for (chunk, ticket) in queued {
             let res = match ticket {
                 Ok(t) => t.wait().await,
                 Err(e) => Err(e),
             };
-            let outcome = match res {
+            let refused = match res {
                 Ok(out) => match out.outcome {
                     BatchOutcome::Applied => {
                         // Committed at `out.index`: each key settles once the applier has
@@ -1236,8 +1270,23 @@ impl KernelSync {
                     false
                 }
             };
-            // Not committed (or not known to be). Read the committed values once everything the
-            // applier has seen is persisted, then end the marks.
+            // Not committed (or not known to be): a scan soon proposes the keys again.
+            if !refused {
+                let mut st = lock(&w.state);
+                for c in &chunk {
+                    if st.pending.get(&c.change.key).map(|m| m.gen) == Some(c.gen) {
+                        st.retry.insert(c.change.key.clone());
+                    }
+                }
+                self.metrics
+                    .uncommitted
+                    .get_or_create(&label(name))
+                    .inc_by(chunk.len() as u64);
+                retry = true;
+                continue;
+            }
+            // Refused: read the committed values once everything the applier has seen is
+            // persisted, then end the marks and undo the changes.
             view.wait_applied(
                 self.hooked_index.load(Ordering::Acquire),
                 Duration::from_secs(10),
@@ -1249,8 +1298,14 @@ impl KernelSync {
             }
             let mut st = lock(&w.state);
             for (c, view_value) in chunk.iter().zip(committed) {
-                self.settle_uncommitted(&mut st, name, c, view_value, outcome);
+                self.settle_refused(&mut st, name, c, view_value);
             }
+        }
+        if retry {
+            // Not at once: a leader may be on its way, and a write that failed at once
+            // (leader unreachable) would otherwise be retried in a tight loop.
+            tokio::time::sleep(RETRY_AFTER).await;
+            self.scan_now.notify_one();
         }
     }
 
@@ -1283,16 +1338,14 @@ impl KernelSync {
         }
     }
 
-    /// Ends the mark of a capture that did not commit, if it is still the key's latest one.
-    /// The shadow takes the committed value, so the next scan sees the kernel's value as a
-    /// change and proposes it again; a refused change is undone in the kernel.
-    fn settle_uncommitted(
+    /// Ends the mark of a change the cluster refused, if it is still the key's latest capture,
+    /// and undoes it in the kernel: the key goes back to its committed value.
+    fn settle_refused(
         &self,
         st: &mut MapState,
         name: &str,
         c: &Captured,
         view_value: std::result::Result<Option<Vec<u8>>, raftmap_storage::StorageError>,
-        refused: bool,
     ) {
         let key = &c.change.key;
         if st.pending.get(key).map(|m| m.gen) != Some(c.gen) {
@@ -1311,15 +1364,14 @@ impl KernelSync {
         };
         st.pending.remove(key);
         st.committed_while_pending.remove(key);
+        st.retry.remove(key);
         apply_to(&mut st.shadow, key, committed.as_deref());
-        if refused {
-            if st.scanning {
-                st.touched.insert(key.clone());
-            }
-            if let Some(kmap) = st.kmap.clone() {
-                if self.write_kernel(&kmap, key, committed.as_deref()).is_err() {
-                    Self::resync_key(st, &kmap, key);
-                }
+        if st.scanning {
+            st.touched.insert(key.clone());
+        }
+        if let Some(kmap) = st.kmap.clone() {
+            if self.write_kernel(&kmap, key, committed.as_deref()).is_err() {
+                Self::resync_key(st, &kmap, key);
             }
         }
     }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -318,6 +319,16 @@ impl LocalCluster {
             .ok_or_else(|| NodeError::NotFound(format!("no local node {id}")))
     }
 
+    /// Node `id`'s counter `name` (the sum of its labelled series) on its `/metrics` page.
+    pub fn counter(&self, id: NodeId, name: &str) -> std::io::Result<f64> {
+        let addr = self
+            .node(id)
+            .map_err(std::io::Error::other)?
+            .metrics_addr
+            .clone();
+        scrape_counter(&[addr], name)
+    }
+
     pub fn node_mut(&mut self, id: NodeId) -> Result<&mut LocalNode> {
         self.nodes
             .get_mut(&id)
@@ -609,4 +620,28 @@ impl Drop for LocalCluster {
             }
         }
     }
+}
+
+/// Sum of a counter (every labelled series of it) over the `/metrics` pages at `addrs`.
+pub fn scrape_counter(addrs: &[String], name: &str) -> std::io::Result<f64> {
+    let mut total = 0.0;
+    for addr in addrs {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        // `name value` or `name{labels} value`: every series of the family.
+        total += body
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let rest = match rest.strip_prefix('{') {
+                    Some(r) => r.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                rest.trim().parse::<f64>().ok()
+            })
+            .sum::<f64>();
+    }
+    Ok(total)
 }

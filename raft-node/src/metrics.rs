@@ -114,6 +114,11 @@ impl Metrics {
             kernel.apply_errors.clone(),
         );
         registry.register(
+            "kernel_uncommitted",
+            "Captured changes whose proposal did not commit (no leader, a lost answer); each is proposed again",
+            kernel.uncommitted.clone(),
+        );
+        registry.register(
             "kernel_scan_repairs",
             "Kernel map entries rewritten by reconciliation",
             kernel.scan_repairs.clone(),

@@ -479,6 +479,67 @@ async fn syscall_capture_replicates_without_waiting_for_a_scan() {
     assert_eq!(m.get(&k(6)), Some(&k(60)));
 }
 
+/// Waits until `cond` holds, or fails the test naming `what`.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {CONVERGE:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_write_that_could_not_commit_outlives_the_backlog_and_commits_later() {
+    if !bpf_or_skip("a_local_write_that_could_not_commit_outlives_the_backlog_and_commits_later") {
+        return;
+    }
+    let maps = NodeMaps::create("retry", &[1, 2, 3], 8, 8);
+    // Scans every ten minutes: the local write is captured from its event, and only the
+    // retry of its failed proposal can propose it again.
+    let args = maps
+        .args("ct")
+        .into_iter()
+        .map(|(n, mut a)| {
+            a[3] = "600000".into();
+            (n, a)
+        })
+        .collect();
+    let mut c = LocalCluster::start(opts(args), 3, 0, T).await.unwrap();
+    // Node 3 falls behind: key 1 takes values it does not apply.
+    c.pause(3).unwrap();
+    for v in 1..=20 {
+        maps.open(1).update(&k(1), &k(v), UpdateFlags::Any).unwrap();
+    }
+    let on_2 = maps.open(2);
+    wait_until("node 2 applies the last value", || {
+        on_2.lookup(&k(1)).ok().flatten() == Some(k(20))
+    })
+    .await;
+    // The others go down; node 3 comes back alone, and a program writes its map.
+    c.kill(1).unwrap();
+    c.kill(2).unwrap();
+    c.resume(3).unwrap();
+    maps.open(3)
+        .update(&k(1), &k(999), UpdateFlags::Any)
+        .unwrap();
+    wait_until("node 3 reports its write did not commit", || {
+        c.counter(3, "raftmap_kernel_uncommitted_total")
+            .is_ok_and(|n| n >= 1.0)
+    })
+    .await;
+    // The others come back, and node 3 applies the values it missed (older than its write).
+    c.restart(1).unwrap();
+    c.restart(2).unwrap();
+    c.wait_ready(1, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    let m = converge(&maps, &[1, 2, 3], &client, "after the others came back").await;
+    assert_eq!(
+        m.get(&k(1)),
+        Some(&k(999)),
+        "node 3's local write, made after the others' last commit, is the key's last value"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bpf_program_writes_replicate() {
     if !bpf_or_skip("bpf_program_writes_replicate") {
