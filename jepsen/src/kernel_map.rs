@@ -47,6 +47,16 @@ pub struct KernelMaps {
     /// Every map ever created (the sampler reads removed nodes' maps too); `maps` holds the
     /// members' only.
     all: Mutex<BTreeMap<NodeId, Arc<KernelMap>>>,
+    /// Once set, every node that joins gets a watch stream of its own.
+    joiners: Mutex<Option<Joiners>>,
+}
+
+/// The watch streams of the nodes that joined during the run.
+#[derive(Debug)]
+struct Joiners {
+    stop: Arc<AtomicBool>,
+    rec: Arc<Recorder>,
+    streams: Vec<tokio::task::JoinHandle<Stream>>,
 }
 
 impl KernelMaps {
@@ -59,6 +69,7 @@ impl KernelMaps {
             tag: format!("rj{:05}{}", std::process::id() % 100_000, run % 10),
             maps: Mutex::new(BTreeMap::new()),
             all: Mutex::new(BTreeMap::new()),
+            joiners: Mutex::new(None),
         }
     }
 
@@ -74,6 +85,25 @@ impl KernelMaps {
             .iter()
             .map(|(i, m)| (*i, m.clone()))
             .collect()
+    }
+
+    /// From now on, a node that joins gets a watch stream (until `stop`).
+    pub fn follow_joiners(&self, stop: Arc<AtomicBool>, rec: Arc<Recorder>) {
+        *self.joiners.lock().unwrap_or_else(|p| p.into_inner()) = Some(Joiners {
+            stop,
+            rec,
+            streams: Vec::new(),
+        });
+    }
+
+    /// The watch streams of the nodes that joined, to await once `stop` is set.
+    pub fn joiners(&self) -> Vec<tokio::task::JoinHandle<Stream>> {
+        self.joiners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .map(|j| std::mem::take(&mut j.streams))
+            .unwrap_or_default()
     }
 
     fn every(&self) -> Vec<(NodeId, Arc<KernelMap>)> {
@@ -103,10 +133,27 @@ impl NodeSetup for KernelMaps {
         ])
     }
 
-    /// From now on the writers write into the node's map too.
-    fn joined(&self, id: NodeId) {
+    /// From now on the writers write into the node's map too, and its committed changes are
+    /// recorded.
+    fn joined(&self, id: NodeId, api: &str) {
         if let Some(m) = Self::lock(&self.all).get(&id).cloned() {
             Self::lock(&self.maps).insert(id, m);
+        }
+        if let Some(j) = self
+            .joiners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            let (ready, _) = tokio::sync::oneshot::channel();
+            j.streams.push(tokio::spawn(observer(
+                id,
+                api.to_string(),
+                true,
+                j.stop.clone(),
+                ready,
+                j.rec.clone(),
+            )));
         }
     }
 
@@ -208,10 +255,13 @@ pub struct Stream {
 }
 
 /// Follows node `addr`'s committed changes to the map until `stop`, resuming after breaks
-/// (a kill, a snapshot install). Signals `ready` once connected the first time.
+/// (a kill, a snapshot install). Signals `ready` once connected the first time. `from_now`:
+/// the node joined during the run; its stream starts after what it holds when first reached
+/// (the other streams recorded how that came about).
 pub async fn observer(
     node: NodeId,
     addr: String,
+    from_now: bool,
     stop: Arc<AtomicBool>,
     ready: tokio::sync::oneshot::Sender<()>,
     rec: Arc<Recorder>,
@@ -223,7 +273,7 @@ pub async fn observer(
     let mut ready = Some(ready);
     let mut after = 0u64;
     // After a restart from the current contents: skip that dump (the first index received).
-    let mut skip_first = false;
+    let mut skip_first = from_now;
     while !stop.load(Ordering::SeqCst) {
         let Ok(ch) = raftmap_node::endpoint(&addr).map(|e| e.connect_lazy()) else {
             break;
@@ -473,7 +523,12 @@ pub fn check(
         .iter()
         .filter(|f| f.fault == Fault::Membership && f.error.is_none())
         .filter_map(|f| {
-            let n = f.what.strip_prefix("membership remove n")?.parse().ok()?;
+            let n = f.what.strip_prefix("membership remove n")?;
+            let n = n
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
             // Writes up to the end of the removal: the writers pick nodes until it is done.
             Some((n, f.end))
         })
@@ -572,8 +627,8 @@ pub fn check(
                 // transient local state, which the order does not cover (older committed
                 // values the node had yet to apply may go over it; it comes back when the node
                 // applies it). Committed elsewhere is not enough: a lagging node may hold it
-                // before its backlog. Nodes without a stream (added during the run) never
-                // show an own value the order checks.
+                // before its backlog. An entry the node's stream missed (it restarted from
+                // the node's contents) leaves the value out.
                 Some(v) if own(*v) => applied_at.get(&(node, *v)).is_some_and(|c| c <= t0),
                 Some(_) => true,
                 None => !own_delete(*t0, *t1),

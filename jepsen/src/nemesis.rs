@@ -118,8 +118,9 @@ impl Members {
 pub trait NodeSetup: Send + Sync + std::fmt::Debug {
     /// Before node `id` starts: its extra agent arguments.
     fn prepare(&self, id: NodeId) -> Result<Vec<String>, RunError>;
-    /// Node `id` is a member (it started with the cluster, or joined).
-    fn joined(&self, id: NodeId);
+    /// Node `id`, serving its API at `api`, is a member (it started with the cluster, or
+    /// joined).
+    fn joined(&self, id: NodeId, api: &str);
     /// Node `id` left the cluster, or never made it in.
     fn removed(&self, id: NodeId);
 }
@@ -132,7 +133,7 @@ impl NodeSetup for NoSetup {
     fn prepare(&self, _: NodeId) -> Result<Vec<String>, RunError> {
         Ok(Vec::new())
     }
-    fn joined(&self, _: NodeId) {}
+    fn joined(&self, _: NodeId, _: &str) {}
     fn removed(&self, _: NodeId) {}
 }
 
@@ -252,6 +253,8 @@ pub struct Nemesis<'a> {
     next_id: NodeId,
     active: Vec<Active>,
     log: Vec<FaultWindow>,
+    /// Members whose removal was asked for without an answer: it may have happened.
+    unsure: Vec<NodeId>,
 }
 
 impl<'a> Nemesis<'a> {
@@ -275,6 +278,7 @@ impl<'a> Nemesis<'a> {
             start,
             active: Vec::new(),
             log: Vec::new(),
+            unsure: Vec::new(),
         }
     }
 
@@ -318,7 +322,78 @@ impl<'a> Nemesis<'a> {
             self.end(a)?;
         }
         tokio::time::sleep_until(deadline.into()).await;
+        // Removals left in doubt: the healed cluster says whether they happened.
+        let mut unsure = std::mem::take(&mut self.unsure);
+        unsure.sort_unstable();
+        unsure.dedup();
+        // (A later request may have removed it for certain.)
+        unsure.retain(|v| self.members.ids().contains(v));
+        for victim in unsure {
+            let start = self.now();
+            if self.is_member(victim, Duration::from_secs(10)).await == Some(false) {
+                self.forget(victim)?;
+                self.log.push(FaultWindow {
+                    fault: Fault::Membership,
+                    what: format!(
+                        "membership remove n{victim} (unanswered earlier; found removed)"
+                    ),
+                    start,
+                    end: self.now(),
+                    error: None,
+                });
+            }
+        }
         Ok(self.log)
+    }
+
+    /// Whether the cluster's leader counts `id` among its members (voter or learner), asked
+    /// until `within` passes: two answers in a row from the same leader must agree. `None`:
+    /// no leader answered.
+    async fn is_member(&self, id: NodeId, within: Duration) -> Option<bool> {
+        let deadline = Instant::now() + within;
+        let mut last: Option<(NodeId, bool)> = None;
+        while Instant::now() < deadline {
+            for via in self.free_nodes() {
+                let Some(r) = self.members_seen_by(via).await else {
+                    continue;
+                };
+                if !r.has_leader {
+                    continue;
+                }
+                let Some(l) = self.members_seen_by(r.leader_id).await else {
+                    continue;
+                };
+                if l.has_leader && l.leader_id == r.leader_id {
+                    let now = (l.leader_id, l.members.iter().any(|m| m.node_id == id));
+                    if last == Some(now) {
+                        return Some(now.1);
+                    }
+                    last = Some(now);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        None
+    }
+
+    /// Node `via`'s own view of the membership, if it answers within a second.
+    async fn members_seen_by(&self, via: NodeId) -> Option<pb::MembersResponse> {
+        let client = self.cluster.client(via).await.ok()?;
+        let mut admin = client.admin();
+        let call = admin.members(pb::MembersRequest {});
+        match tokio::time::timeout(Duration::from_secs(1), call).await {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }
+
+    /// A node out of the cluster: stop it, and send no more work its way.
+    fn forget(&mut self, id: NodeId) -> Result<(), RunError> {
+        self.members.remove(id);
+        self.setup.removed(id);
+        self.cluster.kill(id)?;
+        Ok(())
     }
 
     fn quiet(&mut self) -> Duration {
@@ -474,8 +549,8 @@ impl<'a> Nemesis<'a> {
                 self.setup.removed(id);
                 return Ok((what, Some(first_line(&e.to_string()))));
             }
-            self.setup.joined(id);
             let api = self.cluster.node(id)?.api_addr.clone();
+            self.setup.joined(id, &api);
             let promoted = admin_call(self.cluster, via, within, |mut a| async move {
                 a.promote(pb::PromoteRequest {
                     node_id: id,
@@ -506,13 +581,24 @@ impl<'a> Nemesis<'a> {
                     .map(|_| ())
             })
             .await;
-            if removed.is_ok() {
-                // Out of the cluster: stop it, and send no more work its way.
-                self.members.remove(victim);
-                self.setup.removed(victim);
-                self.cluster.kill(victim)?;
+            match removed {
+                Ok(()) => {
+                    self.forget(victim)?;
+                    Ok((what, None))
+                }
+                // Unanswered or refused: the removal may still have been committed (a lost
+                // answer, a leader that changed after appending it). Ask the leader.
+                Err(e) => match self.is_member(victim, Duration::from_secs(3)).await {
+                    Some(false) => {
+                        self.forget(victim)?;
+                        Ok((format!("{what} ({e}; found removed)"), None))
+                    }
+                    _ => {
+                        self.unsure.push(victim);
+                        Ok((what, Some(e)))
+                    }
+                },
             }
-            Ok((what, removed.err()))
         }
     }
 }

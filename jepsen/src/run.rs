@@ -450,7 +450,7 @@ async fn drive(
 ) -> Result<Report, RunError> {
     let ids = cluster.ids();
     for &id in &ids {
-        setup.joined(id);
+        setup.joined(id, &cluster.node(id)?.api_addr);
     }
     if kernel.is_some() {
         // The nodes declare the map from their kernel maps' layout.
@@ -481,6 +481,7 @@ async fn drive(
             observers.push(tokio::spawn(kernel_map::observer(
                 id,
                 addr,
+                false,
                 stop.clone(),
                 tx,
                 rec.clone(),
@@ -490,6 +491,8 @@ async fn drive(
                 .map_err(|_| RunError::Config(format!("node {id} did not start a watch")))?
                 .map_err(|_| RunError::Config(format!("node {id}'s watch ended")))?;
         }
+        // Nodes that join later get a stream too, from the moment they join.
+        maps.follow_joiners(stop.clone(), rec.clone());
         sampler = Some(tokio::spawn(kernel_map::sampler(
             maps.clone(),
             cfg.keys,
@@ -536,7 +539,7 @@ async fn drive(
             None => Default::default(),
         };
         let mut streams = Vec::new();
-        for o in observers {
+        for o in observers.into_iter().chain(maps.joiners()) {
             if let Ok(s) = o.await {
                 streams.push(s);
             }
