@@ -41,6 +41,11 @@ impl NodeMaps {
     }
 
     fn args(&self, map: &str) -> BTreeMap<u64, Vec<String>> {
+        self.args_scanning(map, Duration::from_millis(20))
+    }
+
+    /// Agent arguments watching each node's map, scanning it every `every`.
+    fn args_scanning(&self, map: &str, every: Duration) -> BTreeMap<u64, Vec<String>> {
         self.pins
             .iter()
             .map(|(n, p)| {
@@ -50,7 +55,7 @@ impl NodeMaps {
                         "--watch".to_string(),
                         format!("{map}={}", p.display()),
                         "--scan-interval-ms".into(),
-                        "20".into(),
+                        every.as_millis().to_string(),
                     ],
                 )
             })
@@ -416,14 +421,7 @@ async fn syscall_capture_replicates_without_waiting_for_a_scan() {
     }
     let maps = NodeMaps::create("events", &[1, 2, 3], 8, 8);
     // Scans every ten minutes: only event-driven capture can carry these changes in time.
-    let args = maps
-        .args("ct")
-        .into_iter()
-        .map(|(n, mut a)| {
-            a[3] = "600000".into();
-            (n, a)
-        })
-        .collect();
+    let args = maps.args_scanning("ct", Duration::from_secs(600));
     let c = LocalCluster::start(opts(args), 3, 0, T).await.unwrap();
     let client = c.client(1).await.unwrap();
     let st = c.client(2).await.unwrap().status().await.unwrap();
@@ -496,14 +494,7 @@ async fn a_local_write_that_could_not_commit_outlives_the_backlog_and_commits_la
     let maps = NodeMaps::create("retry", &[1, 2, 3], 8, 8);
     // Scans every ten minutes: the local write is captured from its event, and only the
     // retry of its failed proposal can propose it again.
-    let args = maps
-        .args("ct")
-        .into_iter()
-        .map(|(n, mut a)| {
-            a[3] = "600000".into();
-            (n, a)
-        })
-        .collect();
+    let args = maps.args_scanning("ct", Duration::from_secs(600));
     let mut c = LocalCluster::start(opts(args), 3, 0, T).await.unwrap();
     // Node 3 falls behind: key 1 takes values it does not apply.
     c.pause(3).unwrap();
