@@ -363,6 +363,8 @@ pub struct KernelMapResult {
     pub divergent_indexes: Vec<u64>,
     /// Every member's kernel map equals the committed contents after healing.
     pub converged: bool,
+    /// Members whose kernel map still differed from the committed contents at the end.
+    pub unconverged: Vec<NodeId>,
     pub final_entries: usize,
     /// Values written into a kernel map that never entered the log, without excuse.
     pub lost: Vec<(NodeId, u64, i64)>,
@@ -384,10 +386,22 @@ pub struct KernelMapResult {
 }
 
 /// The raw observations behind a kernel-map verdict.
-#[derive(Debug, Default, Serialize)]
+#[derive(Default, Serialize)]
 pub struct Evidence {
     pub samples: BTreeMap<String, Vec<(u64, u64, Value)>>,
     pub committed: BTreeMap<u64, Vec<Value>>,
+}
+
+/// A summary: the whole of it is in `kernel-evidence.json`, not in a failure message.
+impl std::fmt::Debug for Evidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Evidence {{ {} sampled series, {} keys committed }}",
+            self.samples.len(),
+            self.committed.len()
+        )
+    }
 }
 
 impl KernelMapResult {
@@ -400,13 +414,14 @@ impl KernelMapResult {
 }
 
 /// Waits until every current member's kernel map equals the committed contents read through
-/// one of them (linearizably).
+/// one of them (linearizably). Returns the members whose map still differs (none: converged)
+/// and the committed entries.
 pub async fn converge(
     cluster: &LocalCluster,
     members: &Members,
     maps: &KernelMaps,
     within: Duration,
-) -> (bool, usize) {
+) -> (Vec<NodeId>, usize) {
     let deadline = Instant::now() + within;
     loop {
         let mut committed: Option<HashMap<Vec<u8>, Vec<u8>>> = None;
@@ -420,17 +435,19 @@ pub async fn converge(
                 }
             }
         }
-        if let Some(c) = &committed {
-            let same = maps
-                .current()
-                .iter()
-                .all(|(_, m)| m.entries().is_ok_and(|e| e == *c));
-            if same {
-                return (true, c.len());
-            }
-        }
-        if Instant::now() > deadline {
-            return (false, committed.map_or(0, |c| c.len()));
+        let differ: Vec<NodeId> = maps
+            .current()
+            .iter()
+            .filter(|(_, m)| {
+                committed
+                    .as_ref()
+                    .is_none_or(|c| !m.entries().is_ok_and(|e| e == *c))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let entries = committed.map_or(0, |c| c.len());
+        if differ.is_empty() || Instant::now() > deadline {
+            return (differ, entries);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -181,6 +181,12 @@ async fn main() -> Result<()> {
             k.stream_gaps
         );
     }
+    if let Some(k) = report.kernel.as_ref().filter(|k| !k.unconverged.is_empty()) {
+        println!(
+            "kernel maps still differing from the committed contents: nodes {:?}",
+            k.unconverged
+        );
+    }
     if !report.valid {
         println!("INVALID");
         std::process::exit(1);

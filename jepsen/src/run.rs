@@ -531,7 +531,7 @@ async fn drive(
     }
     let mut kernel_result = None;
     if let Some(maps) = &kernel {
-        let converged =
+        let (unconverged, entries) =
             kernel_map::converge(cluster, &members, maps, Duration::from_secs(30)).await;
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         let samples = match sampler {
@@ -545,9 +545,15 @@ async fn drive(
             }
         }
         let history = rec.take();
-        kernel_result = Some(kernel_map::check(
-            &history, &samples, &streams, &fault_log, converged,
-        ));
+        let mut result = kernel_map::check(
+            &history,
+            &samples,
+            &streams,
+            &fault_log,
+            (unconverged.is_empty(), entries),
+        );
+        result.unconverged = unconverged;
+        kernel_result = Some(result);
         rec.events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
