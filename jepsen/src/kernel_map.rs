@@ -363,8 +363,11 @@ pub struct KernelMapResult {
     pub divergent_indexes: Vec<u64>,
     /// Every member's kernel map equals the committed contents after healing.
     pub converged: bool,
-    /// Members whose kernel map still differed from the committed contents at the end.
+    /// Members whose kernel map still differed from the committed contents at the end, and
+    /// what each of them and the others said of themselves then (role, term, indexes,
+    /// membership).
     pub unconverged: Vec<NodeId>,
+    pub statuses: Vec<String>,
     pub final_entries: usize,
     /// Values written into a kernel map that never entered the log, without excuse.
     pub lost: Vec<(NodeId, u64, i64)>,

@@ -186,6 +186,9 @@ async fn main() -> Result<()> {
             "kernel maps still differing from the committed contents: nodes {:?}",
             k.unconverged
         );
+        for s in &k.statuses {
+            println!("  {s}");
+        }
     }
     if !report.valid {
         println!("INVALID");

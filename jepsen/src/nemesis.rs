@@ -346,9 +346,10 @@ impl<'a> Nemesis<'a> {
         Ok(self.log)
     }
 
-    /// Whether the cluster's leader counts `id` among its members (voter or learner), asked
-    /// until `within` passes: two answers in a row from the same leader must agree. `None`:
-    /// no leader answered.
+    /// Whether the cluster's leader counts `id` among its members (voter or learner). Gone is
+    /// final once two answers in a row from the same leader say so; still there is only the
+    /// last answer when `within` has passed (a change in flight lists the node until its
+    /// last step commits). `None`: no leader answered.
     async fn is_member(&self, id: NodeId, within: Duration) -> Option<bool> {
         let deadline = Instant::now() + within;
         let mut last: Option<(NodeId, bool)> = None;
@@ -365,8 +366,8 @@ impl<'a> Nemesis<'a> {
                 };
                 if l.has_leader && l.leader_id == r.leader_id {
                     let now = (l.leader_id, l.members.iter().any(|m| m.node_id == id));
-                    if last == Some(now) {
-                        return Some(now.1);
+                    if last == Some(now) && !now.1 {
+                        return Some(false);
                     }
                     last = Some(now);
                     break;
@@ -374,7 +375,7 @@ impl<'a> Nemesis<'a> {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        None
+        last.map(|(_, member)| member)
     }
 
     /// Node `via`'s own view of the membership, if it answers within a second.
