@@ -456,6 +456,32 @@ pub async fn converge(
     }
 }
 
+/// What each of `ids` says of itself: role, term, indexes, membership, watched maps.
+pub async fn statuses(cluster: &LocalCluster, ids: &[NodeId]) -> Vec<String> {
+    let mut out = Vec::new();
+    for &id in ids {
+        let status = match cluster.client(id).await {
+            Ok(c) => match tokio::time::timeout(Duration::from_secs(1), c.status()).await {
+                Ok(Ok(s)) => format!(
+                    "n{id}: {} of term {}, leader {}, log {} committed {} applied {}, members {:?}, watched {:?}",
+                    s.role,
+                    s.term,
+                    s.leader_id,
+                    s.last_log_index,
+                    s.committed_index,
+                    s.applied_index,
+                    s.members.iter().map(|m| (m.node_id, m.voter)).collect::<Vec<_>>(),
+                    s.watched.iter().map(|w| &w.state).collect::<Vec<_>>()
+                ),
+                other => format!("n{id}: no status ({other:?})"),
+            },
+            Err(e) => format!("n{id}: unreachable ({e})"),
+        };
+        out.push(status);
+    }
+    out
+}
+
 /// Is `seen` a subsequence of `order`? If not, the first element of `seen` that cannot be
 /// matched.
 fn subsequence<T: PartialEq + Copy>(seen: &[T], order: &[T]) -> Result<(), T> {
@@ -477,10 +503,11 @@ pub fn check(
     samples: &Samples,
     streams: &[Stream],
     faults: &[FaultWindow],
-    converged: (bool, usize),
+    converged: (Vec<NodeId>, usize),
 ) -> KernelMapResult {
     let mut r = KernelMapResult {
-        converged: converged.0,
+        converged: converged.0.is_empty(),
+        unconverged: converged.0,
         final_entries: converged.1,
         stream_gaps: streams.iter().map(|s| s.gaps).sum(),
         ..Default::default()
@@ -749,7 +776,7 @@ mod tests {
             (1, 1),
             vec![(0, 0, None), (1, 1, Some(10)), (3, 3, Some(12))],
         );
-        let r = check(&history, &samples, &streams, &[], (true, 1));
+        let r = check(&history, &samples, &streams, &[], (vec![], 1));
         assert_eq!(r.lost, vec![(2, 1, 11)]);
         assert!(!r.valid());
         // Replaced by 12, committed after 11 was written: superseded, not lost.
@@ -758,7 +785,7 @@ mod tests {
             (2, 1),
             vec![(0, 0, None), (2, 2, Some(11)), (9, 9, Some(12))],
         );
-        let r = check(&history, &later, &streams, &[], (true, 1));
+        let r = check(&history, &later, &streams, &[], (vec![], 1));
         assert!(r.valid(), "{r:?}");
         assert_eq!(r.superseded, 1);
         // Deleted by a delete committed after it: superseded too.
@@ -768,7 +795,7 @@ mod tests {
         }];
         later.insert((2, 1), vec![(0, 0, None), (2, 2, Some(11)), (9, 9, None)]);
         later.insert((1, 1), vec![(0, 0, None), (1, 1, Some(10)), (6, 6, None)]);
-        let r = check(&history[..2], &later, &deleted, &[], (true, 1));
+        let r = check(&history[..2], &later, &deleted, &[], (vec![], 1));
         assert!(r.valid(), "{r:?}");
         assert_eq!(r.superseded, 1);
         // Node 2 was removed after writing 11: its local state went with it.
@@ -777,20 +804,20 @@ mod tests {
             &samples,
             &streams,
             &[window("membership remove n2", 5)],
-            (true, 1),
+            (vec![], 1),
         );
         assert!(r.valid(), "{r:?}");
         assert_eq!(r.coalesced, 1);
         // Or node 2 wrote again before capturing 11: coalesced, and 11 is a local state only.
         history.push(ok(2, 1, Func::Write(12), 4));
-        let r = check(&history, &samples, &streams, &[], (true, 1));
+        let r = check(&history, &samples, &streams, &[], (vec![], 1));
         assert!(r.valid(), "{r:?}");
         // A node that shows the log's values backwards is caught.
         samples.insert(
             (3, 1),
             vec![(0, 0, None), (7, 7, Some(12)), (8, 8, Some(10))],
         );
-        let r = check(&history, &samples, &streams, &[], (true, 1));
+        let r = check(&history, &samples, &streams, &[], (vec![], 1));
         assert_eq!(r.out_of_order.len(), 1);
         assert!(
             r.out_of_order[0].2.starts_with("10 after [absent, 12]"),
@@ -813,7 +840,7 @@ mod tests {
             changes: vec![(5, 1, Some(10), 9), (6, 1, Some(12), 9)],
             ..Default::default()
         }];
-        let r = check(&h2, &samples, &streams, &[], (true, 1));
+        let r = check(&h2, &samples, &streams, &[], (vec![], 1));
         assert!(r.out_of_order.is_empty(), "{r:?}");
     }
 
@@ -827,7 +854,7 @@ mod tests {
             changes: vec![(5, 1, Some(11), 0)],
             ..Default::default()
         };
-        let r = check(&[], &Samples::new(), &[a, b], &[], (true, 0));
+        let r = check(&[], &Samples::new(), &[a, b], &[], (vec![], 0));
         assert_eq!(r.divergent_indexes, vec![5]);
     }
 
@@ -844,13 +871,13 @@ mod tests {
             ..Default::default()
         };
         for streams in [[whole.clone(), cut.clone()], [cut.clone(), whole.clone()]] {
-            let r = check(&[], &Samples::new(), &streams, &[], (true, 0));
+            let r = check(&[], &Samples::new(), &streams, &[], (vec![], 0));
             assert!(r.divergent_indexes.is_empty(), "{r:?}");
             assert_eq!(r.committed_changes, 3, "{r:?}");
             assert_eq!(r.evidence.committed[&2], vec![None, Some(20)]);
         }
         // Only the cut copy: what arrived of the index is committed and counts.
-        let r = check(&[], &Samples::new(), &[cut], &[], (true, 0));
+        let r = check(&[], &Samples::new(), &[cut], &[], (vec![], 0));
         assert_eq!(r.evidence.committed[&1], vec![None, Some(9), Some(10)]);
         // A cut copy that is not a prefix of the whole one is a divergence.
         let other = Stream {
@@ -858,7 +885,7 @@ mod tests {
             cut: BTreeSet::from([5]),
             ..Default::default()
         };
-        let r = check(&[], &Samples::new(), &[whole, other], &[], (true, 0));
+        let r = check(&[], &Samples::new(), &[whole, other], &[], (vec![], 0));
         assert_eq!(r.divergent_indexes, vec![5]);
     }
 
@@ -889,14 +916,14 @@ mod tests {
                 (8, 8, Some(7)),
             ],
         );
-        let r = check(&history, &samples, &streams, &[], (true, 1));
+        let r = check(&history, &samples, &streams, &[], (vec![], 1));
         assert!(r.valid(), "{r:?}");
         // Once node 2 has applied 7, going back to 3 leaves the log's order.
         samples.insert(
             (2, 1),
             vec![(0, 0, None), (9, 9, Some(7)), (10, 10, Some(3))],
         );
-        let r = check(&history, &samples, &streams, &[], (true, 1));
+        let r = check(&history, &samples, &streams, &[], (vec![], 1));
         assert_eq!(r.out_of_order.len(), 1, "{r:?}");
         assert!(r.out_of_order[0].2.starts_with("3 after ["), "{r:?}");
     }

@@ -550,32 +550,11 @@ async fn drive(
             &samples,
             &streams,
             &fault_log,
-            (unconverged.is_empty(), entries),
+            (unconverged, entries),
         );
-        if !unconverged.is_empty() {
-            for id in members.ids() {
-                let status = match cluster.client(id).await {
-                    Ok(c) => match tokio::time::timeout(Duration::from_secs(1), c.status()).await
-                    {
-                        Ok(Ok(s)) => format!(
-                            "n{id}: {} of term {}, leader {}, log {} committed {} applied {}, members {:?}, watched {:?}",
-                            s.role,
-                            s.term,
-                            s.leader_id,
-                            s.last_log_index,
-                            s.committed_index,
-                            s.applied_index,
-                            s.members.iter().map(|m| (m.node_id, m.voter)).collect::<Vec<_>>(),
-                            s.watched.iter().map(|w| &w.state).collect::<Vec<_>>()
-                        ),
-                        other => format!("n{id}: no status ({other:?})"),
-                    },
-                    Err(e) => format!("n{id}: unreachable ({e})"),
-                };
-                result.statuses.push(status);
-            }
+        if !result.converged {
+            result.statuses = kernel_map::statuses(cluster, &members.ids()).await;
         }
-        result.unconverged = unconverged;
         kernel_result = Some(result);
         rec.events
             .lock()
