@@ -2,7 +2,7 @@
 //! integration tests and the fault-injection harness all run nodes this way. Every process is
 //! killed when the [`LocalCluster`] is dropped, including on panic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -55,22 +55,39 @@ pub struct ClusterOptions {
 }
 
 /// The test network: a bridge in the caller's namespace, one namespace per node.
+///
+/// Names and subnets are unique for the life of the machine: a random tag checked to be free
+/// (no link, namespace or registry entry uses it), and a /24 no interface holds an address in.
+/// Both are taken under a machine-wide lock, and each live network is registered under
+/// [`REGISTRY`] with its creator's pid: a network whose creator died without cleaning up (a
+/// SIGKILLed harness) is removed by the next one that starts.
 #[derive(Debug)]
 struct Netns {
-    /// Short unique prefix for interface and namespace names (at most 15 bytes with suffixes).
+    /// Unique prefix for interface and namespace names: `rm` and 8 hex digits, so that the
+    /// longest interface name (`{tag}h{id}`, ids below 10,000) fits in 15 bytes.
     tag: String,
-    /// Third octet of the test subnet 10.201.X.0/24.
-    subnet: u8,
+    /// The test subnet 10.A.B.0/24 as (A, B).
+    subnet: (u8, u8),
     nodes: Vec<NodeId>,
+}
+
+/// Where live test networks are registered (one file per tag, holding the creator's identity).
+const REGISTRY: &str = "/run/raftmap-test-net";
+
+/// How long cleanup waits for the kernel to release a network's interfaces.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+fn net_error(what: impl std::fmt::Display) -> NodeError {
+    NodeError::Internal(format!("test network: {what}"))
 }
 
 fn run_ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| NodeError::Internal(format!("running ip: {e}")))?;
+        .map_err(|e| net_error(format!("running ip: {e}")))?;
     if !out.status.success() {
-        return Err(NodeError::Internal(format!(
+        return Err(net_error(format!(
             "ip {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
@@ -79,30 +96,155 @@ fn run_ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A process's identity that survives pid reuse: its pid and its start time (field 22 of
+/// `/proc/PID/stat`, after the parenthesised command name).
+fn process_identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let start = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+/// Names of the network interfaces in this namespace.
+fn links() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Names of the named network namespaces.
+fn namespaces() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The (A, B) of every 10.A.B.0/24 that an interface of this namespace has an address in.
+fn subnets_in_use() -> Result<HashSet<(u8, u8)>> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .map_err(|e| net_error(format!("running ip: {e}")))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| {
+            let mut o = w.split('/').next()?.split('.');
+            (o.next()? == "10").then_some(())?;
+            Some((o.next()?.parse().ok()?, o.next()?.parse().ok()?))
+        })
+        .collect())
+}
+
+/// Removes whatever a test network with this tag left: its namespaces, its interfaces (a
+/// veth's host side takes its peer with it) and its registry entry; then waits until the
+/// kernel has released the names.
+fn remove_network(tag: &str) {
+    let mine = |name: &str| {
+        name.strip_prefix(tag)
+            .is_some_and(|rest| rest.starts_with(['b', 'h', 'n', '-']))
+    };
+    for link in links().into_iter().filter(|l| mine(l)) {
+        let _ = run_ip(&["link", "del", &link]);
+    }
+    for ns in namespaces().into_iter().filter(|n| mine(n)) {
+        let _ = run_ip(&["netns", "del", &ns]);
+    }
+    let deadline = Instant::now() + RELEASE_WAIT;
+    while links().iter().any(|l| mine(l)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(Path::new(REGISTRY).join(tag));
+}
+
 impl Netns {
     fn new() -> Result<Self> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static COUNT: AtomicU32 = AtomicU32::new(0);
-        let n = COUNT.fetch_add(1, Ordering::SeqCst);
-        let pid = std::process::id();
-        let tag = format!("rm{}{}", pid % 10_000, n % 10);
-        let subnet = ((pid.wrapping_mul(7).wrapping_add(n)) % 250 + 1) as u8;
+        use rand::Rng;
+        std::fs::create_dir_all(REGISTRY).map_err(|e| net_error(format!("{REGISTRY}: {e}")))?;
+        let lock = File::create(Path::new(REGISTRY).join(".lock"))
+            .map_err(|e| net_error(format!("{REGISTRY}/.lock: {e}")))?;
+        // Held until this function returns: tags and subnets are checked and taken atomically
+        // with respect to every other process doing the same.
+        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| net_error(format!("locking {REGISTRY}/.lock: {e}")))?;
+        Self::sweep();
+        let (links, namespaces) = (links(), namespaces());
+        let registered: HashSet<String> = std::fs::read_dir(REGISTRY)
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut rng = rand::thread_rng();
+        let tag = (0..1000)
+            .map(|_| format!("rm{:08x}", rng.gen::<u32>()))
+            .find(|t| {
+                !registered.contains(t)
+                    && !links.iter().chain(&namespaces).any(|n| n.starts_with(t))
+            })
+            .ok_or_else(|| net_error("no free interface name"))?;
+        let used = subnets_in_use()?;
+        let free: Vec<(u8, u8)> = (201..=209u8)
+            .flat_map(|a| (1..=254u8).map(move |b| (a, b)))
+            .filter(|s| !used.contains(s))
+            .collect();
+        let subnet = *free
+            .get(rng.gen_range(0..free.len().max(1)))
+            .ok_or_else(|| net_error("no free subnet in 10.201-209.0.0/16"))?;
+        let me = process_identity(std::process::id())
+            .ok_or_else(|| net_error("cannot read this process's start time"))?;
+        std::fs::write(Path::new(REGISTRY).join(&tag), me)
+            .map_err(|e| net_error(format!("registering {tag}: {e}")))?;
         let net = Self {
             tag,
             subnet,
             nodes: Vec::new(),
         };
+        // From here on, dropping `net` removes whatever was made.
         let bridge = net.bridge();
         run_ip(&["link", "add", &bridge, "type", "bridge"])?;
         run_ip(&[
             "addr",
             "add",
-            &format!("10.201.{subnet}.1/24"),
+            &format!("{}.1/24", net.prefix()),
             "dev",
             &bridge,
         ])?;
         run_ip(&["link", "set", &bridge, "up"])?;
         Ok(net)
+    }
+
+    /// Removes the networks of registered creators that are gone.
+    fn sweep() {
+        let Ok(dir) = std::fs::read_dir(REGISTRY) else {
+            return;
+        };
+        for entry in dir.filter_map(std::result::Result::ok) {
+            let Ok(tag) = entry.file_name().into_string() else {
+                continue;
+            };
+            if tag.starts_with('.') {
+                continue;
+            }
+            let owner = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let alive = owner
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u32>().ok())
+                .and_then(process_identity)
+                .is_some_and(|now| now == owner.trim());
+            if !alive {
+                remove_network(&tag);
+            }
+        }
+    }
+
+    fn prefix(&self) -> String {
+        format!("10.{}.{}", self.subnet.0, self.subnet.1)
     }
 
     fn bridge(&self) -> String {
@@ -114,10 +256,15 @@ impl Netns {
     }
 
     fn ip(&self, id: NodeId) -> String {
-        format!("10.201.{}.{}", self.subnet, 10 + id)
+        format!("{}.{}", self.prefix(), 10 + id)
     }
 
     fn add_node(&mut self, id: NodeId) -> Result<()> {
+        if id >= 240 {
+            return Err(net_error(format!(
+                "node id {id}: test networks hold node ids below 240"
+            )));
+        }
         let (ns, host, inner) = (
             self.ns(id),
             format!("{}h{id}", self.tag),
@@ -178,9 +325,9 @@ impl Netns {
             }
             child.wait_with_output()
         })()
-        .map_err(|e| NodeError::Internal(format!("running nft: {e}")))?;
+        .map_err(|e| net_error(format!("running nft: {e}")))?;
         if !out.status.success() {
-            return Err(NodeError::Internal(format!(
+            return Err(net_error(format!(
                 "nft in {ns}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
@@ -191,10 +338,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        for id in &self.nodes {
-            let _ = run_ip(&["netns", "del", &self.ns(*id)]);
-        }
-        let _ = run_ip(&["link", "del", &self.bridge()]);
+        remove_network(&self.tag);
     }
 }
 
@@ -399,15 +543,18 @@ impl LocalCluster {
         let log2 = log
             .try_clone()
             .map_err(|e| NodeError::Internal(format!("{}: {e}", log_path.display())))?;
+        // `ip netns exec` and `setpriv` exec what follows them: the child's pid is the agent's.
+        // The agent gets SIGKILL when the thread that started it ends, so a harness that is
+        // killed leaves no agent behind.
         let mut cmd = match &self.net {
             Some(net) => {
                 let mut c = Command::new("ip");
-                // `ip netns exec` execs the binary: the child's pid is the agent's.
-                c.args(["netns", "exec", &net.ns(id)]).arg(&opts.bin);
+                c.args(["netns", "exec", &net.ns(id), "setpriv"]);
                 c
             }
-            None => Command::new(&opts.bin),
+            None => Command::new("setpriv"),
         };
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(&opts.bin);
         let node = self.node_mut(id)?;
         let child = cmd
             .arg("agent")
