@@ -577,7 +577,10 @@ impl<'a> Nemesis<'a> {
                 .unwrap_or(victim);
             let what = format!("membership remove n{victim}");
             let removed = admin_call(self.cluster, via, within, |mut a| async move {
-                a.remove(pb::RemoveRequest { node_id: victim })
+                a.remove(pb::RemoveRequest {
+                    node_id: victim,
+                    force: false,
+                })
                     .await
                     .map(|_| ())
             })

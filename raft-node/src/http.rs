@@ -18,6 +18,7 @@ pub(crate) async fn serve(
 ) {
     let metrics = shared.clone();
     let ready = shared.clone();
+    let health = shared.clone();
     let app = Router::new()
         .route(
             "/metrics",
@@ -34,7 +35,22 @@ pub(crate) async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let s = health.clone();
+                async move {
+                    match s.fatal.borrow().clone() {
+                        None => (StatusCode::OK, "ok\n".to_string()).into_response(),
+                        Some(reason) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("failed: {reason}\n"),
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

@@ -80,12 +80,14 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity
             if node_id == 0 {
                 return Err(err("node id 0 is reserved; use 1 or more".into()));
             }
-            // A `db` alone is what an interrupted first start leaves; it has never served.
+            // A `db` alone, or with the identity's temporary file, is what an interrupted first
+            // start leaves; it has never served.
+            let leftover = dir.join(IDENTITY_FILE).with_extension("tmp");
             let foreign = dir.exists()
                 && std::fs::read_dir(dir)
                     .map_err(|e| io(dir, e))?
                     .filter_map(|e| e.ok())
-                    .any(|e| e.file_name() != "db");
+                    .any(|e| e.file_name() != "db" && e.path() != leftover);
             if foreign {
                 return Err(err(format!(
                     "{} is not empty and is not a raftmap data dir (no {IDENTITY_FILE}); refusing to use it",
@@ -109,14 +111,20 @@ fn io(path: &Path, e: std::io::Error) -> NodeError {
     NodeError::DataDir(format!("{}: {e}", path.display()))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Replaces `path` with `bytes` so that a crash leaves the old file or the new one, never a
+/// part: write a temporary file (a leftover one from an earlier crash is overwritten), fsync
+/// it, rename it over `path`, fsync the directory (the rename itself must be durable).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp: PathBuf = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
     f.write_all(bytes).map_err(|e| io(&tmp, e))?;
     f.sync_all().map_err(|e| io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
-    Ok(())
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
 }
 
 #[cfg(test)]
@@ -140,6 +148,20 @@ mod tests {
         assert_eq!(load_or_create(&dir, None).unwrap(), (id, false));
         let e = load_or_create(&dir, Some(8)).unwrap_err().to_string();
         assert!(e.contains("belongs to node 7, not node 8"), "{e}");
+    }
+
+    #[test]
+    fn a_first_start_interrupted_before_its_identity_was_renamed_can_start_again() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("n1");
+        std::fs::create_dir_all(dir.join("db")).unwrap();
+        std::fs::write(dir.join("identity.tmp"), "{\"format\":1,\"no").unwrap();
+        let (id, fresh) = load_or_create(&dir, Some(3)).unwrap();
+        assert!(fresh);
+        id.persist(&dir).unwrap();
+        assert!(!dir.join("identity.tmp").exists());
+        std::fs::write(dir.join("db/CURRENT"), "x").unwrap();
+        assert_eq!(load_or_create(&dir, None).unwrap().0.node_id, 3);
     }
 
     #[test]

@@ -37,8 +37,8 @@ use raftmap_ebpf_hooks::{
     MapKind, Shadow, ShadowKey, UpdateFlags, MAX_EVENT_KEY, MAX_EVENT_VALUE,
 };
 use raftmap_storage::{
-    ApplyHook, BatchOutcome, Change, MapContents, MapSchema, MapType, NodeId, Op, Source,
-    StateView, MAX_BATCH_OPS,
+    batch_runs, ApplyHook, BatchOutcome, Change, MapContents, MapSchema, MapType, NodeId, Op,
+    Source, StateView,
 };
 use serde::Deserialize;
 use tokio::sync::{mpsc, Notify};
@@ -212,6 +212,13 @@ struct MapState {
     /// proposes the kernel's value again. The mark stays meanwhile, so that committed values
     /// this node has yet to apply (it may lag behind the log) do not go over the local one.
     retry: HashSet<Vec<u8>>,
+    /// Keys in `retry` whose last proposal went in a batch the cluster refused: each is
+    /// proposed in a batch of its own next, so that one refused change (a full map) is undone
+    /// alone and never takes the others of its batch with it.
+    alone: HashSet<Vec<u8>>,
+    /// Local changes the cluster refused and that were undone here, and the last reason.
+    refusals: u64,
+    last_refusal: Option<String>,
     scanning: bool,
     touched: HashSet<Vec<u8>>,
     /// Scans done, for the occasional full look for deleted entries.
@@ -286,6 +293,8 @@ pub struct KernelMetrics {
     pub apply_errors: Family<Vec<(String, String)>, Counter>,
     pub scan_repairs: Family<Vec<(String, String)>, Counter>,
     pub uncommitted: Family<Vec<(String, String)>, Counter>,
+    /// Local changes the cluster refused (schema, a full map), undone in the kernel map.
+    pub refused: Family<Vec<(String, String)>, Counter>,
     pub entries: Family<Vec<(String, String)>, Gauge>,
     pub ring_drops: Family<Vec<(String, String)>, Counter>,
     pub echoes: Family<Vec<(String, String)>, Counter>,
@@ -428,11 +437,9 @@ impl KernelSync {
             boot_id: boot_id(),
             ids,
         };
-        let tmp = self.ids_path.with_extension("tmp");
         let res = serde_json::to_vec(&recorded)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &self.ids_path));
+            .map_err(|e| NodeError::Internal(e.to_string()))
+            .and_then(|b| crate::identity::write_atomic(&self.ids_path, &b));
         if let Err(e) = res {
             tracing::warn!(error = %e, path = %self.ids_path.display(), "cannot record kernel map ids");
         }
@@ -482,9 +489,18 @@ impl KernelSync {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut round: u64 = 0;
+            let mut all_ready = false;
             loop {
+                // A map that is not reconciled yet (missing, or its first attempt failed: no
+                // leader yet, say) is tried again soon, whatever the scan interval.
+                let soon = tokio::time::sleep(if all_ready {
+                    interval
+                } else {
+                    RETRY_AFTER.min(interval)
+                });
                 tokio::select! {
                     _ = tick.tick() => {}
+                    _ = soon => {}
                     _ = this.scan_now.notified() => {}
                 }
                 let started = Instant::now();
@@ -498,6 +514,7 @@ impl KernelSync {
                     st.kmap.is_some() || st.refused.is_some()
                 });
                 this.ready.store(all, Ordering::Release);
+                all_ready = all;
                 round += 1;
                 // A scan reads the whole map: on large maps it must not take the node's CPU
                 // (at most a tenth of the time, whatever the interval or the loss signals ask).
@@ -872,6 +889,7 @@ impl KernelSync {
             st.pending.clear();
             st.committed_while_pending.clear();
             st.retry.clear();
+            st.alone.clear();
             st.touched.clear();
             st.scanning = false;
             st.shadow = shadow_from(committed);
@@ -1101,7 +1119,9 @@ impl KernelSync {
                 );
             }
             differ.retain(|c| !touched.contains(&c.key));
-            differ.sort_by(|a, b| a.key.cmp(&b.key));
+            // Deletes first: a full map that lost one key and gained another between two scans
+            // must not see the new key before the room for it.
+            differ.sort_by(|a, b| (a.value.is_some(), &a.key).cmp(&(b.value.is_some(), &b.key)));
             let changes = self.mark_captured(&mut st, differ);
             if !changes.is_empty() && self.backend() != Backend::Scan {
                 // Found by the scan although events are on: in-place writes, BPF programs'
@@ -1133,10 +1153,12 @@ impl KernelSync {
                 if st.scanning {
                     st.touched.insert(c.key.clone());
                 }
-                // A new capture supersedes a proposal waiting to be tried again.
+                // A new capture supersedes a proposal waiting to be tried again; one that was in
+                // a refused batch goes alone.
                 if !st.retry.is_empty() {
                     st.retry.remove(&c.key);
                 }
+                let alone = !st.alone.is_empty() && st.alone.remove(&c.key);
                 let gen = self.gen.fetch_add(1, Ordering::Relaxed);
                 st.pending.insert(
                     c.key.clone(),
@@ -1145,7 +1167,11 @@ impl KernelSync {
                         gen,
                     },
                 );
-                Captured { change: c, gen }
+                Captured {
+                    change: c,
+                    gen,
+                    alone,
+                }
             })
             .collect()
     }
@@ -1186,7 +1212,7 @@ impl KernelSync {
         });
     }
 
-    /// Queues captured changes as log batches of at most `MAX_BATCH_OPS`, in order.
+    /// Queues captured changes as client batches within the cluster's size limits, in order.
     async fn enqueue(
         &self,
         name: &str,
@@ -1201,12 +1227,7 @@ impl KernelSync {
             .get_or_create(&label(name))
             .inc_by(changes.len() as u64);
         let mut queued = Vec::new();
-        let mut rest = changes.into_iter();
-        loop {
-            let chunk: Vec<Captured> = rest.by_ref().take(MAX_BATCH_OPS).collect();
-            if chunk.is_empty() {
-                return queued;
-            }
+        for chunk in client_batches(changes) {
             let ops: Vec<Op> = chunk
                 .iter()
                 .map(|c| match &c.change.value {
@@ -1224,6 +1245,7 @@ impl KernelSync {
             let ticket = batcher.enqueue(ops, Source::Kernel).await;
             queued.push((chunk, ticket));
         }
+        queued
     }
 
     /// Waits for the outcomes of queued changes and settles their marks.
@@ -1259,11 +1281,30 @@ impl KernelSync {
                         }
                         continue;
                     }
+                    BatchOutcome::Rejected(e) if chunk.len() > 1 || e.is_size_limit() => {
+                        // A batch is refused as a whole: find the changes the cluster refuses
+                        // by proposing each alone; none is undone for another's sake, nor for
+                        // the size of the batch it happened to be in.
+                        tracing::info!(map = %name, keys = chunk.len(), reason = %e, "the cluster refused a batch of captured changes; proposing each of them alone");
+                        let mut st = lock(&w.state);
+                        for c in &chunk {
+                            if st.pending.get(&c.change.key).map(|m| m.gen) == Some(c.gen) {
+                                st.retry.insert(c.change.key.clone());
+                                st.alone.insert(c.change.key.clone());
+                            }
+                        }
+                        retry = true;
+                        continue;
+                    }
                     BatchOutcome::Rejected(e) => {
-                        tracing::warn!(map = %name, keys = chunk.len(), reason = %e, "the cluster refused captured changes; undoing them here");
+                        tracing::warn!(map = %name, reason = %e, "the cluster refused a captured change; undoing it here");
+                        let mut st = lock(&w.state);
+                        st.refusals += 1;
+                        st.last_refusal = Some(e.to_string());
+                        self.metrics.refused.get_or_create(&label(name)).inc();
                         true
                     }
-                    BatchOutcome::CasFailed(_) => false,
+                    BatchOutcome::CasFailed { .. } => false,
                 },
                 Err(e) => {
                     tracing::warn!(map = %name, keys = chunk.len(), error = %e, "captured changes not committed; the next scan retries them");
@@ -1432,6 +1473,34 @@ fn attribute_evictions(
 struct Captured {
     change: raftmap_ebpf_hooks::KernelChange,
     gen: u64,
+    /// Proposed in a client batch of its own (its last batch was refused).
+    alone: bool,
+}
+
+impl Captured {
+    fn payload_bytes(&self) -> usize {
+        self.change.key.len() + self.change.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Cuts captured changes, in order, into client batches the cluster takes by size (the state
+/// machine's op and byte limits); a change marked `alone` gets a batch of its own.
+fn client_batches(changes: Vec<Captured>) -> Vec<Vec<Captured>> {
+    let mut out = Vec::new();
+    let mut run = Vec::new();
+    for c in changes {
+        if c.alone {
+            out.extend(batch_runs(
+                std::mem::take(&mut run),
+                Captured::payload_bytes,
+            ));
+            out.push(vec![c]);
+        } else {
+            run.push(c);
+        }
+    }
+    out.extend(batch_runs(run, Captured::payload_bytes));
+    out
 }
 
 fn apply_to(shadow: &mut Shadow, key: &[u8], value: Option<&[u8]>) {

@@ -20,6 +20,7 @@ pub mod local_cluster;
 mod metrics;
 mod network;
 mod node;
+mod peer_check;
 mod propose;
 mod service;
 

@@ -81,9 +81,13 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Remove a node from the cluster; its id is never used again.
+    /// Remove a node from the cluster; its id is never used again. A voter is not removed when
+    /// fewer than three voters would remain (a cluster of two cannot lose one): add a voter
+    /// first, or pass --force.
     Remove {
         node_id: u64,
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -191,6 +195,14 @@ struct AgentArgs {
     /// How often watched kernel maps are scanned for changes.
     #[arg(long)]
     scan_interval_ms: Option<u64>,
+    /// Most watch streams served at once (default 256); more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long)]
+    max_watchers: Option<usize>,
+    /// Largest snapshot accepted from a leader, in bytes (default 4 GiB); a larger one is
+    /// refused and the node cannot catch up from it.
+    #[arg(long)]
+    max_snapshot_bytes: Option<u64>,
     /// UNSAFE, for testing the fault-injection harness only: serve linearizable reads from the
     /// local state without read-index.
     #[arg(long, hide = true)]
@@ -310,11 +322,15 @@ async fn run(cli: Cli) -> Result<()> {
             print_members(conn.output, &r);
             Ok(())
         }
-        Cmd::Remove { node_id, conn } => {
+        Cmd::Remove {
+            node_id,
+            force,
+            conn,
+        } => {
             let c = Client::connect(&conn.endpoints).await?;
             let r = c
                 .admin()
-                .remove(pb::RemoveRequest { node_id })
+                .remove(pb::RemoveRequest { node_id, force })
                 .await
                 .map_err(from_status)?
                 .into_inner();
@@ -586,6 +602,12 @@ async fn agent(a: AgentArgs) -> Result<()> {
     }
     if let Some(v) = a.scan_interval_ms {
         cfg.scan_interval_ms = v;
+    }
+    if let Some(v) = a.max_watchers {
+        cfg.max_watchers = v;
+    }
+    if let Some(v) = a.max_snapshot_bytes {
+        cfg.max_snapshot_bytes = v;
     }
     if let Some(v) = a.heartbeat_ms {
         cfg.heartbeat_ms = v;

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub proposed_ops: Counter,
     pub forwarded_proposals: Counter,
     pub rejected_batches: Counter,
+    pub refused_peer_messages: Counter,
     pub batch_ops: Histogram,
     pub commit_latency: Histogram,
 }
@@ -38,6 +39,7 @@ impl Metrics {
             proposed_ops: Counter::default(),
             forwarded_proposals: Counter::default(),
             rejected_batches: Counter::default(),
+            refused_peer_messages: Counter::default(),
             batch_ops: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             registry: Registry::default(),
@@ -84,6 +86,11 @@ impl Metrics {
             m.rejected_batches.clone(),
         );
         registry.register(
+            "refused_peer_messages",
+            "Peer messages refused before they reached Raft (malformed, impossible, oversized)",
+            m.refused_peer_messages.clone(),
+        );
+        registry.register(
             "batch_ops",
             "Operations per proposed log entry",
             m.batch_ops.clone(),
@@ -117,6 +124,11 @@ impl Metrics {
             "kernel_uncommitted",
             "Captured changes whose proposal did not commit (no leader, a lost answer); each is proposed again",
             kernel.uncommitted.clone(),
+        );
+        registry.register(
+            "kernel_refused",
+            "Local kernel map changes the cluster refused (the map's schema, a full map) and that were undone in the kernel map",
+            kernel.refused.clone(),
         );
         registry.register(
             "kernel_scan_repairs",

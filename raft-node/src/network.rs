@@ -23,8 +23,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{decode, encode, NodeError, Result};
 
-/// Largest peer message: a batch of log entries or one snapshot chunk.
-pub(crate) const MAX_PEER_MESSAGE: usize = 256 * 1024 * 1024;
+/// Largest peer message: a batch of log entries (at most 16 MiB of them, or one entry of at
+/// most 16 MiB of operations: `APPEND_BYTES`, `MAX_PROPOSAL_BYTES`) or one snapshot chunk.
+pub(crate) const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Lazily connected, shared gRPC channels to peers, keyed by address.
 #[derive(Debug, Clone, Default)]

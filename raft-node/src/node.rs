@@ -56,6 +56,10 @@ pub struct NodeConfig {
     pub watch: Vec<WatchSpec>,
     /// How often each watched kernel map is scanned for changes.
     pub scan_interval_ms: u64,
+    /// Most watch streams this node serves at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
+    /// Largest snapshot this node accepts from a leader (bytes).
+    pub max_snapshot_bytes: u64,
     /// UNSAFE, for testing the fault-injection harness: serve linearizable reads from the local
     /// state without read-index.
     pub unsafe_local_reads: bool,
@@ -79,6 +83,8 @@ impl Default for NodeConfig {
             election_timeout_ms: 500,
             watch: Vec::new(),
             scan_interval_ms: 100,
+            max_watchers: 256,
+            max_snapshot_bytes: 4 << 30,
             unsafe_local_reads: false,
             batch: BatchConfig::default(),
         }
@@ -96,6 +102,17 @@ pub struct NodeShared {
     pub(crate) batcher: Batcher,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) kernel: Arc<KernelSync>,
+    /// One permit per watch stream being served.
+    pub(crate) watchers: Arc<tokio::sync::Semaphore>,
+    pub(crate) max_watchers: usize,
+    /// Where incoming snapshots are spooled (the data dir).
+    pub(crate) data_dir: PathBuf,
+    pub(crate) max_snapshot_bytes: u64,
+    /// Held while a snapshot is being received: one at a time.
+    pub(crate) receiving_snapshot: tokio::sync::Mutex<()>,
+    /// Set once the node cannot go on (its Raft core stopped: a storage error such as a full
+    /// disk, or a panic): `/healthz` fails and the daemon exits with this reason.
+    pub(crate) fatal: watch::Sender<Option<String>>,
     pub(crate) unsafe_local_reads: bool,
 }
 
@@ -114,8 +131,6 @@ pub struct RunningNode {
     pub shared: Arc<NodeShared>,
     shutdown: watch::Sender<bool>,
     fatal: watch::Receiver<Option<String>>,
-    /// Held so that `fatal` only closes with the node.
-    _fatal_tx: watch::Sender<Option<String>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -187,7 +202,9 @@ impl RunningNode {
             batcher.clone(),
             Duration::from_millis(cfg.scan_interval_ms.max(1)),
         );
+        let (fatal_tx, fatal) = watch::channel(None);
         let shared = Arc::new(NodeShared {
+            fatal: fatal_tx,
             id,
             info,
             raft,
@@ -197,18 +214,22 @@ impl RunningNode {
             batcher,
             metrics,
             kernel,
+            watchers: Arc::new(tokio::sync::Semaphore::new(cfg.max_watchers)),
+            max_watchers: cfg.max_watchers,
+            data_dir: cfg.data_dir.clone(),
+            max_snapshot_bytes: cfg.max_snapshot_bytes,
+            receiving_snapshot: tokio::sync::Mutex::new(()),
             unsafe_local_reads: cfg.unsafe_local_reads,
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (fatal_tx, fatal) = watch::channel(None);
         let mut tasks = Vec::new();
 
         let peer = PeerServer::new(PeerService::new(shared.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
         tasks.push(serve(
-            tonic::transport::Server::builder().add_service(peer),
+            server_builder().add_service(peer),
             raft_listener,
             shutdown_rx.clone(),
         ));
@@ -217,9 +238,7 @@ impl RunningNode {
             .max_encoding_message_size(MAX_CLIENT_MESSAGE);
         let admin = AdminServer::new(AdminService::new(shared.clone()));
         tasks.push(serve(
-            tonic::transport::Server::builder()
-                .add_service(kv)
-                .add_service(admin),
+            server_builder().add_service(kv).add_service(admin),
             api_listener,
             shutdown_rx.clone(),
         ));
@@ -234,11 +253,11 @@ impl RunningNode {
         if let Some(join) = cfg.join.clone() {
             let s = shared.clone();
             let learner = cfg.learner;
-            let fatal_tx = fatal_tx.clone();
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = join_cluster(&s, &join, learner).await {
                     tracing::error!(error = %e, "joining the cluster failed");
-                    fatal_tx.send_replace(Some(format!("joining the cluster through {join}: {e}")));
+                    s.fatal
+                        .send_replace(Some(format!("joining the cluster through {join}: {e}")));
                 }
             }));
         }
@@ -247,7 +266,6 @@ impl RunningNode {
             shared,
             shutdown,
             fatal,
-            _fatal_tx: fatal_tx,
             tasks,
         })
     }
@@ -279,6 +297,22 @@ async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
         .map_err(|e| NodeError::BadRequest(format!("cannot listen on {what} address {addr}: {e}")))
 }
 
+/// Most streams (calls in flight, watches) one connection may hold open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// A gRPC server with raftmap's limits: connections whose peer stops answering HTTP/2 pings
+/// (a frozen process, a vanished host) are closed within half a minute, and one connection holds
+/// a bounded number of streams. Message sizes are bounded per service.
+fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        // Calls a client times out and resets before they were accepted (to a node that was
+        // paused, say) do not count against the connection as an attack.
+        .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS_PER_CONNECTION as usize))
+}
+
 fn serve(
     router: tonic::transport::server::Router,
     listener: TcpListener,
@@ -308,6 +342,12 @@ async fn update_metrics(shared: Arc<NodeShared>) {
     loop {
         {
             let m = rx.borrow_and_update();
+            if let Err(e) = &m.running_state {
+                let reason = format!("the Raft core of node {} stopped: {e}", shared.id);
+                tracing::error!("{reason}");
+                shared.fatal.send_replace(Some(reason));
+                return;
+            }
             let g = &shared.metrics;
             g.is_leader.set(i64::from(m.state == ServerState::Leader));
             g.term.set(m.current_term as i64);
@@ -416,6 +456,15 @@ impl NodeShared {
 
     pub(crate) fn cluster_id(&self) -> String {
         self.view.cluster().cluster_id.unwrap_or_default()
+    }
+
+    /// What the checks of peer messages need to know about this node.
+    pub(crate) fn peer_context(&self) -> crate::peer_check::PeerContext {
+        crate::peer_check::PeerContext {
+            me: self.id,
+            retired: self.view.cluster().retired,
+            committed: self.raft.metrics().borrow_watched().local_committed,
+        }
     }
 }
 

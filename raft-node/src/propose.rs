@@ -201,6 +201,12 @@ impl std::fmt::Debug for Pending {
 impl Batcher {
     /// Starts the batching task.
     pub fn start(proposer: Proposer, cfg: BatchConfig) -> Self {
+        // Peers refuse entries over the log entry limits (`Proposal::check_size`).
+        let cfg = BatchConfig {
+            max_ops: cfg.max_ops.min(raftmap_storage::MAX_PROPOSAL_OPS),
+            max_bytes: cfg.max_bytes.min(raftmap_storage::MAX_PROPOSAL_BYTES),
+            ..cfg
+        };
         let (tx, rx) = mpsc::channel(65_536);
         tokio::spawn(run(proposer, cfg, rx));
         Self { tx }

@@ -10,7 +10,7 @@ use openraft::{ChangeMembers, ServerState};
 use raftmap_proto as pb;
 use raftmap_storage::{
     validate_batch, AdminOp, BatchOutcome, Change, MapSchema, MapType, NodeInfo, Op, Proposal,
-    SmEvent, Source, TypeConfig, ValidationError,
+    SmEvent, Source, StateView, TypeConfig, ValidationError,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,11 +20,18 @@ use tonic::{Request, Response, Status};
 use crate::error::{decode, encode, NodeError, ProposeError};
 use crate::network::SnapshotHeader;
 use crate::node::{members, NodeShared};
+use crate::peer_check;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 
 /// Largest client request or response message.
 pub(crate) const MAX_CLIENT_MESSAGE: usize = 16 * 1024 * 1024;
 /// Default and largest dump page.
 const DUMP_PAGE: usize = 1000;
+/// Most key and value bytes in one dump or watch page (one larger entry still goes alone),
+/// well under the largest client message.
+const PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Fewest voters `remove` leaves without `--force`: a majority of three survives one failure.
+const MIN_VOTERS: usize = 3;
 /// A learner within this many entries of the leader may be promoted.
 const DEFAULT_MAX_LAG: u64 = 1000;
 
@@ -126,6 +133,95 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// A proposal another node forwards: within the log entry limits, and with no
+    /// administrative record but the one a leader that removed itself hands on (the retirement
+    /// of a node no longer in the membership).
+    fn check_forwarded(&self, p: &Proposal) -> Result<(), String> {
+        p.check_size().map_err(|e| e.to_string())?;
+        let (nodes, _) = members(&self.shared.raft);
+        for a in &p.admin {
+            match a {
+                AdminOp::RetireNode { node_id } if !nodes.contains_key(node_id) => {}
+                other => {
+                    return Err(format!(
+                        "a forwarded proposal may not carry the administrative record {other:?}"
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest wait for the next message of a snapshot transfer.
+const SNAPSHOT_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+/// After `SNAPSHOT_GRACE`, a snapshot transfer must have kept this average rate (bytes/s).
+const SNAPSHOT_MIN_RATE: u64 = 1024 * 1024;
+const SNAPSHOT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Receives the data messages of a snapshot transfer into a temporary file in `dir` (removed
+/// when done), then reads them back whole.
+async fn receive_snapshot(
+    parts: &mut tonic::Streaming<pb::RaftPayload>,
+    dir: &std::path::Path,
+    cap: u64,
+) -> Result<Vec<u8>, Status> {
+    use std::io::{Read, Seek, Write};
+    let io = |e: std::io::Error| {
+        Status::internal(format!("spooling a snapshot in {}: {e}", dir.display()))
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix("snapshot-incoming-")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    let started = std::time::Instant::now();
+    let mut total = 0u64;
+    loop {
+        let next = match tokio::time::timeout(SNAPSHOT_IDLE, parts.message()).await {
+            Ok(m) => m?,
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "snapshot transfer stalled: no data for {SNAPSHOT_IDLE:?} after {total} bytes"
+                )))
+            }
+        };
+        let Some(chunk) = next else { break };
+        total += chunk.data.len() as u64;
+        if total > cap {
+            return Err(Status::resource_exhausted(format!(
+                "snapshot larger than this node accepts ({cap} bytes, --max-snapshot-bytes)"
+            )));
+        }
+        let elapsed = started.elapsed();
+        if elapsed > SNAPSHOT_GRACE && total < SNAPSHOT_MIN_RATE * elapsed.as_secs() {
+            return Err(Status::deadline_exceeded(format!(
+                "snapshot transfer too slow: {total} bytes in {elapsed:?}"
+            )));
+        }
+        file.write_all(&chunk.data).map_err(io)?;
+    }
+    let mut data = Vec::with_capacity(total as usize);
+    let f = file.as_file_mut();
+    f.rewind().map_err(io)?;
+    f.read_to_end(&mut data).map_err(io)?;
+    Ok(data)
+}
+
+/// Turns a failed peer check into INVALID_ARGUMENT (logged: a peer that sends such things is
+/// broken or hostile).
+fn refuse_peer(
+    metrics: &crate::metrics::Metrics,
+    what: &str,
+    check: Result<(), String>,
+) -> Result<(), Status> {
+    check.map_err(|reason| {
+        metrics.refused_peer_messages.inc();
+        tracing::warn!(reason = %reason, "refused a peer {what}");
+        Status::invalid_argument(format!("refused {what}: {reason}"))
+    })
+}
+
 fn payload<T: serde::Serialize>(v: &T) -> GrpcResult<pb::RaftPayload> {
     Ok(Response::new(pb::RaftPayload { data: encode(v)? }))
 }
@@ -133,12 +229,30 @@ fn payload<T: serde::Serialize>(v: &T) -> GrpcResult<pb::RaftPayload> {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     async fn vote(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
-        let rpc = decode(&req.into_inner().data)?;
+        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        refuse_peer(
+            &self.shared.metrics,
+            "vote",
+            peer_check::check_vote(
+                &self.shared.peer_context(),
+                &rpc.vote,
+                rpc.last_log_id.as_ref(),
+            ),
+        )?;
         payload(&self.shared.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
-        let rpc = decode(&req.into_inner().data)?;
+        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        refuse_peer(
+            &self.shared.metrics,
+            "pre-vote",
+            peer_check::check_vote(
+                &self.shared.peer_context(),
+                &rpc.vote,
+                rpc.last_log_id.as_ref(),
+            ),
+        )?;
         payload(&self.shared.raft.pre_vote(rpc).await)
     }
 
@@ -152,18 +266,35 @@ impl pb::peer_server::Peer for PeerService {
         req: Request<tonic::Streaming<pb::RaftPayload>>,
     ) -> GrpcResult<Self::AppendEntriesStream> {
         use tokio_stream::StreamExt;
-        // A message that fails to decode ends the input: the answers stop short and the
-        // leader, missing answers, opens a new stream.
-        let requests = req
-            .into_inner()
-            .map_while(|m| match m.map(|m| decode(&m.data)) {
-                Ok(Ok(rpc)) => Some(rpc),
+        // A message that fails to decode or to pass the checks ends the input: the answers
+        // stop short and the leader, missing answers, opens a new stream.
+        let shared = self.shared.clone();
+        let requests = req.into_inner().map_while(move |m| {
+            match m.map(|m| decode::<AppendEntriesRequest<TypeConfig>>(&m.data)) {
+                Ok(Ok(rpc)) => {
+                    let checked = peer_check::check_append(
+                        &shared.peer_context(),
+                        &rpc.vote,
+                        rpc.prev_log_id.as_ref(),
+                        &rpc.entries,
+                        rpc.leader_commit.as_ref(),
+                    );
+                    match checked {
+                        Ok(()) => Some(rpc),
+                        Err(e) => {
+                            shared.metrics.refused_peer_messages.inc();
+                            tracing::warn!(reason = %e, "refused an append; closing the stream");
+                            None
+                        }
+                    }
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "malformed append request; closing the stream");
                     None
                 }
                 Err(_) => None,
-            });
+            }
+        });
         let answers = self.shared.raft.stream_append(requests).map(|answer| {
             Ok(pb::RaftPayload {
                 data: encode(&answer)?,
@@ -172,34 +303,58 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(Box::pin(answers)))
     }
 
+    /// A whole snapshot on one stream: the header, checked at once, then the data, spooled
+    /// to a file in the data dir (never held in memory while it arrives) within a size cap
+    /// and a pace (no message for `SNAPSHOT_IDLE`, or less than `SNAPSHOT_MIN_RATE` on
+    /// average, ends it); its checksum and contents are checked before Raft sees any of it.
     async fn install_snapshot(
         &self,
         req: Request<tonic::Streaming<pb::RaftPayload>>,
     ) -> GrpcResult<pb::RaftPayload> {
+        let s = &self.shared;
+        let Ok(_receiving) = s.receiving_snapshot.try_lock() else {
+            return Err(Status::unavailable(
+                "another snapshot is being received; retry",
+            ));
+        };
         let mut parts = req.into_inner();
-        let Some(first) = parts.message().await? else {
+        let first = match tokio::time::timeout(SNAPSHOT_IDLE, parts.message()).await {
+            Ok(m) => m?,
+            Err(_) => return Err(Status::deadline_exceeded("no snapshot header in time")),
+        };
+        let Some(first) = first else {
             return Err(Status::invalid_argument("empty snapshot transfer"));
         };
         let header: SnapshotHeader = decode(&first.data)?;
-        let mut data = Vec::new();
-        while let Some(chunk) = parts.message().await? {
-            data.extend_from_slice(&chunk.data);
-        }
+        refuse_peer(
+            &s.metrics,
+            "snapshot",
+            peer_check::check_snapshot_header(&s.peer_context(), &header.vote, &header.meta),
+        )?;
+        let data = receive_snapshot(&mut parts, &s.data_dir, s.max_snapshot_bytes).await;
+        let data = data.inspect_err(|e| {
+            s.metrics.refused_peer_messages.inc();
+            tracing::warn!(error = %e.message(), "refused a snapshot transfer");
+        })?;
+        refuse_peer(
+            &s.metrics,
+            "snapshot",
+            raftmap_storage::check_snapshot_data(&data).map_err(|e| e.to_string()),
+        )?;
         let snapshot = raftmap_storage::Snapshot {
             meta: header.meta,
             snapshot: std::io::Cursor::new(data),
         };
-        payload(
-            &self
-                .shared
-                .raft
-                .install_full_snapshot(header.vote, snapshot)
-                .await,
-        )
+        payload(&s.raft.install_full_snapshot(header.vote, snapshot).await)
     }
 
     async fn propose(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
         let proposal: Proposal = decode(&req.into_inner().data)?;
+        refuse_peer(
+            &self.shared.metrics,
+            "forwarded proposal",
+            self.check_forwarded(&proposal),
+        )?;
         let res: Result<_, ProposeError> = self.shared.proposer.append_local(proposal).await;
         payload(&res)
     }
@@ -293,14 +448,19 @@ impl pb::kv_server::Kv for KvService {
                 index: out.index,
                 succeeded: true,
                 mismatches: vec![],
+                mismatches_omitted: 0,
             })),
-            BatchOutcome::CasFailed(m) => Ok(Response::new(pb::WriteResponse {
+            BatchOutcome::CasFailed {
+                mismatches,
+                omitted,
+            } => Ok(Response::new(pb::WriteResponse {
                 index: out.index,
                 succeeded: false,
-                mismatches: m
+                mismatches: mismatches
                     .into_iter()
                     .map(|(op_index, actual)| pb::CasMismatch { op_index, actual })
                     .collect(),
+                mismatches_omitted: omitted,
             })),
             BatchOutcome::Rejected(e) => Err(NodeError::Invalid(e).into()),
         }
@@ -348,14 +508,15 @@ impl pb::kv_server::Kv for KvService {
             let mut after: Option<Vec<u8>> = None;
             let mut first = true;
             loop {
-                let entries = match view.scan(&schema.name, after.as_deref(), page) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                        return;
-                    }
-                };
-                let done = entries.len() < page;
+                let (entries, more) =
+                    match view.scan_page(&schema.name, after.as_deref(), page, PAGE_BYTES) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                let done = !more;
                 after = entries.last().map(|(k, _)| k.clone());
                 let msg = pb::DumpResponse {
                     schema: first.then(|| schema_to_pb(&schema)),
@@ -401,117 +562,128 @@ impl pb::kv_server::Kv for KvService {
             self.shared.read_barrier().await?;
         }
         let schema = self.schema(&r.map)?;
-        let view = self.shared.view.clone();
-        // Subscribe before reading the backlog so that nothing falls in between.
-        let mut live = view.subscribe();
-        let (tx, rx) = mpsc::channel(1024);
-        let mut sent = r.after_index;
-        let backlog: Vec<Arc<SmEvent>> = if r.after_index == 0 {
-            sent = view.applied_index();
-            let mut after: Option<Vec<u8>> = None;
-            let mut initial = Vec::new();
-            loop {
-                let page = view
-                    .scan(&schema.name, after.as_deref(), DUMP_PAGE)
-                    .map_err(NodeError::from)?;
-                let done = page.len() < DUMP_PAGE;
-                after = page.last().map(|(k, _)| k.clone());
-                initial.extend(page.into_iter().map(|(key, value)| Change::Put {
-                    map: schema.name.clone(),
-                    key,
-                    value,
-                }));
-                if done {
-                    break;
-                }
-            }
-            vec![Arc::new(SmEvent::Applied {
-                index: sent,
-                changes: initial,
-                origins: vec![],
-            })]
-        } else {
-            view.events_since(r.after_index).ok_or_else(|| {
-                Status::out_of_range(format!(
-                    "changes after index {} are no longer held; watch from 0 to start with the current contents",
-                    r.after_index
-                ))
-            })?
+        let Ok(permit) = self.shared.watchers.clone().try_acquire_owned() else {
+            return Err(Status::resource_exhausted(format!(
+                "node {} already serves its most watch streams ({}); retry later or watch through another node",
+                self.shared.id,
+                self.shared.max_watchers
+            )));
         };
-        let map = schema.name;
+        let view = self.shared.view.clone();
+        if r.after_index > 0 && view.events_since(r.after_index).is_none() {
+            return Err(Status::out_of_range(format!(
+                "changes after index {} are no longer held; watch from 0 to start with the current contents",
+                r.after_index
+            )));
+        }
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         tokio::spawn(async move {
-            let send = |ev: &SmEvent, tx: &mpsc::Sender<Result<pb::WatchEvent, Status>>| {
-                let mut out = Vec::new();
-                match ev {
-                    SmEvent::Applied { index, changes, .. } => {
-                        for c in changes {
-                            let event = match c {
-                                Change::Put { map: m, key, value } if *m == map => {
-                                    pb::watch_event::Event::Put(pb::Put {
-                                        map: m.clone(),
-                                        key: key.clone(),
-                                        value: value.clone(),
-                                    })
-                                }
-                                Change::Delete { map: m, key } if *m == map => {
-                                    pb::watch_event::Event::Delete(pb::Delete {
-                                        map: m.clone(),
-                                        key: key.clone(),
-                                    })
-                                }
-                                _ => continue,
-                            };
-                            out.push(Ok(pb::WatchEvent {
-                                index: *index,
-                                event: Some(event),
-                            }));
-                        }
-                    }
-                    SmEvent::SnapshotInstalled { index } => {
-                        out.push(Err(Status::aborted(format!(
-                            "this node installed a snapshot at index {index}; watch again from 0"
-                        ))))
-                    }
-                }
-                let tx = tx.clone();
-                async move {
-                    for m in out {
-                        let stop = m.is_err();
-                        if tx.send(m).await.is_err() || stop {
-                            return false;
-                        }
-                    }
-                    true
-                }
-            };
-            for ev in &backlog {
-                if !send(ev, &tx).await {
-                    return;
-                }
-            }
-            loop {
-                match live.recv().await {
-                    Ok(ev) if ev.index() <= sent => {}
-                    Ok(ev) => {
-                        sent = ev.index();
-                        if !send(&ev, &tx).await {
-                            return;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::data_loss(format!(
-                                "watcher fell {n} entries behind; watch again from index {sent}"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(_) => return,
-                }
-            }
+            // Held for as long as the stream is served.
+            let _permit = permit;
+            watch_stream(view, schema.name, r.after_index, tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Watch events queued for one client; with the pages and the held entries of the state
+/// machine this bounds what a watcher that does not read costs.
+const WATCH_QUEUE: usize = 64;
+
+type WatchTx = mpsc::Sender<Result<pb::WatchEvent, Status>>;
+
+/// Serves one watch stream: the map's contents (from index 0) or the changes after
+/// `after_index`, then every change as it is applied, until the client goes away. Changes come
+/// from the state machine's held entries, so a watcher that falls behind catches up from them
+/// or, once they are gone, is told to watch again.
+async fn watch_stream(view: StateView, map: String, after_index: u64, tx: WatchTx) {
+    let mut sent = after_index;
+    if after_index == 0 {
+        // The contents page by page (bounded in bytes); changes applied meanwhile are in the
+        // held entries after `sent` and follow.
+        sent = view.applied_index();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (page, more) = match view.scan_page(&map, after.as_deref(), DUMP_PAGE, PAGE_BYTES) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                    return;
+                }
+            };
+            after = page.last().map(|(k, _)| k.clone());
+            for (key, value) in page {
+                let put = pb::watch_event::Event::Put(pb::Put {
+                    map: map.clone(),
+                    key,
+                    value,
+                });
+                if !send_watch(&tx, sent, put).await {
+                    return;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+    }
+    loop {
+        let Some(events) = view.events_since(sent) else {
+            let status = if view.last_snapshot_installed() > sent {
+                Status::aborted(format!(
+                    "this node installed a snapshot at index {}; watch again from 0",
+                    view.last_snapshot_installed()
+                ))
+            } else {
+                Status::data_loss(format!(
+                    "the watcher fell behind: changes after index {sent} are no longer held; watch again from 0"
+                ))
+            };
+            let _ = tx.send(Err(status)).await;
+            return;
+        };
+        for ev in events {
+            if let SmEvent::Applied { index, changes, .. } = &*ev {
+                for c in changes {
+                    let event = match c {
+                        Change::Put { map: m, key, value } if *m == map => {
+                            pb::watch_event::Event::Put(pb::Put {
+                                map: m.clone(),
+                                key: key.clone(),
+                                value: value.clone(),
+                            })
+                        }
+                        Change::Delete { map: m, key } if *m == map => {
+                            pb::watch_event::Event::Delete(pb::Delete {
+                                map: m.clone(),
+                                key: key.clone(),
+                            })
+                        }
+                        _ => continue,
+                    };
+                    if !send_watch(&tx, *index, event).await {
+                        return;
+                    }
+                }
+            }
+            sent = ev.index();
+        }
+        tokio::select! {
+            // A client that went away ends the stream even while nothing is applied.
+            _ = tx.closed() => return,
+            more = view.wait_past(sent) => if !more { return },
+        }
+    }
+}
+
+/// Sends one watch event; false once the client is gone.
+async fn send_watch(tx: &WatchTx, index: u64, event: pb::watch_event::Event) -> bool {
+    tx.send(Ok(pb::WatchEvent {
+        index,
+        event: Some(event),
+    }))
+    .await
+    .is_ok()
 }
 
 // ---------------------------------------------------------------- admin
@@ -698,6 +870,13 @@ impl pb::admin_server::Admin for AdminService {
                 return Err(Status::failed_precondition(format!(
                     "node {} is the only voter; removing it would leave no cluster",
                     r.node_id
+                )))
+            }
+            Some((_, true)) if voters - 1 < MIN_VOTERS && !r.force => {
+                return Err(Status::failed_precondition(format!(
+                    "removing voter {} would leave {} voters, and a cluster needs {MIN_VOTERS} to survive the loss of one; add a voter first, or remove it anyway with --force",
+                    r.node_id,
+                    voters - 1
                 )))
             }
             Some((_, true)) => ChangeMembers::RemoveVoters(BTreeSet::from([r.node_id])),

@@ -390,7 +390,10 @@ async fn late_learner_catches_up_by_snapshot_then_is_promoted_and_a_voter_remove
     let victim = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
     let m = admin
         .admin()
-        .remove(pb::RemoveRequest { node_id: victim })
+        .remove(pb::RemoveRequest {
+            node_id: victim,
+            force: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -505,7 +508,10 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     assert!(e.message().contains("learner 9 has not caught up"), "{e}");
     client
         .admin()
-        .remove(pb::RemoveRequest { node_id: 9 })
+        .remove(pb::RemoveRequest {
+            node_id: 9,
+            force: false,
+        })
         .await
         .unwrap();
 

@@ -22,12 +22,16 @@ struct NodeMaps {
 
 impl NodeMaps {
     fn create(tag: &str, nodes: &[u64], key: u32, value: u32) -> Self {
+        Self::create_sized(tag, nodes, key, value, 4096)
+    }
+
+    fn create_sized(tag: &str, nodes: &[u64], key: u32, value: u32, max: u32) -> Self {
         let mut pins = BTreeMap::new();
         for &n in nodes {
             let pin = raftmap_ebpf_hooks::bpffs()
                 .join(format!("raftmap-it-{}-{tag}-{n}", std::process::id()));
             let _ = std::fs::remove_file(&pin);
-            KernelMap::create(MapKind::Hash, key, value, 4096, "rm_it")
+            KernelMap::create(MapKind::Hash, key, value, max, "rm_it")
                 .unwrap()
                 .pin(&pin)
                 .unwrap();
@@ -589,4 +593,69 @@ async fn bpf_program_writes_replicate() {
         443,
         true
     )));
+}
+
+/// A map full of entries before raftmap starts (the normal case for conntrack, NAT and load
+/// balancer tables): one agent watches it, the cluster is initialised, a second agent joins.
+/// Every entry ends up in both kernel maps, byte for byte, and none is undone.
+async fn a_prefilled_map_is_adopted_whole(tag: &str, value_size: u32, entries: u32) {
+    let maps = NodeMaps::create_sized(tag, &[1, 2], 16, value_size, entries * 2);
+    let origin = maps.open(1);
+    let contents: HashMap<Vec<u8>, Vec<u8>> = (0..entries)
+        .map(|i| {
+            let mut key = vec![0u8; 16];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            let value: Vec<u8> = (0..value_size).map(|j| (i + j) as u8).collect();
+            (key, value)
+        })
+        .collect();
+    let pairs: Vec<(&[u8], &[u8])> = contents
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    for chunk in pairs.chunks(256) {
+        origin.update_batch(chunk).unwrap();
+    }
+    assert_eq!(origin.entries().unwrap().len(), entries as usize);
+    let mut c = LocalCluster::start(
+        opts(maps.args_scanning("ct", Duration::from_millis(200))),
+        2,
+        0,
+        T,
+    )
+    .await
+    .unwrap();
+    for n in [1, 2] {
+        c.wait_ready(n, T).await.unwrap();
+    }
+    let client = c.client(2).await.unwrap();
+    let m = converge(&maps, &[1, 2], &client, "pre-filled map").await;
+    assert!(
+        m == contents,
+        "the committed state is not the pre-filled map"
+    );
+    for n in [1, 2] {
+        let log = c.log_tail(n, 10_000);
+        assert!(
+            !log.contains("undoing"),
+            "node {n} undid captured changes:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_prefilled_with_20k_entries_of_1_kib_is_adopted_whole() {
+    if !bpf_or_skip("a_map_prefilled_with_20k_entries_of_1_kib_is_adopted_whole") {
+        return;
+    }
+    a_prefilled_map_is_adopted_whole("fill1k", 1024, 20_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_prefilled_with_2k_entries_of_16_kib_is_adopted_whole() {
+    if !bpf_or_skip("a_map_prefilled_with_2k_entries_of_16_kib_is_adopted_whole") {
+        return;
+    }
+    // Values too large for capture events: the scan alone captures this map.
+    a_prefilled_map_is_adopted_whole("fill16k", 16 * 1024, 2_000).await;
 }

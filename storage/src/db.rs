@@ -50,6 +50,11 @@ impl Db {
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
         db_opts.set_max_background_jobs(2);
+        // A corrupt record in the write-ahead log refuses the start instead of ending the
+        // replay there (RocksDB's default drops every record after it, fsynced ones included:
+        // acknowledged writes and votes). Only a record cut short at the very end, which was
+        // never synced and so never acknowledged, is tolerated.
+        db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
         // A tiny memtable flush threshold is not needed; defaults suit a log-structured workload.
         let cfs = ALL_CFS.iter().map(|name| {
             let opts = if *name == CF_SM_DATA {
@@ -60,9 +65,16 @@ impl Db {
             ColumnFamilyDescriptor::new(*name, opts)
         });
         let db =
-            DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| StorageError::Open {
-                path: dir.display().to_string(),
-                source,
+            DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(|source| {
+                match corrupt_wal(dir) {
+                    Some((wal, detail)) if source.kind() == rocksdb::ErrorKind::Corruption => {
+                        StorageError::CorruptWal { wal, detail }
+                    }
+                    _ => StorageError::Open {
+                        path: dir.display().to_string(),
+                        source,
+                    },
+                }
             })?;
         Ok(Arc::new(Self { db, opts }))
     }
@@ -91,6 +103,19 @@ impl Db {
             }
         }
     }
+}
+
+/// The write-ahead log file RocksDB's info log (`LOG`) last reported corrupt, and what it said:
+/// RocksDB's own error names no file.
+fn corrupt_wal(dir: &Path) -> Option<(String, String)> {
+    let log = std::fs::read_to_string(dir.join("LOG")).ok()?;
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(".log: ") && l.contains("Corruption"))?;
+    let (before, detail) = line.split_once(".log: ")?;
+    let wal = format!("{}.log", before.rsplit(' ').next()?);
+    Some((wal, detail.trim().to_string()))
 }
 
 /// Options of [`CF_SM_DATA`]. Applying a put looks its key up first (to keep per-map entry

@@ -17,6 +17,8 @@ pub enum ValidationError {
     BadSchema { map: String, reason: String },
     #[error("map already declared as {existing}, refusing {requested}")]
     SchemaConflict { existing: String, requested: String },
+    #[error("cannot declare map {map}: the cluster already holds {limit} maps, the most it may")]
+    TooManyMaps { map: String, limit: usize },
     #[error("map {map}: key is {actual} bytes, the schema says {expected}")]
     KeySize {
         map: String,
@@ -49,6 +51,14 @@ pub enum ValidationError {
     },
 }
 
+impl ValidationError {
+    /// Refused for the size of the batch, not for anything in it: the same operations in
+    /// smaller batches may be taken.
+    pub fn is_size_limit(&self) -> bool {
+        matches!(self, ValidationError::BatchTooLarge { .. })
+    }
+}
+
 /// Failures of the storage layer itself.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -58,6 +68,8 @@ pub enum StorageError {
         #[source]
         source: rocksdb::Error,
     },
+    #[error("the write-ahead log {wal} is corrupt ({detail}); refusing to start rather than drop the records after it, which may be acknowledged writes: restore the data dir, or remove it and add this machine back as a new node")]
+    CorruptWal { wal: String, detail: String },
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt record {what}: {source}")]
@@ -72,6 +84,8 @@ pub enum StorageError {
         #[source]
         source: postcard::Error,
     },
+    #[error("{what}: {reason}")]
+    BadSnapshot { what: String, reason: String },
     #[error("i/o on {path}: {source}")]
     Io {
         path: String,

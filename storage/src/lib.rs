@@ -12,6 +12,7 @@ mod db;
 mod error;
 mod log_store;
 mod model;
+mod snapshot;
 mod state_machine;
 
 use std::path::Path;
@@ -21,8 +22,9 @@ pub use db::StoreOptions;
 pub use error::{StorageError, ValidationError};
 pub use log_store::LogStore;
 pub use model::*;
+pub use snapshot::check_snapshot_data;
 pub use state_machine::{
-    ApplyHook, Change, MapContents, SmEvent, SnapshotBuilder, StateMachine, StateView,
+    ApplyHook, Change, MapContents, MapEntries, SmEvent, SnapshotBuilder, StateMachine, StateView,
 };
 
 /// Opens (creating if needed) the store under `dir`: RocksDB in `dir/db`, the current snapshot in

@@ -16,6 +16,10 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 
+/// Most encoded log bytes in one AppendEntries (one entry larger than this still goes alone;
+/// a proposal holds at most a client batch of `MAX_BATCH_BYTES`, plus framing).
+const APPEND_BYTES: usize = 16 * 1024 * 1024;
+
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -123,7 +127,14 @@ impl LogStore {
         }
     }
 
-    fn read_range(&self, start: u64, end: Option<u64>) -> crate::error::Result<Vec<Entry>> {
+    /// Entries from `start` up to `end` (exclusive; `None`: the last), stopping before the entry
+    /// that would take the encoded bytes read past `budget` (the first entry is always read).
+    fn read_range(
+        &self,
+        start: u64,
+        end: Option<u64>,
+        budget: Option<usize>,
+    ) -> crate::error::Result<Vec<Entry>> {
         let cf = self.db.cf(CF_LOG)?;
         let from = index_key(start);
         let it = self.db.db.iterator_cf(
@@ -131,10 +142,15 @@ impl LogStore {
             rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
         );
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for item in it {
             let (k, v) = item?;
             let idx = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
             if end.is_some_and(|e| idx >= e) {
+                break;
+            }
+            bytes += v.len();
+            if budget.is_some_and(|b| bytes > b) && !out.is_empty() {
                 break;
             }
             out.push(decode(&v, || format!("log entry {idx}"))?);
@@ -162,7 +178,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&e) => Some(e),
             Bound::Unbounded => None,
         };
-        self.read_range(start, end).map_err(io_err)
+        self.read_range(start, end, None).map_err(io_err)
+    }
+
+    /// What the leader sends a follower in one AppendEntries: bounded by bytes as well as by
+    /// openraft's entry count, so that entries of megabytes never make a message larger than a
+    /// peer accepts.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        self.read_range(start, Some(end), Some(APPEND_BYTES))
+            .map_err(io_err)
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {

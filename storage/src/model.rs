@@ -51,6 +51,19 @@ pub const MAX_ENTRIES: u32 = 1 << 24;
 pub const MAX_BATCH_OPS: usize = 10_000;
 /// Most key and value bytes accepted in one client batch.
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Most bytes of actual values listed in a failed compare-and-swap's answer (the first
+/// mismatch is always listed).
+pub const MAX_CAS_REPLY_BYTES: usize = 1024 * 1024;
+/// Most client operations in one log entry (group commit stays within it).
+pub const MAX_PROPOSAL_OPS: usize = 2 * MAX_BATCH_OPS;
+/// Most key and value bytes in one log entry.
+pub const MAX_PROPOSAL_BYTES: usize = 2 * MAX_BATCH_BYTES;
+/// Most client batches in one log entry.
+pub const MAX_PROPOSAL_BATCHES: usize = MAX_PROPOSAL_OPS;
+/// Most administrative records in one log entry (raftmap writes one at a time).
+pub const MAX_PROPOSAL_ADMIN: usize = 16;
+/// Most maps a cluster holds.
+pub const MAX_MAPS: usize = 1024;
 
 /// How a node is reached: its peer (Raft) address and its client API address.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,7 +213,8 @@ pub enum Op {
 }
 
 impl Op {
-    fn payload_bytes(&self) -> usize {
+    /// Key and value bytes, as the batch size limit counts them.
+    pub fn payload_bytes(&self) -> usize {
         match self {
             Op::DeclareMap(_) => 0,
             Op::Put { key, value, .. } => key.len() + value.len(),
@@ -267,6 +281,46 @@ impl Proposal {
     pub fn op_count(&self) -> usize {
         self.batches.iter().map(|b| b.ops.len()).sum()
     }
+
+    /// Checks what can be checked without the state: every batch within the client batch
+    /// limits, and the entry within the log entry limits. A proposal from the network is
+    /// checked before it is appended.
+    pub fn check_size(&self) -> Result<(), ValidationError> {
+        let too_large = |what: &str, actual: usize, limit: usize| {
+            Err(ValidationError::BatchTooLarge {
+                what: what.into(),
+                actual,
+                limit,
+            })
+        };
+        if self.batches.len() > MAX_PROPOSAL_BATCHES {
+            return too_large(
+                "client batches in one entry",
+                self.batches.len(),
+                MAX_PROPOSAL_BATCHES,
+            );
+        }
+        if self.admin.len() > MAX_PROPOSAL_ADMIN {
+            return too_large(
+                "administrative records",
+                self.admin.len(),
+                MAX_PROPOSAL_ADMIN,
+            );
+        }
+        let (mut ops, mut bytes) = (0usize, 0usize);
+        for b in &self.batches {
+            check_batch_size(&b.ops)?;
+            ops += b.ops.len();
+            bytes += b.ops.iter().map(Op::payload_bytes).sum::<usize>();
+        }
+        if ops > MAX_PROPOSAL_OPS {
+            return too_large("operations in one entry", ops, MAX_PROPOSAL_OPS);
+        }
+        if bytes > MAX_PROPOSAL_BYTES {
+            return too_large("bytes in one entry", bytes, MAX_PROPOSAL_BYTES);
+        }
+        Ok(())
+    }
 }
 
 /// What happened to one client batch when its entry was applied.
@@ -274,8 +328,13 @@ impl Proposal {
 pub enum BatchOutcome {
     /// Every operation took effect.
     Applied,
-    /// A compare-and-swap did not match; nothing took effect. Lists `(op index, actual value)`.
-    CasFailed(Vec<(u32, Option<Vec<u8>>)>),
+    /// A compare-and-swap did not match; nothing took effect. Lists `(op index, actual value)`
+    /// of the mismatches, in order, while their values fit [`MAX_CAS_REPLY_BYTES`]; `omitted`
+    /// more are not listed.
+    CasFailed {
+        mismatches: Vec<(u32, Option<Vec<u8>>)>,
+        omitted: u32,
+    },
     /// The batch was invalid against the state at apply time; nothing took effect.
     Rejected(ValidationError),
 }
@@ -297,19 +356,48 @@ pub struct ClusterInfo {
 /// Read-only view of the schemas and entry counts used to validate a batch.
 pub trait SchemaView {
     fn schema(&self, name: &str) -> Option<&MapSchema>;
+    /// How many maps are declared.
+    fn map_count(&self) -> usize;
 }
 
 impl SchemaView for BTreeMap<String, MapSchema> {
     fn schema(&self, name: &str) -> Option<&MapSchema> {
         self.get(name)
     }
+
+    fn map_count(&self) -> usize {
+        self.len()
+    }
 }
 
-/// Stateless checks of a client batch against the schemas: sizes, names, limits.
-///
-/// Schemas declared earlier in the same batch count. Entry-count limits and
-/// compare-and-swap conditions depend on the data and are checked at apply time.
-pub fn validate_batch(ops: &[Op], schemas: &dyn SchemaView) -> Result<(), ValidationError> {
+/// Cuts `items`, in order, into runs that each fit one client batch: at most
+/// [`MAX_BATCH_OPS`] items and [`MAX_BATCH_BYTES`] payload bytes (`bytes` gives an item's, as
+/// [`Op::payload_bytes`] counts it). Batches raftmap builds by itself are cut this way, so
+/// that none is refused for its size.
+pub fn batch_runs<T>(
+    items: impl IntoIterator<Item = T>,
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<Vec<T>> {
+    let mut runs = Vec::new();
+    let (mut run, mut run_bytes) = (Vec::new(), 0usize);
+    for item in items {
+        let b = bytes(&item);
+        if !run.is_empty() && (run.len() == MAX_BATCH_OPS || run_bytes + b > MAX_BATCH_BYTES) {
+            runs.push(std::mem::take(&mut run));
+            run_bytes = 0;
+        }
+        run_bytes += b;
+        run.push(item);
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
+}
+
+/// A client batch's size against the limits: not empty, at most [`MAX_BATCH_OPS`] operations
+/// and [`MAX_BATCH_BYTES`] bytes.
+fn check_batch_size(ops: &[Op]) -> Result<(), ValidationError> {
     if ops.is_empty() {
         return Err(ValidationError::EmptyBatch);
     }
@@ -328,7 +416,17 @@ pub fn validate_batch(ops: &[Op], schemas: &dyn SchemaView) -> Result<(), Valida
             limit: MAX_BATCH_BYTES,
         });
     }
+    Ok(())
+}
+
+/// Stateless checks of a client batch against the schemas: sizes, names, limits.
+///
+/// Schemas declared earlier in the same batch count. Entry-count limits and
+/// compare-and-swap conditions depend on the data and are checked at apply time.
+pub fn validate_batch(ops: &[Op], schemas: &dyn SchemaView) -> Result<(), ValidationError> {
+    check_batch_size(ops)?;
     let mut declared: BTreeMap<&str, &MapSchema> = BTreeMap::new();
+    let mut new_maps = 0usize;
     for op in ops {
         let lookup = |map: &str| -> Result<MapSchema, ValidationError> {
             declared
@@ -340,13 +438,21 @@ pub fn validate_batch(ops: &[Op], schemas: &dyn SchemaView) -> Result<(), Valida
         match op {
             Op::DeclareMap(schema) => {
                 schema.validate()?;
-                if let Ok(existing) = lookup(&schema.name) {
-                    if &existing != schema {
+                match lookup(&schema.name) {
+                    Ok(existing) if &existing != schema => {
                         return Err(ValidationError::SchemaConflict {
                             existing: existing.to_string(),
                             requested: schema.to_string(),
                         });
                     }
+                    Ok(_) => {}
+                    Err(_) if schemas.map_count() + new_maps >= MAX_MAPS => {
+                        return Err(ValidationError::TooManyMaps {
+                            map: schema.name.clone(),
+                            limit: MAX_MAPS,
+                        });
+                    }
+                    Err(_) => new_maps += 1,
                 }
                 declared.insert(&schema.name, schema);
             }
@@ -418,6 +524,31 @@ fn check_value(schema: &MapSchema, value: &[u8]) -> Result<(), ValidationError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_runs_fit_the_limits_of_a_client_batch_in_order() {
+        let schemas = BTreeMap::from([("m".to_string(), MapSchema::hash("m", 16, 1024, 1 << 20))]);
+        let put = |i: u32| Op::Put {
+            map: "m".into(),
+            key: [i.to_be_bytes().as_slice(), &[0; 12]].concat(),
+            value: vec![1; 1024],
+        };
+        // 20,000 puts of 1 KiB: 20.8 MB, over two batches' worth of bytes but under two of ops.
+        let runs = batch_runs((0..20_000).map(put), Op::payload_bytes);
+        assert_eq!(runs.len(), 3);
+        for run in &runs {
+            validate_batch(run, &schemas).unwrap();
+        }
+        let flat: Vec<Op> = runs.into_iter().flatten().collect();
+        assert_eq!(flat, (0..20_000).map(put).collect::<Vec<_>>());
+        // Small operations are cut by count.
+        let runs = batch_runs(0..25_000, |_| 1);
+        assert_eq!(
+            runs.iter().map(Vec::len).collect::<Vec<_>>(),
+            [10_000, 10_000, 5_000]
+        );
+        assert!(batch_runs(Vec::<u8>::new(), |_| 1).is_empty());
+    }
 
     fn schemas() -> BTreeMap<String, MapSchema> {
         let mut m = BTreeMap::new();

@@ -7,15 +7,15 @@
 
 use foldhash::{HashMap, HashMapExt};
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{Cursor, Write};
-use std::path::{Path, PathBuf};
+use std::io::Cursor;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::db::{data_key, decode, encode, map_prefix, split_data_key, Db, CF_SM_DATA, CF_SM_META};
@@ -23,15 +23,20 @@ use crate::error::{Result, StorageError, ValidationError};
 use crate::model::{
     validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, Entry, LogId,
     MapSchema, MapType, NodeId, Op, Snapshot, SnapshotMeta, Source, StoredMembership, TypeConfig,
+    MAX_CAS_REPLY_BYTES,
 };
+use crate::snapshot::{self, snapshot_name, SnapshotPayload, StoredSnapshot};
 
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_CLUSTER: &[u8] = b"cluster";
 const PREFIX_SCHEMA: &str = "schema/";
 const PREFIX_COUNT: &str = "count/";
-/// How many applied entries are kept in memory for watchers that resume from an index.
+/// How many applied entries are kept in memory for watchers that resume from an index, or that
+/// fell behind the live changes...
 const RECENT_EVENTS: usize = 4096;
+/// ...and how many bytes of changes at most (the oldest entries go first).
+const RECENT_BYTES: usize = 64 * 1024 * 1024;
 
 /// One change to one key, as committed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +72,23 @@ impl SmEvent {
             SmEvent::Applied { index, .. } | SmEvent::SnapshotInstalled { index } => *index,
         }
     }
+
+    /// Roughly the memory its changes hold.
+    fn bytes(&self) -> usize {
+        match self {
+            SmEvent::Applied { changes, .. } => changes
+                .iter()
+                .map(|c| {
+                    64 + match c {
+                        Change::Declare(s) => s.name.len(),
+                        Change::Put { map, key, value } => map.len() + key.len() + value.len(),
+                        Change::Delete { map, key } => map.len() + key.len(),
+                    }
+                })
+                .sum(),
+            SmEvent::SnapshotInstalled { .. } => 64,
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -84,13 +106,16 @@ struct Recent {
     /// Every event with an index above `floor` is in `events`.
     floor: u64,
     events: VecDeque<Arc<SmEvent>>,
+    /// What `events` hold, as [`SmEvent::bytes`] counts it.
+    bytes: usize,
+    /// Index of the last snapshot installed (0: none since start).
+    snapshot: u64,
 }
 
 #[derive(Debug)]
 struct Shared {
     db: Arc<Db>,
     cache: RwLock<Cache>,
-    events: broadcast::Sender<Arc<SmEvent>>,
     recent: Mutex<Recent>,
     applied_tx: watch::Sender<u64>,
 }
@@ -100,6 +125,9 @@ struct Shared {
 pub struct StateView {
     shared: Arc<Shared>,
 }
+
+/// A map's entries: `(key, value)` pairs.
+pub type MapEntries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Every map's full contents, by name: `(key, value)` pairs.
 pub type MapContents = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
@@ -134,30 +162,6 @@ impl std::fmt::Debug for StateMachine {
     }
 }
 
-/// The snapshot as it travels: the whole replicated state.
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotPayload {
-    cluster: ClusterInfo,
-    schemas: Vec<MapSchema>,
-    /// `(data key, value)`, sorted.
-    entries: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// The snapshot as stored on disk.
-#[derive(Debug, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    data: Vec<u8>,
-}
-
-/// A snapshot's name in logs and errors: the log id it ends at.
-fn snapshot_name(meta: &SnapshotMeta) -> String {
-    match &meta.last_log_id {
-        Some(l) => format!("{}-{}", l.leader_id.term, l.index),
-        None => "empty".into(),
-    }
-}
-
 fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
     std::io::Error::other(e)
 }
@@ -170,15 +174,13 @@ impl StateMachine {
     ) -> Result<(Self, StateView)> {
         let cache = load_cache(&db)?;
         let applied = cache.applied.map_or(0, |l| l.index);
-        let (events, _) = broadcast::channel(1024);
         let (applied_tx, _) = watch::channel(applied);
         let shared = Arc::new(Shared {
             db,
             cache: RwLock::new(cache),
-            events,
             recent: Mutex::new(Recent {
                 floor: applied,
-                events: VecDeque::new(),
+                ..Recent::default()
             }),
             applied_tx,
         });
@@ -287,8 +289,14 @@ impl StateMachine {
                 None => batch.delete_cf(data_cf, k),
             }
         }
-        for (map, count) in &work.counts {
-            batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());
+        {
+            // Only the counts this call changed (or created) are written.
+            let before = &read_cache(shared).counts;
+            for (map, count) in &work.counts {
+                if before.get(map) != Some(count) {
+                    batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());
+                }
+            }
         }
         for name in &touched_schemas {
             if let Some(s) = work.schemas.get(name) {
@@ -324,8 +332,7 @@ impl StateMachine {
     }
 
     fn install(&self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<()> {
-        let payload: SnapshotPayload =
-            decode(&data, || format!("snapshot {}", snapshot_name(meta)))?;
+        let payload = snapshot::decode_data(&data, &format!("snapshot {}", snapshot_name(meta)))?;
         let db = &self.shared.db;
         let data_cf = db.cf(CF_SM_DATA)?;
         let meta_cf = db.cf(CF_SM_META)?;
@@ -377,7 +384,7 @@ impl StateMachine {
         );
         batch.put_cf(meta_cf, KEY_CLUSTER, encode(&cache.cluster, "cluster")?);
         db.db.write_opt(batch, &db.write_opts(true))?;
-        write_snapshot_file(
+        snapshot::write_file(
             &self.snapshot_path,
             &StoredSnapshot {
                 meta: meta.clone(),
@@ -415,6 +422,7 @@ fn stage_batch<'a>(
     let mut declared: Vec<MapSchema> = Vec::new();
     let mut count_delta: HashMap<&str, i64> = HashMap::new();
     let mut mismatches = Vec::new();
+    let (mut listed_bytes, mut omitted) = (0usize, 0u32);
     let data_cf = db.cf(CF_SM_DATA)?;
     let read = rocksdb::ReadOptions::default();
     // What this apply call has staged for `k` (`Some(None)`: deleted), if anything.
@@ -455,8 +463,16 @@ fn stage_batch<'a>(
                 let k = data_key(map, key);
                 let actual = current(&k, &latest)?;
                 if &actual != expected {
-                    // Index fits: batches hold at most MAX_BATCH_OPS operations.
-                    mismatches.push((i as u32, actual));
+                    // The answer lists mismatches within a byte budget: 10k failed CAS
+                    // against 64 KiB values must not make every node hold 625 MiB.
+                    let size = actual.as_ref().map_or(0, Vec::len);
+                    if mismatches.is_empty() || listed_bytes + size <= MAX_CAS_REPLY_BYTES {
+                        listed_bytes += size;
+                        // Index fits: batches hold at most MAX_BATCH_OPS operations.
+                        mismatches.push((i as u32, actual));
+                    } else {
+                        omitted += 1;
+                    }
                     continue;
                 }
                 (map, key, new.as_deref())
@@ -470,7 +486,10 @@ fn stage_batch<'a>(
         local.push((k, new));
     }
     if !mismatches.is_empty() {
-        return Ok(BatchOutcome::CasFailed(mismatches));
+        return Ok(BatchOutcome::CasFailed {
+            mismatches,
+            omitted,
+        });
     }
     let schema_of = |name: &str| {
         work.schemas
@@ -529,24 +548,27 @@ fn write_cache(shared: &Shared) -> std::sync::RwLockWriteGuard<'_, Cache> {
 }
 
 impl Shared {
+    /// Keeps an applied entry's event for watchers (they learn of it from the applied index,
+    /// which is published after this).
     fn publish(&self, ev: SmEvent) {
-        let ev = Arc::new(ev);
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let SmEvent::SnapshotInstalled { index } = ev {
+            recent.events.clear();
+            recent.bytes = 0;
+            recent.floor = index;
+            recent.snapshot = index;
+            return;
+        }
+        recent.bytes += ev.bytes();
+        recent.events.push_back(Arc::new(ev));
+        while recent.events.len() > RECENT_EVENTS
+            || (recent.bytes > RECENT_BYTES && recent.events.len() > 1)
         {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if let SmEvent::SnapshotInstalled { index } = *ev {
-                recent.events.clear();
-                recent.floor = index;
-            } else {
-                recent.events.push_back(ev.clone());
-            }
-            while recent.events.len() > RECENT_EVENTS {
-                if let Some(old) = recent.events.pop_front() {
-                    recent.floor = old.index();
-                }
+            if let Some(old) = recent.events.pop_front() {
+                recent.floor = old.index();
+                recent.bytes -= old.bytes();
             }
         }
-        // No receivers is fine.
-        let _ = self.events.send(ev);
     }
 }
 
@@ -578,36 +600,6 @@ fn load_cache(db: &Db) -> Result<Cache> {
     Ok(cache)
 }
 
-fn write_snapshot_file(path: &Path, snap: &StoredSnapshot) -> Result<()> {
-    let io = |source| StorageError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let bytes = encode(snap, "snapshot")?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
-    Ok(())
-}
-
-fn read_snapshot_file(path: &Path) -> Result<Option<StoredSnapshot>> {
-    match std::fs::read(path) {
-        Ok(bytes) => decode(&bytes, || path.display().to_string()).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StorageError::Io {
-            path: path.display().to_string(),
-            source,
-        }),
-    }
-}
-
 /// Builds a snapshot from a copy of the state taken between two applies.
 #[derive(Debug)]
 pub struct SnapshotBuilder {
@@ -628,12 +620,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             .payload
             .take()
             .ok_or_else(|| std::io::Error::other("snapshot builder used twice"))?;
-        let data = encode(&payload, "snapshot payload").map_err(io_err)?;
+        let data = snapshot::encode_data(&payload).map_err(io_err)?;
         let stored = StoredSnapshot {
             meta: self.meta.clone(),
             data,
         };
-        write_snapshot_file(&self.snapshot_path, &stored).map_err(io_err)?;
+        snapshot::write_file(&self.snapshot_path, &stored).map_err(io_err)?;
         tracing::info!(snapshot = %snapshot_name(&stored.meta), entries = payload.entries.len(), "built snapshot");
         Ok(Snapshot {
             meta: stored.meta,
@@ -709,7 +701,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> std::io::Result<Option<Snapshot>> {
-        let stored = read_snapshot_file(&self.snapshot_path).map_err(io_err)?;
+        let stored = match snapshot::read_file(&self.snapshot_path) {
+            Ok(s) => s,
+            Err(e @ (StorageError::BadSnapshot { .. } | StorageError::Decode { .. })) => {
+                // Never used nor sent: a snapshot of the state as it is now replaces it (this
+                // runs between two applies, so the state is exactly the applied index).
+                tracing::error!(error = %e, path = %self.snapshot_path.display(), "the current snapshot is corrupt; building a new one from the state machine");
+                let mut builder = self.get_snapshot_builder().await;
+                return builder.build_snapshot().await.map(Some);
+            }
+            Err(e) => return Err(io_err(e)),
+        };
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Cursor::new(s.data),
@@ -756,6 +758,18 @@ impl StateView {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(self.scan_page(map, after, limit, usize::MAX)?.0)
+    }
+
+    /// One page of a map's entries after `after`, in key order: at most `limit` entries and,
+    /// beyond the first, `max_bytes` of keys and values. The flag says whether more follow.
+    pub fn scan_page(
+        &self,
+        map: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(MapEntries, bool)> {
         let db = &self.shared.db;
         let prefix = map_prefix(map);
         let start = after.map_or_else(|| prefix.clone(), |a| data_key(map, a));
@@ -764,21 +778,23 @@ impl StateView {
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for item in it {
             let (k, v) = item?;
             if !k.starts_with(&prefix) {
-                break;
+                return Ok((out, false));
             }
             let key = &k[prefix.len()..];
             if after.is_some_and(|a| a == key) {
                 continue;
             }
-            out.push((key.to_vec(), v.to_vec()));
-            if out.len() >= limit {
-                break;
+            bytes += key.len() + v.len();
+            if out.len() >= limit || (bytes > max_bytes && !out.is_empty()) {
+                return Ok((out, true));
             }
+            out.push((key.to_vec(), v.to_vec()));
         }
-        Ok(out)
+        Ok((out, false))
     }
 
     pub fn schema(&self, map: &str) -> Option<MapSchema> {
@@ -811,13 +827,25 @@ impl StateView {
         read_cache(&self.shared).membership.clone()
     }
 
-    /// Subscribes to events of entries applied from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<SmEvent>> {
-        self.shared.events.subscribe()
+    /// Waits until the applied index passes `index`; false once the state machine is gone.
+    pub async fn wait_past(&self, index: u64) -> bool {
+        let mut rx = self.shared.applied_tx.subscribe();
+        let passed = rx.wait_for(|a| *a > index).await.is_ok();
+        passed
+    }
+
+    /// Index of the last snapshot this node installed since it started (0: none).
+    pub fn last_snapshot_installed(&self) -> u64 {
+        self.shared
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot
     }
 
     /// Events with index greater than `after` still held in memory, or `None` when some of them
-    /// are no longer held (the caller must then start from a full read).
+    /// are no longer held (the caller must then start from a full read). At most
+    /// `RECENT_EVENTS` entries and `RECENT_BYTES` of changes are held.
     pub fn events_since(&self, after: u64) -> Option<Vec<Arc<SmEvent>>> {
         let recent = self.shared.recent.lock().unwrap_or_else(|p| p.into_inner());
         if after < recent.floor {

@@ -52,7 +52,6 @@ fn dump(view: &StateView) -> Vec<(Vec<u8>, Vec<u8>)> {
 async fn batches_are_atomic_and_outcomes_are_per_batch() {
     let dir = tempfile::tempdir().unwrap();
     let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
-    let mut events = view.subscribe();
     let res = sm
         .apply_entries(vec![
             entry(1, vec![vec![Op::DeclareMap(schema(3)), put(1, 1)]]),
@@ -96,7 +95,13 @@ async fn batches_are_atomic_and_outcomes_are_per_batch() {
         .unwrap();
     assert_eq!(res[0].outcomes, vec![BatchOutcome::Applied]);
     let o = &res[1].outcomes;
-    assert_eq!(o[0], BatchOutcome::CasFailed(vec![(1, Some(vec![0, 1]))]));
+    assert_eq!(
+        o[0],
+        BatchOutcome::CasFailed {
+            mismatches: vec![(1, Some(vec![0, 1]))],
+            omitted: 0
+        }
+    );
     assert_eq!(o[1], BatchOutcome::Applied);
     assert!(matches!(
         &o[2],
@@ -122,10 +127,10 @@ async fn batches_are_atomic_and_outcomes_are_per_batch() {
     assert_eq!(view.applied_index(), 2);
 
     // Observers get each entry's effective changes in order, with the batches' origins.
-    let first = events.recv().await.unwrap();
-    assert_eq!(first.index(), 1);
-    let second = events.recv().await.unwrap();
-    match &*second {
+    let events = view.events_since(0).unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].index(), 1);
+    match &*events[1] {
         SmEvent::Applied {
             index,
             changes,
@@ -197,17 +202,16 @@ async fn snapshot_replaces_the_state_of_another_node() {
     )])
     .await
     .unwrap();
-    let mut events = vb.subscribe();
+    assert_eq!(vb.last_snapshot_installed(), 0);
     b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
     assert_eq!(
         dump(&vb),
         vec![(vec![0, 1], vec![0, 1]), (vec![0, 2], vec![0, 2])]
     );
     assert_eq!(vb.entry_count("ct"), 2);
-    assert_eq!(
-        *events.recv().await.unwrap(),
-        SmEvent::SnapshotInstalled { index: 1 }
-    );
+    // Watchers behind the snapshot learn that it replaced the state.
+    assert_eq!(vb.last_snapshot_installed(), 1);
+    assert!(vb.events_since(0).is_none());
     // The installed snapshot is B's current one, and survives a restart.
     let current = b.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta, snap.meta);
@@ -215,4 +219,95 @@ async fn snapshot_replaces_the_state_of_another_node() {
     let (_lb, _b, vb) = open(b_dir.path(), StoreOptions::default(), None).unwrap();
     assert_eq!(vb.applied_index(), 1);
     assert_eq!(vb.entry_count("ct"), 2);
+}
+
+/// The write-ahead log files of a store, largest first.
+fn wal_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<_> = std::fs::read_dir(dir.join("db"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort_by_key(|p| std::cmp::Reverse(std::fs::metadata(p).unwrap().len()));
+    logs
+}
+
+#[tokio::test]
+async fn a_corrupt_record_in_the_middle_of_the_wal_refuses_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm, _view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+        sm.apply_entries(vec![entry(1, vec![vec![Op::DeclareMap(schema(1000))]])])
+            .await
+            .unwrap();
+        for i in 0..200u64 {
+            sm.apply_entries(vec![entry(i + 2, vec![vec![put(i as u8, i as u8)]])])
+                .await
+                .unwrap();
+        }
+    }
+    let wal = wal_files(dir.path()).remove(0);
+    let mut bytes = std::fs::read(&wal).unwrap();
+    assert!(
+        bytes.len() > 4096,
+        "the entries are in the WAL: {}",
+        bytes.len()
+    );
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&wal, bytes).unwrap();
+    let err = open(dir.path(), StoreOptions::default(), None)
+        .expect_err("a store with a corrupt WAL record opened");
+    let msg = err.to_string();
+    let name = wal.file_name().unwrap().to_string_lossy().to_string();
+    assert!(msg.contains("Corruption"), "{msg}");
+    assert!(
+        msg.contains(&name),
+        "the error names the WAL file {name}: {msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_file_is_never_used_and_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+    sm.apply_entries(vec![entry(
+        1,
+        vec![vec![Op::DeclareMap(schema(10)), put(1, 1), put(2, 2)]],
+    )])
+    .await
+    .unwrap();
+    let built = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    // One byte of a value flipped on disk.
+    let path = dir.path().join("snapshot.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() - 1;
+    bytes[at] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, built.meta);
+    assert_eq!(
+        current.snapshot.get_ref(),
+        built.snapshot.get_ref(),
+        "the snapshot handed out is the state, not the corrupt file"
+    );
+    // The rebuilt file is sound again, and installs on another node.
+    assert_ne!(std::fs::read(&path).unwrap(), bytes);
+    let b_dir = tempfile::tempdir().unwrap();
+    let (_lb, mut b, vb) = open(b_dir.path(), StoreOptions::default(), None).unwrap();
+    b.install_snapshot(&current.meta, current.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(dump(&vb), dump(&view));
+    // Corrupt data received is refused before anything of it is installed.
+    let mut bad = built.snapshot.into_inner();
+    let at = bad.len() - 1;
+    bad[at] ^= 1;
+    let err = check_snapshot_data(&bad).unwrap_err().to_string();
+    assert!(err.contains("checksum mismatch"), "{err}");
 }
