@@ -7,6 +7,12 @@
 //! register's value — are remembered, which keeps the search polynomial on real histories.
 //! Operations whose outcome is unknown may be placed anywhere after their invocation, or not at
 //! all.
+//!
+//! Many operations of unknown outcome on one key can still make the search explode, so it runs
+//! within a [`Budget`] (configurations remembered, and time): past it the verdict is
+//! [`Verdict::Unknown`], which fails a run as loudly as an anomaly. The harness keeps keys
+//! small (it moves clients to fresh keys after a bounded number of operations), so real runs
+//! stay far inside it.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -15,10 +21,36 @@ use crate::history::{Func, Operation};
 /// The register's value (`None`: absent).
 type State = Option<i64>;
 
+/// How much the search of one key may take.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Configurations remembered (each is the set of operations placed and a value: about
+    /// `ops / 8 + 48` bytes).
+    pub max_configs: usize,
+    pub max_time: std::time::Duration,
+}
+
+impl Default for Budget {
+    /// About 1 GiB of memory at a thousand operations on a key, and 20 seconds.
+    fn default() -> Self {
+        Self {
+            max_configs: 4_000_000,
+            max_time: std::time::Duration::from_secs(20),
+        }
+    }
+}
+
 /// The checker's verdict on one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Linearizable,
+    /// The search ran out of its budget before it could decide: the history is neither shown
+    /// linearizable nor shown not to be.
+    Unknown {
+        key: u64,
+        ops: usize,
+        reason: String,
+    },
     /// No order explains the results. `op` is the operation that could not be placed before it
     /// completed, `placed` the longest sequence of operations placed before the search gave up
     /// (a witness of how far an explanation gets), `concurrent` the operations overlapping `op`.
@@ -64,8 +96,14 @@ impl Bits {
     }
 }
 
-/// Checks one key's operations.
+/// Checks one key's operations within the default budget.
 pub fn check_key(key: u64, ops: &[Operation]) -> Verdict {
+    check_key_within(key, ops, Budget::default())
+}
+
+/// Checks one key's operations within `budget`.
+pub fn check_key_within(key: u64, ops: &[Operation], budget: Budget) -> Verdict {
+    let started = std::time::Instant::now();
     let n = ops.len();
     if n == 0 {
         return Verdict::Linearizable;
@@ -122,9 +160,46 @@ pub fn check_key(key: u64, ops: &[Operation]) -> Verdict {
     let mut stack: Vec<(usize, State)> = Vec::new();
     let mut best: Vec<usize> = Vec::new();
     let mut cur = entries[0].next;
+    let mut steps = 0u64;
     while cur < end {
+        steps += 1;
+        if steps % 4096 == 0 {
+            let over = if cache.len() > budget.max_configs {
+                Some(format!(
+                    "more than {} configurations to remember",
+                    budget.max_configs
+                ))
+            } else if started.elapsed() > budget.max_time {
+                Some(format!("more than {:?} of search", budget.max_time))
+            } else {
+                None
+            };
+            if let Some(reason) = over {
+                return Verdict::Unknown {
+                    key,
+                    ops: n,
+                    reason,
+                };
+            }
+        }
         let e = entries[cur];
-        if e.call {
+        // Two unplaced operations of unknown outcome with the same function are
+        // interchangeable (neither must return, and the earlier one may go wherever the later
+        // one can): only the earlier of them is tried.
+        let twin = e.call && !known(e.op) && {
+            let mut c = entries[0].next;
+            let mut found = false;
+            while c != cur {
+                let x = entries[c];
+                if x.call && !known(x.op) && ops[x.op].f == ops[e.op].f {
+                    found = true;
+                    break;
+                }
+                c = x.next;
+            }
+            found
+        };
+        if e.call && !twin {
             if let Some(next_state) = step(state, &ops[e.op].f) {
                 let mut with = placed.clone();
                 with.set(e.op);
@@ -141,6 +216,8 @@ pub fn check_key(key: u64, ops: &[Operation]) -> Verdict {
                     continue;
                 }
             }
+            cur = e.next;
+        } else if e.call {
             cur = e.next;
         } else if !known(e.op) {
             // Only operations of unknown outcome are left unplaced: they need not have happened.
@@ -183,7 +260,8 @@ fn not_linearizable(key: u64, ops: &[Operation], best: &[usize]) -> Verdict {
     }
 }
 
-/// Checks every key of a history; returns the verdict for each key that is not linearizable.
+/// Checks every key of a history; returns the verdict for each key that is not shown
+/// linearizable (not linearizable, or undecided within the budget).
 pub fn check(ops: &[Operation]) -> Vec<Verdict> {
     let mut by_key: BTreeMap<u64, Vec<Operation>> = BTreeMap::new();
     for o in ops {
@@ -219,7 +297,8 @@ pub fn shrink(key: u64, ops: &[Operation], budget: std::time::Duration) -> Vec<O
             _ => true,
         })
     };
-    let fails = |o: &[Operation]| closed(o) && check_key(key, o) != Verdict::Linearizable;
+    let fails =
+        |o: &[Operation]| closed(o) && matches!(check_key(key, o), Verdict::NotLinearizable { .. });
     let mut cur: Vec<Operation> = ops.to_vec();
     if let Verdict::NotLinearizable { op, .. } = check_key(key, &cur) {
         if let Some(ret) = op.ret {
@@ -435,6 +514,31 @@ mod tests {
             bad[i].f = Read(Some(v + 100));
         }
         assert_eq!(check(&bad).len(), 1);
+    }
+
+    #[test]
+    fn a_search_past_its_budget_is_undecided_not_valid() {
+        // Many concurrent writes of unknown outcome and reads: a large search space.
+        let mut ev = Vec::new();
+        for p in 0..40u64 {
+            ev.push((p, Invoke, Write(p as i64), p));
+            ev.push((p, Info, Write(p as i64), 1000 + p));
+        }
+        for p in 40..80u64 {
+            ev.push((p, Invoke, Read(None), 2000 + p));
+            ev.push((p, Ok, Read(Some((p % 40) as i64)), 3000 + p));
+        }
+        let ops = h(&ev);
+        let tight = Budget {
+            max_configs: 10_000,
+            max_time: std::time::Duration::from_secs(5),
+        };
+        match check_key_within(1, &ops, tight) {
+            Verdict::Unknown { reason, .. } => {
+                assert!(reason.contains("configurations"), "{reason}")
+            }
+            other => panic!("expected an undecided verdict, got {other:?}"),
+        }
     }
 
     #[test]

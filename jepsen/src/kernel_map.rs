@@ -570,7 +570,10 @@ pub fn check(
         .iter()
         .filter(|f| f.fault == Fault::Membership && f.error.is_none())
         .filter_map(|f| {
-            let n = f.what.strip_prefix("membership remove n")?;
+            let n = f
+                .what
+                .strip_prefix("membership remove n")
+                .or_else(|| f.what.strip_prefix("membership replace n"))?;
             let n = n
                 .split(|c: char| !c.is_ascii_digit())
                 .next()?
@@ -808,6 +811,15 @@ mod tests {
         );
         assert!(r.valid(), "{r:?}");
         assert_eq!(r.coalesced, 1);
+        // The same when it was replaced by a new node.
+        let r = check(
+            &history,
+            &samples,
+            &streams,
+            &[window("membership replace n2 with n5", 5)],
+            (vec![], 1),
+        );
+        assert!(r.valid(), "{r:?}");
         // Or node 2 wrote again before capturing 11: coalesced, and 11 is a local state only.
         history.push(ok(2, 1, Func::Write(12), 4));
         let r = check(&history, &samples, &streams, &[], (vec![], 1));

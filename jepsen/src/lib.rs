@@ -5,12 +5,14 @@
 //! linearizability with shrinking, lost and unexpected set elements, kernel-map convergence
 //! and order.
 
+pub mod availability;
 pub mod checker;
 pub mod history;
 pub mod kernel_map;
+pub mod keys;
 pub mod nemesis;
 pub mod plot;
 pub mod run;
 
-pub use checker::{check, check_key, Verdict};
+pub use checker::{check, check_key, check_key_within, Budget, Verdict};
 pub use history::{operations, parse, Event, EventType, Func, HistoryError, Operation};

@@ -43,6 +43,8 @@ enum Cmd {
         nemesis: Vec<Fault>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Keys in use at a time. Register runs move clients to a fresh key after 100
+        /// operations on one, so that each key's history stays decidable.
         #[arg(long, default_value_t = 4)]
         keys: u64,
         #[arg(long, default_value_t = 6)]
@@ -60,10 +62,79 @@ enum Cmd {
         #[arg(long)]
         loopback: bool,
     },
+    /// Check a register history written by an earlier run (`history.jsonl`) for
+    /// linearizability again, key by key; exits non-zero unless every key is shown
+    /// linearizable.
+    Check {
+        history: PathBuf,
+        /// Seconds the search of one key may take.
+        #[arg(long, default_value_t = 20)]
+        key_time_limit: u64,
+    },
+}
+
+/// `raftmap-jepsen check`.
+fn check_history(path: &std::path::Path, key_time_limit: u64) -> Result<()> {
+    use raftmap_jepsen::{check_key_within, operations, parse, Budget};
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let ops = operations(&parse(&text)?)?;
+    let mut keys: std::collections::BTreeMap<u64, Vec<_>> = Default::default();
+    for o in ops {
+        keys.entry(o.key).or_default().push(o);
+    }
+    let budget = Budget {
+        max_time: Duration::from_secs(key_time_limit),
+        ..Budget::default()
+    };
+    let mut bad = 0;
+    for (key, ops) in &keys {
+        let started = std::time::Instant::now();
+        let verdict = check_key_within(*key, ops, budget);
+        let took = started.elapsed();
+        match verdict {
+            Verdict::Linearizable => {
+                println!(
+                    "key {key}: {} operations, linearizable ({took:.2?})",
+                    ops.len()
+                )
+            }
+            Verdict::Unknown { reason, .. } => {
+                bad += 1;
+                println!("key {key}: {} operations, UNDECIDED ({reason})", ops.len());
+            }
+            Verdict::NotLinearizable { op, .. } => {
+                bad += 1;
+                println!(
+                    "key {key}: {} operations, NOT LINEARIZABLE at {:?} by process {}",
+                    ops.len(),
+                    op.f,
+                    op.process
+                );
+            }
+        }
+    }
+    if bad > 0 {
+        println!(
+            "INVALID: {bad} of {} keys not shown linearizable",
+            keys.len()
+        );
+        std::process::exit(1);
+    }
+    println!("valid: {} keys", keys.len());
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let cmd = Cli::parse().cmd;
+    if let Cmd::Check {
+        history,
+        key_time_limit,
+    } = &cmd
+    {
+        return check_history(history, *key_time_limit);
+    }
     let Cmd::Test {
         nodes,
         time_limit,
@@ -76,7 +147,10 @@ async fn main() -> Result<()> {
         raftmap,
         unsafe_local_reads,
         loopback,
-    } = Cli::parse().cmd;
+    } = cmd
+    else {
+        return Ok(());
+    };
     let bin = match raftmap {
         Some(b) => b,
         None => std::env::current_exe()?
@@ -121,6 +195,11 @@ async fn main() -> Result<()> {
         out.display()
     );
     for v in &report.anomalies {
+        if let Verdict::Unknown { key, ops, reason } = v {
+            println!(
+                "UNDECIDED on key {key}: the linearizability search of its {ops} operations stopped ({reason}); the run proves nothing about it"
+            );
+        }
         if let Verdict::NotLinearizable {
             key,
             op,
@@ -189,6 +268,24 @@ async fn main() -> Result<()> {
         for s in &k.statuses {
             println!("  {s}");
         }
+    }
+    match report.recovery.took_s {
+        Some(t) => println!(
+            "recovery: every live member served a write and a linearizable read {t:.2} s after the faults were healed (bound {} s)",
+            report.recovery.bound_s
+        ),
+        None => println!(
+            "NOT RECOVERED within {} s of the faults being healed: {}",
+            report.recovery.bound_s,
+            report.recovery.failed.join("; ")
+        ),
+    }
+    if !report.outages.is_empty() {
+        let total: f64 = report.outages.iter().map(|o| o.length_s).sum();
+        println!(
+            "no operation succeeded for {total:.1} s in {} stretches of 1 s or more (results.json has each, with its faults)",
+            report.outages.len()
+        );
     }
     if !report.valid {
         println!("INVALID");

@@ -4,8 +4,9 @@
 //! different kinds), so that a pause lands during a partition or a kill during a membership
 //! change. Partitions come in the shapes Jepsen uses: random halves, the leader alone, the
 //! leader in a minority, a bridge (two halves that both hear one node) and a ring (each node
-//! hears only its neighbours). Membership changes add a fresh node (join as learner, promote)
-//! or remove a voter, keeping at least as many voters as the run started with.
+//! hears only its neighbours). A membership change replaces a voter as an operator would: a
+//! fresh node joins as a learner, is promoted, and then an old voter is removed, so the voters
+//! never wear down.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -31,7 +32,8 @@ pub enum Fault {
     Pause,
     /// Cut the network into one of the partition shapes, then heal.
     Partition,
-    /// Add a node (learner, then voter) or remove a voter, under load.
+    /// Replace a voter under load: a new node joins as a learner and is promoted, then an old
+    /// voter is removed.
     Membership,
 }
 
@@ -249,7 +251,6 @@ pub struct Nemesis<'a> {
     faults: Vec<Fault>,
     rng: StdRng,
     start: Instant,
-    min_voters: usize,
     next_id: NodeId,
     active: Vec<Active>,
     log: Vec<FaultWindow>,
@@ -269,7 +270,6 @@ impl<'a> Nemesis<'a> {
         let ids = cluster.ids();
         Self {
             next_id: ids.iter().max().copied().unwrap_or(0) + 1,
-            min_voters: ids.len(),
             cluster,
             members,
             setup,
@@ -525,84 +525,81 @@ impl<'a> Nemesis<'a> {
         Ok(())
     }
 
-    /// Adds a node (join as a learner, wait until it is ready, promote) or removes a voter that
-    /// is not under another fault; returns what was done and, if the cluster refused or did not
-    /// answer in time, why.
+    /// Replaces a voter, as an operator would: a fresh node joins as a learner, is promoted
+    /// once ready, and only then is a voter that is not under another fault removed, so the
+    /// number of voters never wears down. Returns what was done and, if the cluster refused a
+    /// step or did not answer in time, why.
     async fn change_membership(&mut self) -> Result<(String, Option<String>), RunError> {
-        let ids = self.members.ids();
-        // Between the starting size and two more: long runs do not pile up nodes.
-        let grow = ids.len() <= self.min_voters
-            || (ids.len() < self.min_voters + 2 && self.rng.gen_bool(0.5));
         let within = Duration::from_secs(8);
-        if grow {
-            let id = self.next_id;
-            self.next_id += 1;
-            let args = self.setup.prepare(id)?;
-            self.cluster.set_node_args(id, args);
-            // Join through a member that is not killed or paused right now.
-            let free = self.free_nodes();
-            let via = free.first().copied().unwrap_or(ids[0]);
-            self.cluster.spawn(id, Some(via), true)?;
-            let what = format!("membership add n{id}");
-            if let Err(e) = self.cluster.wait_ready(id, within).await {
-                // A node that could not join is stopped and forgotten.
-                self.cluster.kill(id)?;
-                self.setup.removed(id);
-                return Ok((what, Some(first_line(&e.to_string()))));
-            }
-            let api = self.cluster.node(id)?.api_addr.clone();
-            self.setup.joined(id, &api);
-            let promoted = admin_call(self.cluster, via, within, |mut a| async move {
-                a.promote(pb::PromoteRequest {
-                    node_id: id,
-                    max_lag: 1000,
-                })
-                .await
-                .map(|_| ())
+        let id = self.next_id;
+        self.next_id += 1;
+        let args = self.setup.prepare(id)?;
+        self.cluster.set_node_args(id, args);
+        // Join through a member that is not killed or paused right now.
+        let free = self.free_nodes();
+        let ids = self.members.ids();
+        let via = free.first().copied().unwrap_or(ids[0]);
+        self.cluster.spawn(id, Some(via), true)?;
+        let added = format!("membership add n{id}");
+        if let Err(e) = self.cluster.wait_ready(id, within).await {
+            // A node that could not join is stopped and forgotten.
+            self.cluster.kill(id)?;
+            self.setup.removed(id);
+            return Ok((added, Some(first_line(&e.to_string()))));
+        }
+        let api = self.cluster.node(id)?.api_addr.clone();
+        self.setup.joined(id, &api);
+        // Even a learner takes client requests (forwarded): it is a member now.
+        self.members.add(id, api);
+        let promoted = admin_call(self.cluster, via, within, |mut a| async move {
+            a.promote(pb::PromoteRequest {
+                node_id: id,
+                max_lag: 1000,
             })
-            .await;
-            // Even a learner takes client requests (forwarded): it is a member now.
-            self.members.add(id, api);
-            Ok((what, promoted.err()))
-        } else {
-            let free = self.free_nodes();
-            if free.is_empty() {
-                return Ok(("membership remove (no node free)".into(), None));
-            }
-            let victim = free[self.rng.gen_range(0..free.len())];
-            let via = free
-                .iter()
-                .copied()
-                .find(|&i| i != victim)
-                .unwrap_or(victim);
-            let what = format!("membership remove n{victim}");
-            let removed = admin_call(self.cluster, via, within, |mut a| async move {
-                a.remove(pb::RemoveRequest {
-                    node_id: victim,
-                    force: false,
-                })
-                    .await
-                    .map(|_| ())
+            .await
+            .map(|_| ())
+        })
+        .await;
+        if let Err(e) = promoted {
+            // It stays a learner; no voter is taken out for it.
+            return Ok((format!("{added}, promote"), Some(e)));
+        }
+        let candidates: Vec<NodeId> = self
+            .free_nodes()
+            .into_iter()
+            .filter(|&n| n != id && n != via)
+            .collect();
+        if candidates.is_empty() {
+            return Ok((format!("{added} (no voter free to replace)"), None));
+        }
+        let victim = candidates[self.rng.gen_range(0..candidates.len())];
+        let what = format!("membership replace n{victim} with n{id}");
+        let removed = admin_call(self.cluster, via, within, |mut a| async move {
+            a.remove(pb::RemoveRequest {
+                node_id: victim,
+                force: false,
             })
-            .await;
-            match removed {
-                Ok(()) => {
+            .await
+            .map(|_| ())
+        })
+        .await;
+        match removed {
+            Ok(()) => {
+                self.forget(victim)?;
+                Ok((what, None))
+            }
+            // Unanswered or refused: the removal may still have been committed (a lost
+            // answer, a leader that changed after appending it). Ask the leader.
+            Err(e) => match self.is_member(victim, Duration::from_secs(3)).await {
+                Some(false) => {
                     self.forget(victim)?;
-                    Ok((what, None))
+                    Ok((format!("{what} ({e}; found removed)"), None))
                 }
-                // Unanswered or refused: the removal may still have been committed (a lost
-                // answer, a leader that changed after appending it). Ask the leader.
-                Err(e) => match self.is_member(victim, Duration::from_secs(3)).await {
-                    Some(false) => {
-                        self.forget(victim)?;
-                        Ok((format!("{what} ({e}; found removed)"), None))
-                    }
-                    _ => {
-                        self.unsure.push(victim);
-                        Ok((what, Some(e)))
-                    }
-                },
-            }
+                _ => {
+                    self.unsure.push(victim);
+                    Ok((what, Some(e)))
+                }
+            },
         }
     }
 }

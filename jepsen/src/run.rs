@@ -19,9 +19,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::availability::{outages, recover, Outage, Recovery, OUTAGE, RECOVERY_BOUND};
 use crate::checker::{check, shrink, Verdict};
 use crate::history::{operations, Event, EventType, Func, Operation};
 use crate::kernel_map::{self, KernelMapResult, KernelMaps};
+use crate::keys::{KeyPool, OPS_PER_KEY, UNKNOWN_PER_KEY};
 use crate::nemesis::{Fault, FaultWindow, Members, Nemesis, NoSetup, NodeSetup};
 
 /// The replicated map the register and set workloads use.
@@ -125,6 +127,11 @@ pub struct Report {
     /// For each key that is not linearizable, the smallest sub-history found that still is
     /// not.
     pub smallest_failing: Vec<Vec<Operation>>,
+    /// Once every fault was healed: whether, and how soon, every live member served again.
+    pub recovery: Recovery,
+    /// Stretches of the load in which no client operation succeeded (API workloads; kernel
+    /// writes never wait for the cluster).
+    pub outages: Vec<Outage>,
     #[serde(skip)]
     pub anomalies: Vec<Verdict>,
     #[serde(skip)]
@@ -161,11 +168,11 @@ impl Report {
         }
         std::fs::write(
             out.join("latency.svg"),
-            crate::plot::latency_svg(&self.history, &self.fault_log),
+            crate::plot::latency_svg(&self.history, &self.fault_log, &self.outages),
         )?;
         std::fs::write(
             out.join("timeline.svg"),
-            crate::plot::timeline_svg(&self.history, &self.fault_log),
+            crate::plot::timeline_svg(&self.history, &self.fault_log, &self.outages),
         )
     }
 }
@@ -295,7 +302,7 @@ async fn client(
     process: u64,
     members: Arc<Members>,
     workload: Workload,
-    keys: u64,
+    keys: Arc<KeyPool>,
     seed: u64,
     deadline: Instant,
     rec: Arc<Recorder>,
@@ -316,7 +323,7 @@ async fn client(
                 kv = c;
             }
         }
-        let key = rng.gen_range(0..keys);
+        let key = keys.next(rng.gen());
         let op = match workload {
             Workload::Register => rng.gen_range(0..3),
             Workload::Set | Workload::KernelMap => 3,
@@ -347,6 +354,9 @@ async fn client(
                 let _ = rec.record(process, EventType::Invoke, key, Func::Write(v));
                 let kind = write_one(&mut kv, put(key_bytes(key), v), timeout).await;
                 last_unknown = rec.record(process, kind, key, Func::Write(v));
+                if last_unknown {
+                    keys.unknown(key);
+                }
             }
             3 => {
                 // A unique element: the process and its own counter.
@@ -369,6 +379,9 @@ async fn client(
                 });
                 let kind = write_one(&mut kv, op, timeout).await;
                 last_unknown = rec.record(process, kind, key, f);
+                if last_unknown {
+                    keys.unknown(key);
+                }
             }
         }
     }
@@ -501,6 +514,8 @@ async fn drive(
         )));
     }
     let deadline = Instant::now() + cfg.time_limit;
+    let key_pool = Arc::new(KeyPool::new(cfg.keys, OPS_PER_KEY, UNKNOWN_PER_KEY));
+    let load_start = rec.now();
     let mut tasks = Vec::new();
     for p in 0..cfg.clients {
         let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(p);
@@ -517,7 +532,7 @@ async fn drive(
                 p,
                 members.clone(),
                 cfg.workload,
-                cfg.keys,
+                key_pool.clone(),
                 seed,
                 deadline,
                 rec.clone(),
@@ -529,6 +544,9 @@ async fn drive(
     for t in tasks {
         let _ = t.await;
     }
+    let load_end = rec.now();
+    // Every fault is healed: the cluster must serve every live member again, in time.
+    let recovery = recover(cluster, &members.ids(), RECOVERY_BOUND).await;
     let mut kernel_result = None;
     if let Some(maps) = &kernel {
         let (unconverged, entries) =
@@ -563,6 +581,10 @@ async fn drive(
     }
     let history = rec.take();
     let count = |k: EventType| history.iter().filter(|e| e.kind == k).count();
+    let outages = match cfg.workload {
+        Workload::KernelMap => Vec::new(),
+        _ => outages(&history, &fault_log, (load_start, load_end), OUTAGE),
+    };
     let (anomalies, set) = match cfg.workload {
         Workload::Register => (check(&operations(&history)?), None),
         Workload::Set => (Vec::new(), Some(check_set(cluster, &history).await?)),
@@ -576,7 +598,7 @@ async fn drive(
             .iter()
             .filter_map(|v| match v {
                 Verdict::NotLinearizable { key, .. } => Some(*key),
-                Verdict::Linearizable => None,
+                Verdict::Linearizable | Verdict::Unknown { .. } => None,
             })
             .map(|key| {
                 let of_key: Vec<Operation> = ops.iter().filter(|o| o.key == key).cloned().collect();
@@ -606,11 +628,13 @@ async fn drive(
         ops_ok: count(EventType::Ok),
         ops_fail: count(EventType::Fail),
         ops_info: count(EventType::Info),
-        valid: anomalies.is_empty() && set_ok && kernel_ok,
+        valid: anomalies.is_empty() && set_ok && kernel_ok && recovery.ok(),
         linearizable: anomalies.is_empty(),
         set,
         kernel: kernel_result,
         smallest_failing,
+        recovery,
+        outages,
         anomalies,
         history,
         node_logs,
