@@ -560,5 +560,33 @@ pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, Str
             Err(e) => s.push_str(&format!("{ep:<22} error: {e}\n")),
         }
     }
+    for (_, st) in rows
+        .iter()
+        .filter_map(|(ep, r)| Some((ep, r.as_ref().ok()?)))
+    {
+        if !st.not_ready_reason.is_empty() {
+            s.push_str(&format!(
+                "node {} not ready: {}\n",
+                st.node_id, st.not_ready_reason
+            ));
+        }
+    }
+    let watched: Vec<(u64, &pb::WatchedMap)> = rows
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .flat_map(|st| st.watched.iter().map(move |w| (st.node_id, w)))
+        .collect();
+    if !watched.is_empty() {
+        s.push_str(&format!(
+            "\n{:<5} {:<16} {:<8} {:>9}  {:<40} STATE\n",
+            "NODE", "MAP", "BACKEND", "ENTRIES", "LOCATION"
+        ));
+        for (node, w) in watched {
+            s.push_str(&format!(
+                "{node:<5} {:<16} {:<8} {:>9}  {:<40} {}\n",
+                w.map, w.backend, w.entries, w.location, w.state
+            ));
+        }
+    }
     s.trim_end().to_string()
 }

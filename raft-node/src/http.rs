@@ -56,10 +56,13 @@ pub(crate) async fn serve(
             get(move || {
                 let s = ready.clone();
                 async move {
-                    if s.ready() {
-                        (StatusCode::OK, "ready\n").into_response()
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+                    match s.readiness() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()).into_response(),
+                        Err(reason) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {reason}\n"),
+                        )
+                            .into_response(),
                     }
                 }
             }),

@@ -25,7 +25,7 @@
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -132,6 +132,16 @@ fn boot_id() -> String {
 /// A key and its new value (`None`: deleted), borrowed from the committed entry.
 type KeyChange<'a> = (&'a [u8], Option<&'a [u8]>);
 
+/// A watched map as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedState {
+    pub map: String,
+    pub location: String,
+    pub state: MapSyncState,
+    pub backend: Backend,
+    pub entries: u64,
+}
+
 /// Where a watched map stands, for status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapSyncState {
@@ -224,6 +234,10 @@ struct MapState {
     /// Scans done, for the occasional full look for deleted entries.
     scans: u64,
     refused: Option<String>,
+    /// Why the map could not be opened the last time it was looked for.
+    open_error: Option<String>,
+    /// Entries the kernel map held at the last scan or reconcile.
+    entries: u64,
 }
 
 impl MapState {
@@ -315,7 +329,6 @@ pub struct KernelSync {
     me: NodeId,
     maps: BTreeMap<String, Watched>,
     ids_path: PathBuf,
-    ready: AtomicBool,
     /// The event-driven backend in use (the scan always runs too).
     backend: Mutex<Backend>,
     /// Commands to the event loop, which owns the capture programs.
@@ -360,7 +373,6 @@ impl KernelSync {
         }
         Ok(Arc::new(Self {
             me,
-            ready: AtomicBool::new(maps.is_empty()),
             maps,
             ids_path: data_dir.join("kernel-maps.json"),
             backend: Mutex::new(Backend::Scan),
@@ -387,13 +399,8 @@ impl KernelSync {
         Ok(())
     }
 
-    /// True once every watched map is reconciled (or refused).
-    pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// Each watched map's state: (name, location, state, capture backend).
-    pub fn states(&self) -> Vec<(String, String, MapSyncState, Backend)> {
+    /// Each watched map's state.
+    pub fn states(&self) -> Vec<WatchedState> {
         let backend = self.backend();
         self.maps
             .iter()
@@ -404,16 +411,37 @@ impl KernelSync {
                     m.layout().key_size <= MAX_EVENT_KEY && m.layout().value_size <= MAX_EVENT_VALUE
                 });
                 let b = if fits { backend } else { Backend::Scan };
-                let s = match (&st.refused, &st.kmap) {
-                    (Some(r), _) => MapSyncState::Refused(r.clone()),
-                    (None, Some(_)) => MapSyncState::Synced,
-                    (None, None) => {
+                let state = match (&st.refused, &st.kmap, &st.open_error) {
+                    (Some(r), _, _) => MapSyncState::Refused(r.clone()),
+                    (None, Some(_), _) => MapSyncState::Synced,
+                    (None, None, Some(e)) => MapSyncState::Waiting(format!("cannot open it: {e}")),
+                    (None, None, None) => {
                         MapSyncState::Waiting(format!("looking for {}", w.spec.location()))
                     }
                 };
-                (name.clone(), w.spec.location(), s, b)
+                WatchedState {
+                    map: name.clone(),
+                    location: w.spec.location(),
+                    state,
+                    backend: b,
+                    entries: st.entries,
+                }
             })
             .collect()
+    }
+
+    /// Why this node's kernel maps are not all in sync (`None`: they are).
+    pub fn not_ready(&self) -> Option<String> {
+        let reasons: Vec<String> = self
+            .states()
+            .into_iter()
+            .filter_map(|w| match w.state {
+                MapSyncState::Synced => None,
+                MapSyncState::Waiting(r) => Some(format!("map {} waiting: {r}", w.map)),
+                MapSyncState::Refused(r) => Some(format!("map {} refused: {r}", w.map)),
+            })
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// Map ids recorded in this boot. Kernel map ids restart after a reboot, so an id is only
@@ -513,7 +541,6 @@ impl KernelSync {
                     let st = lock(&w.state);
                     st.kmap.is_some() || st.refused.is_some()
                 });
-                this.ready.store(all, Ordering::Release);
                 all_ready = all;
                 round += 1;
                 // A scan reads the whole map: on large maps it must not take the node's CPU
@@ -747,8 +774,12 @@ impl KernelSync {
         let need_open = lock(&w.state).kmap.is_none() || round % 10 == 0;
         if need_open {
             let opened = match w.spec.open() {
-                Ok(m) => m,
+                Ok(m) => {
+                    lock(&w.state).open_error = None;
+                    m
+                }
                 Err(e) => {
+                    lock(&w.state).open_error = Some(e.to_string());
                     // Keep the map open (our descriptor keeps it alive) until its successor
                     // appears under the same pin or name.
                     if round % 50 == 0 {
@@ -961,6 +992,7 @@ impl KernelSync {
                 }
             };
             let proposals = self.mark_captured(&mut st, proposals);
+            st.entries = kernel.len() as u64;
             st.kmap = Some(kmap);
             st.reconciling = false;
             // Changes committed after the state above was read, in log order.
@@ -1054,6 +1086,7 @@ impl KernelSync {
             .entries
             .get_or_create(&label(name))
             .set(kernel.len() as i64);
+        lock(&w.state).entries = kernel.len() as u64;
         // Compare in slices, taking the map's lock for one slice at a time: the applier (which
         // needs the lock for every committed entry) waits for a slice, not for the whole map.
         let mut differ = Vec::new();

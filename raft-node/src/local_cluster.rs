@@ -769,14 +769,27 @@ impl Drop for LocalCluster {
     }
 }
 
+/// A plain HTTP GET of `path` at `addr` (a node's metrics address): the status code and the
+/// body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:.80}")))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_string()))
+}
+
 /// Sum of a counter (every labelled series of it) over the `/metrics` pages at `addrs`.
 pub fn scrape_counter(addrs: &[String], name: &str) -> std::io::Result<f64> {
     let mut total = 0.0;
     for addr in addrs {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
+        let (_, body) = http_get(addr, "/metrics")?;
         // `name value` or `name{labels} value`: every series of the family.
         total += body
             .lines()

@@ -420,7 +420,10 @@ async fn status(conn: &Conn) -> Result<()> {
                 "leader_id": s.has_leader.then_some(s.leader_id), "term": s.term,
                 "last_log_index": s.last_log_index, "committed_index": s.committed_index,
                 "applied_index": s.applied_index, "snapshot_index": s.snapshot_index,
-                "purged_index": s.purged_index, "ready": s.ready}),
+                "purged_index": s.purged_index, "ready": s.ready,
+                "not_ready_reason": (!s.not_ready_reason.is_empty()).then_some(&s.not_ready_reason),
+                "watched": s.watched.iter().map(|w| json!({"map": w.map, "location": w.location,
+                    "backend": w.backend, "entries": w.entries, "state": w.state})).collect::<Vec<_>>()}),
             Err(e) => json!({"endpoint": ep, "error": e}),
         })
         .collect();

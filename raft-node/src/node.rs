@@ -367,17 +367,36 @@ impl NodeShared {
     /// True when this node may serve traffic: it is a member, a leader is known, it has applied
     /// everything it knows to be committed, and its kernel maps are reconciled.
     pub fn ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
+
+    /// [`Self::ready`], or why not.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        if let Some(reason) = self.fatal.borrow().clone() {
+            return Err(format!("failed: {reason}"));
+        }
         let m = self.raft.metrics().borrow_watched().clone();
-        let member = m
-            .membership_config
+        if m.membership_config
             .membership()
             .get_node(&self.id)
-            .is_some();
+            .is_none()
+        {
+            return Err("not a member of a cluster (yet)".into());
+        }
+        if m.current_leader.is_none() {
+            return Err("no leader known".into());
+        }
         let applied = m.last_applied.map_or(0, |l| l.index);
-        member
-            && m.current_leader.is_some()
-            && applied >= self.log.committed_index().unwrap_or(0)
-            && self.kernel.ready()
+        let committed = self.log.committed_index().unwrap_or(0);
+        if applied < committed {
+            return Err(format!(
+                "catching up: applied index {applied} of {committed} committed"
+            ));
+        }
+        match self.kernel.not_ready() {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
     }
 
     /// Admin client for the leader's API, or `None` when this node leads.

@@ -913,6 +913,7 @@ impl pb::admin_server::Admin for AdminService {
             ServerState::Shutdown => "shutdown",
         };
         let list = member_list(s);
+        let readiness = s.readiness();
         Ok(Response::new(pb::StatusResponse {
             node_id: s.id,
             cluster_id: list.cluster_id.clone(),
@@ -926,22 +927,24 @@ impl pb::admin_server::Admin for AdminService {
             snapshot_index: m.snapshot.map_or(0, |l| l.index),
             purged_index: m.purged.map_or(0, |l| l.index),
             members: list.members,
-            ready: s.ready(),
+            ready: readiness.is_ok(),
+            not_ready_reason: readiness.err().unwrap_or_default(),
             raft_addr: s.info.raft_addr.clone(),
             api_addr: s.info.api_addr.clone(),
             watched: s
                 .kernel
                 .states()
                 .into_iter()
-                .map(|(map, location, state, backend)| pb::WatchedMap {
-                    map,
-                    location,
-                    state: match state {
+                .map(|w| pb::WatchedMap {
+                    map: w.map,
+                    location: w.location,
+                    state: match w.state {
                         crate::kernel::MapSyncState::Synced => "synced".into(),
-                        crate::kernel::MapSyncState::Waiting(w) => format!("waiting: {w}"),
+                        crate::kernel::MapSyncState::Waiting(r) => format!("waiting: {r}"),
                         crate::kernel::MapSyncState::Refused(r) => format!("refused: {r}"),
                     },
-                    backend: backend.to_string(),
+                    backend: w.backend.to_string(),
+                    entries: w.entries,
                 })
                 .collect(),
         }))

@@ -659,3 +659,109 @@ async fn a_map_prefilled_with_2k_entries_of_16_kib_is_adopted_whole() {
     // Values too large for capture events: the scan alone captures this map.
     a_prefilled_map_is_adopted_whole("fill16k", 16 * 1024, 2_000).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maps_that_cannot_be_synced_make_readyz_fail_with_their_reasons() {
+    if !bpf_or_skip("maps_that_cannot_be_synced_make_readyz_fail_with_their_reasons") {
+        return;
+    }
+    let maps = NodeMaps::create("ready", &[1], 8, 8);
+    let odd = NodeMaps::create("ready-odd", &[1], 8, 8);
+    let pin = |what: &str| {
+        raftmap_ebpf_hooks::bpffs().join(format!("raftmap-it-{}-ready-{what}", std::process::id()))
+    };
+    let (percpu, missing) = (pin("percpu"), pin("missing"));
+    let _ = std::fs::remove_file(&percpu);
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&percpu)
+        .args([
+            "type",
+            "percpu_hash",
+            "key",
+            "8",
+            "value",
+            "8",
+            "entries",
+            "16",
+        ])
+        .args(["name", "rm_it_pcpu"])
+        .status()
+        .unwrap();
+    assert!(created.success(), "bpftool map create");
+    struct Unpin(PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _unpin = Unpin(percpu.clone());
+    let mut c = LocalCluster::start(opts(maps.args("ct")), 1, 0, T)
+        .await
+        .unwrap();
+    let client = c.client(1).await.unwrap();
+    // The cluster knows "odd" with 16-byte values; this node's map has 8.
+    client
+        .declare(&raftmap_node::storage::MapSchema::hash("odd", 8, 16, 4096))
+        .await
+        .unwrap();
+    let watch = |map: &str, at: &std::path::Path| {
+        vec!["--watch".to_string(), format!("{map}={}", at.display())]
+    };
+    let mut args = maps.args("ct").remove(&1).unwrap();
+    args.extend(watch("odd", &odd.pins[&1]));
+    args.extend(watch("pcpu", &percpu));
+    args.extend(watch("gone", &missing));
+    c.set_node_args(1, args);
+    c.kill(1).unwrap();
+    c.restart(1).unwrap();
+    c.wait_for(1, T, "report every watched map's state", |s| {
+        s.watched.len() == 4
+            && s.watched.iter().filter(|w| w.state != "synced").count() == 3
+            && s.watched
+                .iter()
+                .all(|w| !w.state.starts_with("waiting: looking"))
+    })
+    .await
+    .unwrap();
+    let st = c.client(1).await.unwrap().status().await.unwrap();
+    let state = |map: &str| {
+        st.watched
+            .iter()
+            .find(|w| w.map == map)
+            .map(|w| w.state.clone())
+            .unwrap()
+    };
+    assert_eq!(state("ct"), "synced");
+    assert!(
+        state("odd").contains("value 16 B") && state("odd").contains("value 8 B"),
+        "{}",
+        state("odd")
+    );
+    assert!(state("pcpu").contains("PerCpuHash"), "{}", state("pcpu"));
+    assert!(state("gone").contains("cannot open"), "{}", state("gone"));
+    assert!(!st.ready);
+    let addr = c.node(1).unwrap().metrics_addr.clone();
+    let (code, body) = raftmap_node::local_cluster::http_get(&addr, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    for (map, why) in [
+        ("odd", "refused"),
+        ("pcpu", "PerCpuHash"),
+        ("gone", "cannot open"),
+    ] {
+        assert!(
+            body.contains(&format!("map {map}")) && body.contains(why),
+            "{body}"
+        );
+    }
+    // The CLI shows the per-map states too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftmap"))
+        .args(["status", "--endpoints", &c.node(1).unwrap().api_addr])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    for map in ["ct", "odd", "pcpu", "gone"] {
+        assert!(table.contains(map), "{table}");
+    }
+    assert!(table.contains("not ready"), "{table}");
+}
