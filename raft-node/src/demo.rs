@@ -570,6 +570,9 @@ pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, Str
                 st.node_id, st.not_ready_reason
             ));
         }
+        if !st.corrupt.is_empty() {
+            s.push_str(&format!("node {} CORRUPT: {}\n", st.node_id, st.corrupt));
+        }
     }
     let watched: Vec<(u64, &pb::WatchedMap)> = rows
         .iter()

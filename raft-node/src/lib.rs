@@ -12,6 +12,7 @@
 //! (talk to a cluster) and [`local_cluster`] (run several nodes as processes on loopback).
 
 mod client;
+mod consistency;
 mod error;
 mod http;
 mod identity;

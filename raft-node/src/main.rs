@@ -53,7 +53,7 @@ enum Output {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run a node (the daemon).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Cluster-wide operations.
     Cluster {
         #[command(subcommand)]
@@ -203,6 +203,12 @@ struct AgentArgs {
     /// refused and the node cannot catch up from it.
     #[arg(long)]
     max_snapshot_bytes: Option<u64>,
+    /// How often the leader compares the replicas' state digests (default 10000).
+    #[arg(long)]
+    consistency_check_ms: Option<u64>,
+    /// How often the node reads its whole state back from disk to check it (default 600000).
+    #[arg(long)]
+    disk_check_ms: Option<u64>,
     /// UNSAFE, for testing the fault-injection harness only: serve linearizable reads from the
     /// local state without read-index.
     #[arg(long, hide = true)]
@@ -260,7 +266,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Agent(a) => {
             init_tracing();
-            agent(a).await
+            agent(*a).await
         }
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Cluster {
@@ -422,6 +428,7 @@ async fn status(conn: &Conn) -> Result<()> {
                 "applied_index": s.applied_index, "snapshot_index": s.snapshot_index,
                 "purged_index": s.purged_index, "ready": s.ready,
                 "not_ready_reason": (!s.not_ready_reason.is_empty()).then_some(&s.not_ready_reason),
+                "corrupt": (!s.corrupt.is_empty()).then_some(&s.corrupt),
                 "watched": s.watched.iter().map(|w| json!({"map": w.map, "location": w.location,
                     "backend": w.backend, "entries": w.entries, "state": w.state})).collect::<Vec<_>>()}),
             Err(e) => json!({"endpoint": ep, "error": e}),
@@ -611,6 +618,12 @@ async fn agent(a: AgentArgs) -> Result<()> {
     }
     if let Some(v) = a.max_snapshot_bytes {
         cfg.max_snapshot_bytes = v;
+    }
+    if let Some(v) = a.consistency_check_ms {
+        cfg.consistency_check_ms = v;
+    }
+    if let Some(v) = a.disk_check_ms {
+        cfg.disk_check_ms = v;
     }
     if let Some(v) = a.heartbeat_ms {
         cfg.heartbeat_ms = v;

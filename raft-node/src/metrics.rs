@@ -22,6 +22,7 @@ pub struct Metrics {
     pub forwarded_proposals: Counter,
     pub rejected_batches: Counter,
     pub refused_peer_messages: Counter,
+    pub corrupt: Gauge,
     pub batch_ops: Histogram,
     pub commit_latency: Histogram,
 }
@@ -40,6 +41,7 @@ impl Metrics {
             forwarded_proposals: Counter::default(),
             rejected_batches: Counter::default(),
             refused_peer_messages: Counter::default(),
+            corrupt: Gauge::default(),
             batch_ops: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
             registry: Registry::default(),
@@ -89,6 +91,11 @@ impl Metrics {
             "refused_peer_messages",
             "Peer messages refused before they reached Raft (malformed, impossible, oversized)",
             m.refused_peer_messages.clone(),
+        );
+        registry.register(
+            "corrupt",
+            "1 once a consistency check found replicas that disagree or a corrupt disk here (raftmap status says which)",
+            m.corrupt.clone(),
         );
         registry.register(
             "batch_ops",

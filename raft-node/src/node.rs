@@ -60,6 +60,10 @@ pub struct NodeConfig {
     pub max_watchers: usize,
     /// Largest snapshot this node accepts from a leader (bytes).
     pub max_snapshot_bytes: u64,
+    /// How often the leader compares the replicas' state digests.
+    pub consistency_check_ms: u64,
+    /// How often a node reads its whole state back from disk to check it.
+    pub disk_check_ms: u64,
     /// UNSAFE, for testing the fault-injection harness: serve linearizable reads from the local
     /// state without read-index.
     pub unsafe_local_reads: bool,
@@ -85,6 +89,8 @@ impl Default for NodeConfig {
             scan_interval_ms: 100,
             max_watchers: 256,
             max_snapshot_bytes: 4 << 30,
+            consistency_check_ms: 10_000,
+            disk_check_ms: 600_000,
             unsafe_local_reads: false,
             batch: BatchConfig::default(),
         }
@@ -113,6 +119,15 @@ pub struct NodeShared {
     /// Set once the node cannot go on (its Raft core stopped: a storage error such as a full
     /// disk, or a panic): `/healthz` fails and the daemon exits with this reason.
     pub(crate) fatal: watch::Sender<Option<String>>,
+    /// What the consistency checks found wrong (`consistency.rs`), if anything.
+    pub(crate) corrupt: std::sync::Mutex<Option<String>>,
+    /// This node's own disk failed its check: it is not ready.
+    pub(crate) disk_corrupt: std::sync::atomic::AtomicBool,
+    /// Senders of Raft messages that this node's membership does not list yet but a member
+    /// confirmed.
+    pub(crate) confirmed: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Senders no member listed, and when they were last asked about.
+    pub(crate) unknown: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
     pub(crate) unsafe_local_reads: bool,
 }
 
@@ -219,6 +234,10 @@ impl RunningNode {
             data_dir: cfg.data_dir.clone(),
             max_snapshot_bytes: cfg.max_snapshot_bytes,
             receiving_snapshot: tokio::sync::Mutex::new(()),
+            corrupt: std::sync::Mutex::new(None),
+            disk_corrupt: std::sync::atomic::AtomicBool::new(false),
+            confirmed: std::sync::Mutex::new(Default::default()),
+            unknown: std::sync::Mutex::new(BTreeMap::new()),
             unsafe_local_reads: cfg.unsafe_local_reads,
         });
 
@@ -250,6 +269,11 @@ impl RunningNode {
             )));
         }
         tasks.push(tokio::spawn(update_metrics(shared.clone())));
+        tasks.push(tokio::spawn(crate::consistency::run(
+            shared.clone(),
+            Duration::from_millis(cfg.consistency_check_ms.max(100)),
+            Duration::from_millis(cfg.disk_check_ms.max(100)),
+        )));
         if let Some(join) = cfg.join.clone() {
             let s = shared.clone();
             let learner = cfg.learner;
@@ -375,6 +399,12 @@ impl NodeShared {
         if let Some(reason) = self.fatal.borrow().clone() {
             return Err(format!("failed: {reason}"));
         }
+        if self.disk_corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(format!(
+                "corrupt: {}",
+                self.corrupt_finding().unwrap_or_default()
+            ));
+        }
         let m = self.raft.metrics().borrow_watched().clone();
         if m.membership_config
             .membership()
@@ -475,6 +505,43 @@ impl NodeShared {
 
     pub(crate) fn cluster_id(&self) -> String {
         self.view.cluster().cluster_id.unwrap_or_default()
+    }
+
+    pub(crate) fn confirmed_peers(&self, id: NodeId) -> bool {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    /// Whether the members were asked about `id` in the last five seconds and none knew it.
+    pub(crate) fn recently_unknown(&self, id: NodeId) -> bool {
+        self.unknown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+    }
+
+    pub(crate) fn note_unknown(&self, id: NodeId) {
+        let mut unknown = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        unknown.retain(|_, t| t.elapsed() < Duration::from_secs(60));
+        unknown.insert(id, Instant::now());
+    }
+
+    pub(crate) fn confirm_peer(&self, id: NodeId) {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+    }
+
+    /// What the consistency checks found wrong, if anything.
+    pub(crate) fn corrupt_finding(&self) -> Option<String> {
+        self.corrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What the checks of peer messages need to know about this node.

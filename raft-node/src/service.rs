@@ -22,6 +22,7 @@ use crate::network::SnapshotHeader;
 use crate::node::{members, NodeShared};
 use crate::peer_check;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use raftmap_storage::NodeId;
 
 /// Largest client request or response message.
 pub(crate) const MAX_CLIENT_MESSAGE: usize = 16 * 1024 * 1024;
@@ -134,6 +135,15 @@ impl PeerService {
 }
 
 impl PeerService {
+    async fn check_vote(&self, rpc: &VoteRequest<TypeConfig>) -> Result<(), String> {
+        peer_check::check_vote(
+            &self.shared.peer_context(),
+            &rpc.vote,
+            rpc.last_log_id.as_ref(),
+        )?;
+        known_sender(&self.shared, rpc.vote.leader_id.node_id).await
+    }
+
     /// A proposal another node forwards: within the log entry limits, and with no
     /// administrative record but the one a leader that removed itself hands on (the retirement
     /// of a node no longer in the membership).
@@ -208,6 +218,39 @@ async fn receive_snapshot(
     Ok(data)
 }
 
+/// Whether `id` may speak Raft to this node: a node of its membership (voter or learner, any
+/// config of a joint one), or one that a member this node knows confirms (a node behind the
+/// log does not know of members added since; the answer is remembered). A node that knows no
+/// membership yet (a learner before its first append) takes any sender. Proves nothing
+/// against a sender that lies about its id: that needs authenticated peers.
+async fn known_sender(shared: &NodeShared, id: NodeId) -> Result<(), String> {
+    let (nodes, _) = members(&shared.raft);
+    if nodes.is_empty() || nodes.contains_key(&id) || shared.confirmed_peers(id) {
+        return Ok(());
+    }
+    let refusal =
+        || format!("node {id} is not a member, and no member this node knows of lists it");
+    // A removed node keeps campaigning for a while: its members were asked a moment ago.
+    if shared.recently_unknown(id) {
+        return Err(refusal());
+    }
+    for (_, (info, _)) in nodes.iter().filter(|(n, _)| **n != shared.id) {
+        let Ok(ch) = shared.proposer.pool.channel(&info.api_addr) else {
+            continue;
+        };
+        let mut admin = pb::admin_client::AdminClient::new(ch);
+        let call = admin.members(pb::MembersRequest {});
+        if let Ok(Ok(r)) = tokio::time::timeout(std::time::Duration::from_secs(1), call).await {
+            if r.get_ref().members.iter().any(|m| m.node_id == id) {
+                shared.confirm_peer(id);
+                return Ok(());
+            }
+        }
+    }
+    shared.note_unknown(id);
+    Err(refusal())
+}
+
 /// Turns a failed peer check into INVALID_ARGUMENT (logged: a peer that sends such things is
 /// broken or hostile).
 fn refuse_peer(
@@ -230,15 +273,7 @@ fn payload<T: serde::Serialize>(v: &T) -> GrpcResult<pb::RaftPayload> {
 impl pb::peer_server::Peer for PeerService {
     async fn vote(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
-        refuse_peer(
-            &self.shared.metrics,
-            "vote",
-            peer_check::check_vote(
-                &self.shared.peer_context(),
-                &rpc.vote,
-                rpc.last_log_id.as_ref(),
-            ),
-        )?;
+        refuse_peer(&self.shared.metrics, "vote", self.check_vote(&rpc).await)?;
         payload(&self.shared.raft.vote(rpc).await)
     }
 
@@ -247,11 +282,7 @@ impl pb::peer_server::Peer for PeerService {
         refuse_peer(
             &self.shared.metrics,
             "pre-vote",
-            peer_check::check_vote(
-                &self.shared.peer_context(),
-                &rpc.vote,
-                rpc.last_log_id.as_ref(),
-            ),
+            self.check_vote(&rpc).await,
         )?;
         payload(&self.shared.raft.pre_vote(rpc).await)
     }
@@ -269,32 +300,42 @@ impl pb::peer_server::Peer for PeerService {
         // A message that fails to decode or to pass the checks ends the input: the answers
         // stop short and the leader, missing answers, opens a new stream.
         let shared = self.shared.clone();
-        let requests = req.into_inner().map_while(move |m| {
-            match m.map(|m| decode::<AppendEntriesRequest<TypeConfig>>(&m.data)) {
-                Ok(Ok(rpc)) => {
-                    let checked = peer_check::check_append(
-                        &shared.peer_context(),
-                        &rpc.vote,
-                        rpc.prev_log_id.as_ref(),
-                        &rpc.entries,
-                        rpc.leader_commit.as_ref(),
-                    );
-                    match checked {
-                        Ok(()) => Some(rpc),
-                        Err(e) => {
-                            shared.metrics.refused_peer_messages.inc();
-                            tracing::warn!(reason = %e, "refused an append; closing the stream");
+        let requests = req
+            .into_inner()
+            .then(move |m| {
+                let shared = shared.clone();
+                async move {
+                    match m.map(|m| decode::<AppendEntriesRequest<TypeConfig>>(&m.data)) {
+                        Ok(Ok(rpc)) => {
+                            let checked = match peer_check::check_append(
+                                &shared.peer_context(),
+                                &rpc.vote,
+                                rpc.prev_log_id.as_ref(),
+                                &rpc.entries,
+                                rpc.leader_commit.as_ref(),
+                            ) {
+                                Ok(()) => known_sender(&shared, rpc.vote.leader_id.node_id).await,
+                                Err(e) => Err(e),
+                            };
+                            match checked {
+                                Ok(()) => Some(rpc),
+                                Err(e) => {
+                                    shared.metrics.refused_peer_messages.inc();
+                                    tracing::warn!(reason = %e, "refused an append; closing the stream");
+                                    None
+                                }
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "malformed append request; closing the stream");
                             None
                         }
+                        Err(_) => None,
                     }
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "malformed append request; closing the stream");
-                    None
-                }
-                Err(_) => None,
-            }
-        });
+            })
+            .take_while(Option::is_some)
+            .filter_map(|r| r);
         let answers = self.shared.raft.stream_append(requests).map(|answer| {
             Ok(pb::RaftPayload {
                 data: encode(&answer)?,
@@ -326,11 +367,15 @@ impl pb::peer_server::Peer for PeerService {
             return Err(Status::invalid_argument("empty snapshot transfer"));
         };
         let header: SnapshotHeader = decode(&first.data)?;
-        refuse_peer(
-            &s.metrics,
-            "snapshot",
-            peer_check::check_snapshot_header(&s.peer_context(), &header.vote, &header.meta),
-        )?;
+        let checked = match peer_check::check_snapshot_header(
+            &s.peer_context(),
+            &header.vote,
+            &header.meta,
+        ) {
+            Ok(()) => known_sender(s, header.vote.leader_id.node_id).await,
+            Err(e) => Err(e),
+        };
+        refuse_peer(&s.metrics, "snapshot", checked)?;
         let data = receive_snapshot(&mut parts, &s.data_dir, s.max_snapshot_bytes).await;
         let data = data.inspect_err(|e| {
             s.metrics.refused_peer_messages.inc();
@@ -929,6 +974,13 @@ impl pb::admin_server::Admin for AdminService {
             members: list.members,
             ready: readiness.is_ok(),
             not_ready_reason: readiness.err().unwrap_or_default(),
+            corrupt: s.corrupt_finding().unwrap_or_default(),
+            checkpoints: s
+                .view
+                .checkpoints()
+                .into_iter()
+                .map(|(index, digest)| pb::Checkpoint { index, digest })
+                .collect(),
             raft_addr: s.info.raft_addr.clone(),
             api_addr: s.info.api_addr.clone(),
             watched: s

@@ -9,6 +9,7 @@
 //! openraft) and a [`StateView`] for reads and change notifications.
 
 mod db;
+mod digest;
 mod error;
 mod log_store;
 mod model;
@@ -19,6 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use db::StoreOptions;
+pub use digest::{disagreement, Disagreement, Recomputed, CHECKPOINT_EVERY};
 pub use error::{StorageError, ValidationError};
 pub use log_store::LogStore;
 pub use model::*;

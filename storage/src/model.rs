@@ -190,6 +190,9 @@ pub fn validate_map_name(name: &str) -> Result<(), ValidationError> {
 }
 
 /// One operation of a client batch.
+///
+/// Keys and values are (de)serialized as byte strings (`serde_bytes`): in postcard the same
+/// bytes as a sequence of `u8` (a length, then the bytes), copied whole instead of byte by byte.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Create a map, or confirm that it exists with exactly this schema.
@@ -197,17 +200,26 @@ pub enum Op {
     /// Insert or overwrite a key.
     Put {
         map: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
     },
     /// Remove a key (removing an absent key is not an error).
-    Delete { map: String, key: Vec<u8> },
+    Delete {
+        map: String,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Condition the whole batch on the key's current value (`None`: the key must be absent),
     /// then set it to `new` (`None`: delete it).
     CompareAndSwap {
         map: String,
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new: Option<Vec<u8>>,
     },
 }
@@ -524,6 +536,57 @@ fn check_value(schema: &MapSchema, value: &[u8]) -> Result<(), ValidationError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operations_encode_as_they_did_before_byte_strings() {
+        // The layout of entries written before keys and values were byte strings.
+        #[derive(Serialize)]
+        enum Old {
+            _Declare(MapSchema),
+            Put {
+                map: String,
+                key: Vec<u8>,
+                value: Vec<u8>,
+            },
+            _Delete {
+                map: String,
+                key: Vec<u8>,
+            },
+            Cas {
+                map: String,
+                key: Vec<u8>,
+                expected: Option<Vec<u8>>,
+                new: Option<Vec<u8>>,
+            },
+        }
+        let old = postcard::to_stdvec(&Old::Put {
+            map: "m".into(),
+            key: vec![1, 2],
+            value: vec![3; 300],
+        })
+        .unwrap();
+        let new = Op::Put {
+            map: "m".into(),
+            key: vec![1, 2],
+            value: vec![3; 300],
+        };
+        assert_eq!(postcard::to_stdvec(&new).unwrap(), old);
+        assert_eq!(postcard::from_bytes::<Op>(&old).unwrap(), new);
+        let old = postcard::to_stdvec(&Old::Cas {
+            map: "m".into(),
+            key: vec![1],
+            expected: None,
+            new: Some(vec![9; 5]),
+        })
+        .unwrap();
+        let new = Op::CompareAndSwap {
+            map: "m".into(),
+            key: vec![1],
+            expected: None,
+            new: Some(vec![9; 5]),
+        };
+        assert_eq!(postcard::to_stdvec(&new).unwrap(), old);
+    }
 
     #[test]
     fn batch_runs_fit_the_limits_of_a_client_batch_in_order() {

@@ -24,7 +24,32 @@ pub(crate) struct SnapshotPayload {
     pub(crate) cluster: ClusterInfo,
     pub(crate) schemas: Vec<MapSchema>,
     /// `(data key, value)`, sorted.
+    #[serde(with = "byte_pairs")]
     pub(crate) entries: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// `(key, value)` pairs with both as byte strings (the same postcard bytes as tuples of
+/// `Vec<u8>`, copied whole).
+mod byte_pairs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &[(Vec<u8>, Vec<u8>)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|(k, v)| (Bytes::new(k), Bytes::new(v))))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<crate::MapEntries, D::Error> {
+        let pairs: Vec<(ByteBuf, ByteBuf)> = Deserialize::deserialize(d)?;
+        Ok(pairs
+            .into_iter()
+            .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .collect())
+    }
 }
 
 /// The snapshot as stored on disk.
@@ -226,6 +251,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not sorted"), "{e}");
+    }
+
+    #[test]
+    fn entries_encode_as_they_did_before_byte_strings() {
+        #[derive(Serialize)]
+        struct Old {
+            cluster: ClusterInfo,
+            schemas: Vec<MapSchema>,
+            entries: Vec<(Vec<u8>, Vec<u8>)>,
+        }
+        let p = payload();
+        let old = encode(
+            &Old {
+                cluster: p.cluster.clone(),
+                schemas: p.schemas.clone(),
+                entries: p.entries.clone(),
+            },
+            "old",
+        )
+        .unwrap();
+        assert_eq!(encode(&p, "new").unwrap(), old);
     }
 
     #[test]

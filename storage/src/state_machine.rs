@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::db::{data_key, decode, encode, map_prefix, split_data_key, Db, CF_SM_DATA, CF_SM_META};
+use crate::digest::{self, Checkpoints, Recomputed, CHECKPOINT_EVERY};
 use crate::error::{Result, StorageError, ValidationError};
 use crate::model::{
     validate_batch, AdminOp, ApplyResult, BatchOutcome, ClientBatch, ClusterInfo, Entry, LogId,
@@ -30,6 +31,8 @@ use crate::snapshot::{self, snapshot_name, SnapshotPayload, StoredSnapshot};
 const KEY_APPLIED: &[u8] = b"applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_CLUSTER: &[u8] = b"cluster";
+/// The state's digest (see `digest.rs`), written with `KEY_APPLIED`.
+const KEY_DIGEST: &[u8] = b"digest";
 const PREFIX_SCHEMA: &str = "schema/";
 const PREFIX_COUNT: &str = "count/";
 /// How many applied entries are kept in memory for watchers that resume from an index, or that
@@ -98,6 +101,8 @@ struct Cache {
     cluster: ClusterInfo,
     schemas: BTreeMap<String, MapSchema>,
     counts: HashMap<String, u64>,
+    /// The digest of the data at `applied`.
+    digest: u64,
 }
 
 /// Recently applied events, for watchers resuming from an index.
@@ -118,6 +123,7 @@ struct Shared {
     cache: RwLock<Cache>,
     recent: Mutex<Recent>,
     applied_tx: watch::Sender<u64>,
+    checkpoints: Mutex<Checkpoints>,
 }
 
 /// Read access to the applied state, shared with the API layer. Cheap to clone.
@@ -183,6 +189,7 @@ impl StateMachine {
                 ..Recent::default()
             }),
             applied_tx,
+            checkpoints: Mutex::new(Checkpoints::default()),
         });
         Ok((
             Self {
@@ -211,6 +218,7 @@ impl StateMachine {
         let mut cluster_changed = false;
         let mut results = Vec::with_capacity(entries.len());
         let mut events = Vec::with_capacity(entries.len());
+        let mut checkpoints = Vec::new();
 
         for entry in &entries {
             let index = entry.log_id.index;
@@ -273,6 +281,9 @@ impl StateMachine {
             if let Some(hook) = &self.hook {
                 hook.on_entry_applied(index);
             }
+            if index % CHECKPOINT_EVERY == 0 {
+                checkpoints.push((index, work.digest));
+            }
         }
 
         // One atomic write: data, counts, schemas, membership and the applied log id together.
@@ -318,12 +329,19 @@ impl StateMachine {
             batch.put_cf(meta_cf, KEY_CLUSTER, encode(&work.cluster, "cluster")?);
         }
         batch.put_cf(meta_cf, KEY_APPLIED, encode(&work.applied, "applied")?);
+        batch.put_cf(meta_cf, KEY_DIGEST, work.digest.to_be_bytes());
         // Not synced on its own: the log is durable, and this database shares its write-ahead
         // log with the log store, so the next synced log write also makes this one durable.
         db.db.write_opt(batch, &db.write_opts(false))?;
 
         let applied = work.applied.map_or(0, |l| l.index);
         *write_cache(shared) = work;
+        {
+            let mut cps = shared.checkpoints.lock().unwrap_or_else(|p| p.into_inner());
+            for (index, d) in checkpoints {
+                cps.push(index, d);
+            }
+        }
         for ev in events {
             shared.publish(ev);
         }
@@ -343,6 +361,12 @@ impl StateMachine {
             applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             cluster: payload.cluster,
+            digest: digest::of_entries(
+                payload
+                    .entries
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice())),
+            ),
             ..Cache::default()
         };
         for s in payload.schemas {
@@ -377,6 +401,7 @@ impl StateMachine {
             batch.put_cf(meta_cf, format!("{PREFIX_COUNT}{map}"), count.to_be_bytes());
         }
         batch.put_cf(meta_cf, KEY_APPLIED, encode(&cache.applied, "applied")?);
+        batch.put_cf(meta_cf, KEY_DIGEST, cache.digest.to_be_bytes());
         batch.put_cf(
             meta_cf,
             KEY_MEMBERSHIP,
@@ -392,6 +417,17 @@ impl StateMachine {
             },
         )?;
         let index = cache.applied.map_or(0, |l| l.index);
+        {
+            let mut cps = self
+                .shared
+                .checkpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            cps.clear();
+            if index % CHECKPOINT_EVERY == 0 {
+                cps.push(index, cache.digest);
+            }
+        }
         *write_cache(&self.shared) = cache;
         self.shared.publish(SmEvent::SnapshotInstalled { index });
         self.shared.applied_tx.send_replace(index);
@@ -437,12 +473,17 @@ fn stage_batch<'a>(
                 .map(|v| v.to_vec())),
         }
     };
-    let exists = |k: &[u8], latest: &Pending<'a>| -> Result<bool> {
+    // The digest hash of `k`'s entry before this op (`None`: absent).
+    let old_hash = |k: &[u8], latest: &Pending<'a>| -> Result<Option<u64>> {
         match staged(k, latest) {
-            Some(v) => Ok(v.is_some()),
-            None => Ok(db.db.get_pinned_cf_opt(data_cf, k, &read)?.is_some()),
+            Some(v) => Ok(v.map(|v| digest::entry_hash(k, v))),
+            None => Ok(db
+                .db
+                .get_pinned_cf_opt(data_cf, k, &read)?
+                .map(|v| digest::entry_hash(k, &v))),
         }
     };
+    let mut digest_delta = 0u64;
     for (i, op) in batch.ops.iter().enumerate() {
         let (map, key, new) = match op {
             Op::DeclareMap(s) => {
@@ -479,8 +520,14 @@ fn stage_batch<'a>(
             }
         };
         let k = data_key(map, key);
-        let existed = exists(&k, &latest)?;
-        let delta = i64::from(new.is_some()) - i64::from(existed);
+        let old = old_hash(&k, &latest)?;
+        if let Some(h) = old {
+            digest_delta = digest_delta.wrapping_sub(h);
+        }
+        if let Some(v) = new {
+            digest_delta = digest_delta.wrapping_add(digest::entry_hash(&k, v));
+        }
+        let delta = i64::from(new.is_some()) - i64::from(old.is_some());
         *count_delta.entry(map.as_str()).or_default() += delta;
         latest.insert(k.clone(), new);
         local.push((k, new));
@@ -509,6 +556,7 @@ fn stage_batch<'a>(
         }
     }
     // Commit the batch into the working state.
+    work.digest = work.digest.wrapping_add(digest_delta);
     for s in declared {
         work.counts.insert(s.name.clone(), 0);
         changes.push(Change::Declare(s.clone()));
@@ -597,6 +645,11 @@ fn load_cache(db: &Db) -> Result<Cache> {
         let n = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
         cache.counts.insert(name, n);
     }
+    cache.digest = match db.db.get_pinned_cf(cf, KEY_DIGEST)? {
+        Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+        // Written by a version without digests: computed once from the data.
+        None => digest::recompute(db, |_| Ok((0, 0)))?.actual,
+    };
     Ok(cache)
 }
 
@@ -832,6 +885,34 @@ impl StateView {
         let mut rx = self.shared.applied_tx.subscribe();
         let passed = rx.wait_for(|a| *a > index).await.is_ok();
         passed
+    }
+
+    /// The state's digest at the last checkpoints (`(index, digest)`, oldest first): every
+    /// `CHECKPOINT_EVERY` entries. Replicas at the same index must agree.
+    pub fn checkpoints(&self) -> Vec<(u64, u64)> {
+        self.shared
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_vec()
+    }
+
+    /// Reads the whole state back from disk (from a consistent snapshot of the database) and
+    /// compares its digest with the one the state machine kept: a mismatch is a corrupt disk.
+    /// Takes a while on a large state; run it off the async runtime.
+    pub fn verify_disk(&self) -> Result<Recomputed> {
+        let db = &self.shared.db;
+        digest::recompute(db, |snap| {
+            let meta = db.cf(CF_SM_META)?;
+            let applied: Option<LogId> = match snap.get_cf(meta, KEY_APPLIED)? {
+                Some(v) => decode(&v, || "applied".into())?,
+                None => None,
+            };
+            let stored = snap.get_cf(meta, KEY_DIGEST)?.map_or(0, |v| {
+                u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 8]))
+            });
+            Ok((applied.map_or(0, |l| l.index), stored))
+        })
     }
 
     /// Index of the last snapshot this node installed since it started (0: none).

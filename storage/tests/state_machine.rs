@@ -311,3 +311,81 @@ async fn a_corrupt_snapshot_file_is_never_used_and_is_rebuilt() {
     let err = check_snapshot_data(&bad).unwrap_err().to_string();
     assert!(err.contains("checksum mismatch"), "{err}");
 }
+
+#[tokio::test]
+async fn the_kept_digest_matches_the_disk_until_a_value_rots() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+        sm.apply_entries(vec![entry(1, vec![vec![Op::DeclareMap(schema(1000))]])])
+            .await
+            .unwrap();
+        // Puts, overwrites, deletes and a failed CAS, one entry each, past a checkpoint.
+        for i in 2..=1001u64 {
+            let k = (i % 97) as u8;
+            let op = match i % 5 {
+                0 => Op::Delete {
+                    map: "ct".into(),
+                    key: vec![0, k],
+                },
+                1 => Op::CompareAndSwap {
+                    map: "ct".into(),
+                    key: vec![0, k],
+                    expected: Some(vec![9, 9]),
+                    new: None,
+                },
+                _ => put(k, i as u8),
+            };
+            sm.apply_entries(vec![entry(i, vec![vec![op]])])
+                .await
+                .unwrap();
+        }
+        let v = view.verify_disk().unwrap();
+        assert!(v.matches(), "{v:?}");
+        assert_eq!(v.applied, 1001);
+        assert_eq!(view.checkpoints(), vec![(1000, view.checkpoints()[0].1)]);
+        // A replica that applied the same entries in one call agrees at the checkpoint.
+        let other = tempfile::tempdir().unwrap();
+        let (_l2, mut sm2, view2) = open(other.path(), StoreOptions::default(), None).unwrap();
+        let mut all = vec![entry(1, vec![vec![Op::DeclareMap(schema(1000))]])];
+        for i in 2..=1001u64 {
+            let k = (i % 97) as u8;
+            all.push(entry(
+                i,
+                vec![vec![match i % 5 {
+                    0 => Op::Delete {
+                        map: "ct".into(),
+                        key: vec![0, k],
+                    },
+                    1 => Op::CompareAndSwap {
+                        map: "ct".into(),
+                        key: vec![0, k],
+                        expected: Some(vec![9, 9]),
+                        new: None,
+                    },
+                    _ => put(k, i as u8),
+                }]],
+            ));
+        }
+        sm2.apply_entries(all).await.unwrap();
+        assert_eq!(view2.checkpoints(), view.checkpoints());
+    }
+    // One value changed on disk behind the state machine's back.
+    {
+        let names = ["default", "log", "meta", "sm_meta", "sm_data"];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path().join("db"), names)
+            .unwrap();
+        let cf = db.cf_handle("sm_data").unwrap();
+        let (k, mut v) = db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .next()
+            .unwrap()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .unwrap();
+        v[0] ^= 1;
+        db.put_cf(cf, k, v).unwrap();
+    }
+    let (_log, _sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+    let v = view.verify_disk().unwrap();
+    assert!(!v.matches(), "a rotten value went unnoticed: {v:?}");
+}
