@@ -238,9 +238,38 @@ struct MapState {
     open_error: Option<String>,
     /// Entries the kernel map held at the last scan or reconcile.
     entries: u64,
+    /// Keys the applier wrote in the last `RECENT_APPLY` to twice that (two generations).
+    recently_applied: [HashSet<Vec<u8>>; 2],
+    recent_since: Option<Instant>,
 }
 
+/// How long a key the applier wrote counts as recently written: longer than a capture takes to
+/// reach the daemon (the ring buffer is read within milliseconds).
+const RECENT_APPLY: Duration = Duration::from_millis(100);
+
 impl MapState {
+    /// Notes that the applier wrote `key` just now.
+    fn note_applied(&mut self, key: &[u8]) {
+        let now = Instant::now();
+        match self.recent_since {
+            Some(t) if now.duration_since(t) < RECENT_APPLY => {}
+            _ => {
+                let [newer, older] = &mut self.recently_applied;
+                std::mem::swap(newer, older);
+                newer.clear();
+                self.recent_since = Some(now);
+            }
+        }
+        self.recently_applied[0].insert(key.to_vec());
+    }
+
+    /// Whether the applier wrote `key` within the last `RECENT_APPLY` or so.
+    fn applied_recently(&self, key: &[u8]) -> bool {
+        self.recent_since
+            .is_some_and(|t| t.elapsed() < 2 * RECENT_APPLY)
+            && self.recently_applied.iter().any(|s| s.contains(key))
+    }
+
     /// Holds committed changes for a map being reconciled, and logs their values.
     fn hold(&mut self, items: impl IntoIterator<Item = Missed>) {
         if self.missed_overflow {
@@ -309,6 +338,8 @@ pub struct KernelMetrics {
     pub uncommitted: Family<Vec<(String, String)>, Counter>,
     /// Local changes the cluster refused (schema, a full map), undone in the kernel map.
     pub refused: Family<Vec<(String, String)>, Counter>,
+    /// Local writes the applier overwrote before they were captured, written back.
+    pub restored: Family<Vec<(String, String)>, Counter>,
     pub entries: Family<Vec<(String, String)>, Gauge>,
     pub ring_drops: Family<Vec<(String, String)>, Counter>,
     pub echoes: Family<Vec<(String, String)>, Counter>,
@@ -752,7 +783,10 @@ impl KernelSync {
                         st.shadow.get(c.key.as_slice()).map(Vec::as_slice) != c.value.as_deref()
                     })
                     .collect();
-                self.mark_captured(&mut st, fresh)
+                let overwritten = self.overwritten_captures(&st, &fresh);
+                let fresh = self.mark_captured(&mut st, fresh);
+                self.restore(&mut st, &name, overwritten);
+                fresh
             };
             self.propose_detached(&name, view, batcher, fresh).await;
         }
@@ -1031,6 +1065,7 @@ impl KernelSync {
     ) -> usize {
         let mut errors = 0;
         for c in changes {
+            st.note_applied(&c.key);
             if self.write_kernel(kmap, &c.key, c.value.as_deref()).is_err() {
                 Self::resync_key(st, kmap, &c.key);
                 errors += 1;
@@ -1170,6 +1205,46 @@ impl KernelSync {
         // the time a proposal may wait for a leader.
         self.propose_detached(name, view, batcher, changes).await;
         Ok(())
+    }
+
+    /// Captured local writes that the applier overwrote before their events arrived: the
+    /// applier wrote the key a moment ago, and the kernel now holds what the applier wrote
+    /// (the shadow's value) rather than the captured one. The local write is newer in the log's
+    /// terms (it commits after the value the applier wrote), so the kernel must get it back;
+    /// left alone, the next scan would take the applier's stale value for a new local change
+    /// and the local write would be lost. (Costs a lookup, only for keys both written here and
+    /// applied from the log within milliseconds.)
+    fn overwritten_captures(&self, st: &MapState, fresh: &[KernelChange]) -> Vec<KernelChange> {
+        let Some(kmap) = st.kmap.as_ref() else {
+            return Vec::new();
+        };
+        fresh
+            .iter()
+            .filter(|c| st.applied_recently(&c.key))
+            .filter(|c| match kmap.lookup(&c.key) {
+                Ok(now) => now != c.value && now.as_ref() == st.shadow.get(c.key.as_slice()),
+                Err(_) => false,
+            })
+            .map(|c| KernelChange {
+                key: c.key.clone(),
+                value: c.value.clone(),
+            })
+            .collect()
+    }
+
+    /// Writes captured values back over the applier's stale ones (see
+    /// [`Self::overwritten_captures`]).
+    fn restore(&self, st: &mut MapState, name: &str, changes: Vec<KernelChange>) {
+        if changes.is_empty() {
+            return;
+        }
+        let Some(kmap) = st.kmap.clone() else { return };
+        tracing::debug!(map = %name, keys = changes.len(), "the applier overwrote local writes before they were captured; writing them back");
+        self.metrics
+            .restored
+            .get_or_create(&label(name))
+            .inc_by(changes.len() as u64);
+        self.write_all(st, &kmap, &changes);
     }
 
     /// Records captured changes in the shadow and marks them pending; returns them with their
@@ -1404,6 +1479,7 @@ impl KernelSync {
                     st.touched.insert(key.clone());
                 }
                 if let Some(kmap) = st.kmap.clone() {
+                    st.note_applied(&key);
                     if self.write_kernel(&kmap, &key, last.as_deref()).is_err() {
                         Self::resync_key(st, &kmap, &key);
                     }
@@ -1444,6 +1520,7 @@ impl KernelSync {
             st.touched.insert(key.clone());
         }
         if let Some(kmap) = st.kmap.clone() {
+            st.note_applied(key);
             if self.write_kernel(&kmap, key, committed.as_deref()).is_err() {
                 Self::resync_key(st, &kmap, key);
             }
@@ -1606,6 +1683,7 @@ impl KernelSync {
                 continue; // our own capture: the kernel has it
             }
             apply_to(&mut st.shadow, key, value);
+            st.note_applied(key);
             if st.scanning {
                 st.touched.insert(key.to_vec());
             }

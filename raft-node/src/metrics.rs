@@ -138,6 +138,11 @@ impl Metrics {
             kernel.refused.clone(),
         );
         registry.register(
+            "kernel_restored",
+            "Local kernel map writes the applier overwrote before they were captured, written back",
+            kernel.restored.clone(),
+        );
+        registry.register(
             "kernel_scan_repairs",
             "Kernel map entries rewritten by reconciliation",
             kernel.scan_repairs.clone(),
