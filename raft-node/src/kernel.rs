@@ -99,6 +99,22 @@ impl WatchSpec {
     }
 }
 
+/// An error and every error under it, as one line (`opening map X: BPF_OBJ_GET failed: No
+/// such file or directory`).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
 /// The replicated schema a kernel map implies.
 fn schema_of(name: &str, map: &KernelMap) -> MapSchema {
     let l = map.layout();
@@ -813,7 +829,7 @@ impl KernelSync {
                     m
                 }
                 Err(e) => {
-                    lock(&w.state).open_error = Some(e.to_string());
+                    lock(&w.state).open_error = Some(error_chain(&e));
                     // Keep the map open (our descriptor keeps it alive) until its successor
                     // appears under the same pin or name.
                     if round % 50 == 0 {
@@ -1801,6 +1817,28 @@ impl KernelSync {
     }
 }
 
+impl KernelSync {
+    /// The cluster dropped a map this node watches: the kernel map is left as it is, and no
+    /// longer synced.
+    fn dropped(&self, map: &str) {
+        let Some(w) = self.maps.get(map) else { return };
+        let mut st = lock(&w.state);
+        let reason = format!(
+            "the cluster dropped map {map}; {} is left as it is and no longer synced",
+            w.spec.location()
+        );
+        tracing::warn!(map = %map, "{reason}");
+        st.refused = Some(reason);
+        st.reconciling = false;
+        st.pending.clear();
+        st.committed_while_pending.clear();
+        st.retry.clear();
+        st.missed.clear();
+        st.logged.clear();
+        st.held_bytes = 0;
+    }
+}
+
 impl ApplyHook for KernelSync {
     fn on_batch(&self, index: u64, origin: NodeId, source: Source, changes: &[Change]) {
         // Only this node's own captures are already in its kernel maps.
@@ -1811,6 +1849,10 @@ impl ApplyHook for KernelSync {
                 Change::Put { map, key, value } => (map, key, Some(value.as_slice())),
                 Change::Delete { map, key } => (map, key, None),
                 Change::Declare(_) => continue,
+                Change::Drop(map) => {
+                    self.dropped(map);
+                    continue;
+                }
             };
             if self.maps.contains_key(map) {
                 by_map

@@ -156,6 +156,8 @@ enum MapCmd {
         #[arg(long)]
         local: bool,
     },
+    /// Remove a map and every entry of it (refused while any node watches it).
+    Drop { map: String },
 }
 
 #[derive(Args, Debug)]
@@ -548,6 +550,17 @@ async fn map(cmd: MapCmd, conn: &Conn) -> Result<()> {
                 }
                 out.push_str(&format!("# {} entries at index {index}", entries.len()));
                 out
+            });
+        }
+        MapCmd::Drop { map } => {
+            let r = c
+                .admin()
+                .drop_map(pb::DropMapRequest { map: map.clone() })
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            print(conn.output, json!({"map": map, "index": r.index}), || {
+                format!("dropped map {map} at index {}", r.index)
             });
         }
     }

@@ -249,7 +249,7 @@ impl Ticket {
 
 fn op_bytes(op: &Op) -> usize {
     match op {
-        Op::DeclareMap(_) => 64,
+        Op::DeclareMap(_) | Op::DropMap { .. } => 64,
         Op::Put { key, value, .. } => key.len() + value.len() + 16,
         Op::Delete { key, .. } => key.len() + 16,
         Op::CompareAndSwap {

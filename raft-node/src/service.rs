@@ -704,6 +704,14 @@ async fn watch_stream(view: StateView, map: String, after_index: u64, tx: WatchT
                                 key: key.clone(),
                             })
                         }
+                        Change::Drop(m) if *m == map => {
+                            let _ = tx
+                                .send(Err(Status::not_found(format!(
+                                    "map {map} was dropped at index {index}"
+                                ))))
+                                .await;
+                            return;
+                        }
                         _ => continue,
                     };
                     if !send_watch(&tx, *index, event).await {
@@ -844,6 +852,75 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(membership_error)?;
         tracing::info!(node = r.node_id, "added learner");
         Ok(Response::new(member_list(s)))
+    }
+
+    async fn drop_map(&self, req: Request<pb::DropMapRequest>) -> GrpcResult<pb::DropMapResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.drop_map(req).await;
+        }
+        let map = req.into_inner().map;
+        if s.view.schema(&map).is_none() {
+            s.read_barrier().await?;
+            if s.view.schema(&map).is_none() {
+                return Err(NodeError::NotFound(
+                    ValidationError::UnknownMap(map.clone()).to_string(),
+                )
+                .into());
+            }
+        }
+        // Refused while any member keeps a kernel map of it in sync (the map would be declared
+        // again from that kernel map), or cannot say whether it does.
+        let (nodes, _) = members(&s.raft);
+        for (id, (info, _)) in nodes {
+            let watched: Vec<(String, String)> = if id == s.id {
+                s.kernel
+                    .states()
+                    .into_iter()
+                    .map(|w| (w.map, w.location))
+                    .collect()
+            } else {
+                let ch = s.proposer.pool.channel(&info.api_addr)?;
+                let mut admin = pb::admin_client::AdminClient::new(ch);
+                let call = admin.status(pb::StatusRequest {});
+                match tokio::time::timeout(std::time::Duration::from_secs(3), call).await {
+                    Ok(Ok(r)) => r
+                        .into_inner()
+                        .watched
+                        .into_iter()
+                        .map(|w| (w.map, w.location))
+                        .collect(),
+                    Ok(Err(e)) => {
+                        return Err(Status::unavailable(format!(
+                            "cannot confirm that node {id} does not watch map {map} ({}); retry once it answers",
+                            e.message()
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(Status::unavailable(format!(
+                            "cannot confirm that node {id} does not watch map {map}: it did not answer; retry once it answers"
+                        )))
+                    }
+                }
+            };
+            if let Some((_, location)) = watched.iter().find(|(m, _)| *m == map) {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} watches map {map} (kernel map {location}); stop watching it there first"
+                )));
+            }
+        }
+        let out = s
+            .batcher
+            .submit(vec![Op::DropMap { map: map.clone() }], Source::Api)
+            .await?;
+        match out.outcome {
+            BatchOutcome::Applied => {
+                tracing::info!(map = %map, index = out.index, "dropped map");
+                Ok(Response::new(pb::DropMapResponse { index: out.index }))
+            }
+            BatchOutcome::Rejected(e) => Err(NodeError::Invalid(e).into()),
+            BatchOutcome::CasFailed { .. } => Err(Status::internal("a drop does not compare")),
+        }
     }
 
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> GrpcResult<pb::MembersResponse> {

@@ -573,3 +573,78 @@ async fn a_corrupt_disk_and_a_diverged_replica_are_found_and_named() {
     }
     assert_eq!(c.counter(leader, "raftmap_corrupt").unwrap(), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_is_dropped_only_when_no_node_watches_it() {
+    // Node 1 watches "watched" (at a pin that does not exist: it still counts as watching).
+    let mut o = opts(&[]);
+    o.node_args.insert(
+        1,
+        vec![
+            "--watch".into(),
+            "watched=/sys/fs/bpf/raftmap-it-no-such-pin".into(),
+        ],
+    );
+    // The node is never ready (its watched map is missing): started by hand.
+    let mut c = LocalCluster::new(o).unwrap();
+    c.spawn(1, None, false).unwrap();
+    c.wait_up(1, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    client.admin().init(pb::InitRequest {}).await.unwrap();
+    c.wait_for(1, T, "lead", |s| s.role == "leader")
+        .await
+        .unwrap();
+    for m in ["watched", "free"] {
+        client
+            .declare(&MapSchema::hash(m, 8, 8, 100))
+            .await
+            .unwrap();
+        client.put(m, key(1), key(1)).await.unwrap();
+    }
+    let mut watcher = client
+        .kv()
+        .watch(pb::WatchRequest {
+            map: "free".into(),
+            after_index: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watcher.message().await.unwrap().is_some());
+    let drop_map = |map: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_raftmap"))
+            .args([
+                "map",
+                "drop",
+                map,
+                "--endpoints",
+                &c.node(1).unwrap().api_addr,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = drop_map("watched");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node 1 watches map watched"), "{err}");
+    assert!(client.get("watched", key(1), true).await.unwrap().is_some());
+    let out = drop_map("free");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = client.get("free", key(1), true).await.unwrap_err();
+    assert!(e.to_string().contains("unknown map \"free\""), "{e}");
+    // Its watchers are told.
+    let e = watcher.message().await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let out = drop_map("free");
+    assert!(!out.status.success(), "dropping a map twice");
+    // Declared again, with another schema.
+    client
+        .declare(&MapSchema::hash("free", 4, 4, 10))
+        .await
+        .unwrap();
+    assert!(client.dump("free", true).await.unwrap().2.is_empty());
+}

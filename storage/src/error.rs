@@ -19,6 +19,8 @@ pub enum ValidationError {
     SchemaConflict { existing: String, requested: String },
     #[error("cannot declare map {map}: the cluster already holds {limit} maps, the most it may")]
     TooManyMaps { map: String, limit: usize },
+    #[error("dropping map {0} must be the only operation of its batch")]
+    DropNotAlone(String),
     #[error("map {map}: key is {actual} bytes, the schema says {expected}")]
     KeySize {
         map: String,

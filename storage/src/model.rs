@@ -222,13 +222,16 @@ pub enum Op {
         #[serde(with = "serde_bytes")]
         new: Option<Vec<u8>>,
     },
+    /// Remove a map: its schema and every entry. Alone in its batch. (Added last: the
+    /// variants before it keep their encoding.)
+    DropMap { map: String },
 }
 
 impl Op {
     /// Key and value bytes, as the batch size limit counts them.
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Op::DeclareMap(_) => 0,
+            Op::DeclareMap(_) | Op::DropMap { .. } => 0,
             Op::Put { key, value, .. } => key.len() + value.len(),
             Op::Delete { key, .. } => key.len(),
             Op::CompareAndSwap {
@@ -472,6 +475,12 @@ pub fn validate_batch(ops: &[Op], schemas: &dyn SchemaView) -> Result<(), Valida
                 let schema = lookup(map)?;
                 check_key(&schema, key)?;
                 check_value(&schema, value)?;
+            }
+            Op::DropMap { map } => {
+                lookup(map)?;
+                if ops.len() > 1 {
+                    return Err(ValidationError::DropNotAlone(map.clone()));
+                }
             }
             Op::Delete { map, key } => {
                 let schema = lookup(map)?;

@@ -45,6 +45,8 @@ const RECENT_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
     Declare(MapSchema),
+    /// The map and all its entries were removed.
+    Drop(String),
     Put {
         map: String,
         key: Vec<u8>,
@@ -84,6 +86,7 @@ impl SmEvent {
                 .map(|c| {
                     64 + match c {
                         Change::Declare(s) => s.name.len(),
+                        Change::Drop(map) => map.len(),
                         Change::Put { map, key, value } => map.len() + key.len() + value.len(),
                         Change::Delete { map, key } => map.len() + key.len(),
                     }
@@ -219,6 +222,7 @@ impl StateMachine {
         let mut results = Vec::with_capacity(entries.len());
         let mut events = Vec::with_capacity(entries.len());
         let mut checkpoints = Vec::new();
+        let mut dropped: Vec<String> = Vec::new();
 
         for entry in &entries {
             let index = entry.log_id.index;
@@ -268,6 +272,11 @@ impl StateMachine {
                     }
                     touched_schemas.extend(changes.iter().filter_map(|c| match c {
                         Change::Declare(s) => Some(s.name.clone()),
+                        Change::Drop(map) => Some(map.clone()),
+                        _ => None,
+                    }));
+                    dropped.extend(changes.iter().filter_map(|c| match c {
+                        Change::Drop(map) => Some(map.clone()),
                         _ => None,
                     }));
                     events.push(SmEvent::Applied {
@@ -294,6 +303,14 @@ impl StateMachine {
         // the previous one went instead of searching from the top each time.
         let mut pending: Vec<_> = pending.into_iter().collect();
         pending.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Dropped maps first: what is staged for a map declared again after its drop follows.
+        for map in &dropped {
+            let (from, to) = map_range(map);
+            batch.delete_range_cf(data_cf, from, to);
+            if !work.counts.contains_key(map) {
+                batch.delete_cf(meta_cf, format!("{PREFIX_COUNT}{map}"));
+            }
+        }
         for (k, v) in &pending {
             match v {
                 Some(v) => batch.put_cf(data_cf, k, v),
@@ -310,12 +327,13 @@ impl StateMachine {
             }
         }
         for name in &touched_schemas {
-            if let Some(s) = work.schemas.get(name) {
-                batch.put_cf(
+            match work.schemas.get(name) {
+                Some(s) => batch.put_cf(
                     meta_cf,
                     format!("{PREFIX_SCHEMA}{name}"),
                     encode(s, "schema")?,
-                );
+                ),
+                None => batch.delete_cf(meta_cf, format!("{PREFIX_SCHEMA}{name}")),
             }
         }
         if membership_changed {
@@ -436,6 +454,63 @@ impl StateMachine {
     }
 }
 
+/// The data keys of `map`: `[from, to)`.
+fn map_range(map: &str) -> (Vec<u8>, Vec<u8>) {
+    let from = map_prefix(map);
+    // The prefix is a length byte and the name, so every key of the map, and only those, start
+    // with it; the range ends at the next prefix.
+    let mut to = from.clone();
+    while let Some(last) = to.pop() {
+        if last < u8::MAX {
+            to.push(last + 1);
+            break;
+        }
+    }
+    (from, to)
+}
+
+/// Removes a map from the working state: its schema, its count, its entries' share of the
+/// digest, and whatever this apply call staged for it (the write deletes its stored entries).
+fn stage_drop(db: &Db, work: &mut Cache, pending: &mut Pending<'_>, map: &str) -> Result<()> {
+    let (from, to) = map_range(map);
+    let data_cf = db.cf(CF_SM_DATA)?;
+    let mut removed = 0u64;
+    let it = db.db.iterator_cf(
+        data_cf,
+        rocksdb::IteratorMode::From(&from, rocksdb::Direction::Forward),
+    );
+    for item in it {
+        let (k, v) = item?;
+        if k.as_ref() >= to.as_slice() {
+            break;
+        }
+        // A value staged by this apply call replaces the stored one (`None`: deleted).
+        let h = match pending.get(k.as_ref()) {
+            Some(Some(staged)) => Some(digest::entry_hash(&k, staged)),
+            Some(None) => None,
+            None => Some(digest::entry_hash(&k, &v)),
+        };
+        removed = removed.wrapping_add(h.unwrap_or(0));
+    }
+    // Staged entries not stored yet.
+    let staged_only: Vec<Vec<u8>> = pending
+        .keys()
+        .filter(|k| k.as_slice() >= from.as_slice() && k.as_slice() < to.as_slice())
+        .cloned()
+        .collect();
+    for k in staged_only {
+        if let Some(Some(v)) = pending.remove(&k) {
+            if db.db.get_pinned_cf(data_cf, &k)?.is_none() {
+                removed = removed.wrapping_add(digest::entry_hash(&k, v));
+            }
+        }
+    }
+    work.digest = work.digest.wrapping_sub(removed);
+    work.schemas.remove(map);
+    work.counts.remove(map);
+    Ok(())
+}
+
 /// Staged writes of one `apply` call, by data key: values borrowed from the entries applied.
 type Pending<'a> = HashMap<Vec<u8>, Option<&'a [u8]>>;
 
@@ -449,6 +524,11 @@ fn stage_batch<'a>(
 ) -> Result<BatchOutcome> {
     if let Err(e) = validate_batch(&batch.ops, &work.schemas) {
         return Ok(BatchOutcome::Rejected(e));
+    }
+    if let [Op::DropMap { map }] = batch.ops.as_slice() {
+        stage_drop(db, work, pending, map)?;
+        changes.push(Change::Drop(map.clone()));
+        return Ok(BatchOutcome::Applied);
     }
     // Effects of this batch alone, layered over `pending` and the database: in order, and the
     // latest value per key (a batch holds up to MAX_BATCH_OPS operations; looking keys up in
@@ -493,6 +573,8 @@ fn stage_batch<'a>(
                 }
                 continue;
             }
+            // Alone in its batch (validated), staged above.
+            Op::DropMap { .. } => continue,
             Op::Put { map, key, value } => (map, key, Some(value.as_slice())),
             Op::Delete { map, key } => (map, key, None),
             Op::CompareAndSwap {

@@ -389,3 +389,96 @@ async fn the_kept_digest_matches_the_disk_until_a_value_rots() {
     let v = view.verify_disk().unwrap();
     assert!(!v.matches(), "a rotten value went unnoticed: {v:?}");
 }
+
+#[tokio::test]
+async fn a_dropped_map_is_gone_whole_and_can_be_declared_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+    let other = MapSchema::hash("other", 2, 2, 10);
+    sm.apply_entries(vec![entry(
+        1,
+        vec![vec![
+            Op::DeclareMap(schema(10)),
+            Op::DeclareMap(other.clone()),
+            put(1, 1),
+            put(2, 2),
+            Op::Put {
+                map: "other".into(),
+                key: vec![0, 1],
+                value: vec![5, 5],
+            },
+        ]],
+    )])
+    .await
+    .unwrap();
+    let drop_ct = || Op::DropMap { map: "ct".into() };
+    // Not alone in its batch: refused, nothing changes.
+    let res = sm
+        .apply_entries(vec![entry(2, vec![vec![drop_ct(), put(3, 3)]])])
+        .await
+        .unwrap();
+    assert!(matches!(
+        res[0].outcomes[0],
+        BatchOutcome::Rejected(ValidationError::DropNotAlone(_))
+    ));
+    assert_eq!(dump(&view).len(), 2);
+    // In one apply call: a put, the drop, the map declared again with another schema, a put.
+    let again = MapSchema::hash("ct", 2, 4, 10);
+    let res = sm
+        .apply_entries(vec![
+            entry(3, vec![vec![put(4, 4)]]),
+            entry(4, vec![vec![drop_ct()]]),
+            entry(
+                5,
+                vec![vec![
+                    Op::DeclareMap(again.clone()),
+                    Op::Put {
+                        map: "ct".into(),
+                        key: vec![0, 9],
+                        value: vec![9; 4],
+                    },
+                ]],
+            ),
+        ])
+        .await
+        .unwrap();
+    assert!(res
+        .iter()
+        .all(|r| r.outcomes == vec![BatchOutcome::Applied]));
+    assert_eq!(dump(&view), vec![(vec![0, 9], vec![9; 4])]);
+    assert_eq!(view.schema("ct"), Some(again));
+    assert_eq!(view.entry_count("ct"), 1);
+    assert_eq!(view.entry_count("other"), 1);
+    assert!(view.verify_disk().unwrap().matches());
+    // Dropped for good, across a restart.
+    sm.apply_entries(vec![entry(6, vec![vec![drop_ct()]])])
+        .await
+        .unwrap();
+    drop((sm, view, _log));
+    let (_log, _sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+    assert_eq!(view.schema("ct"), None);
+    assert!(dump(&view).is_empty());
+    assert_eq!(view.schema("other"), Some(other));
+    assert!(view.verify_disk().unwrap().matches());
+}
+
+#[tokio::test]
+async fn a_cluster_holds_at_most_max_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+    let declare = |i: usize| Op::DeclareMap(MapSchema::hash(&format!("m{i}"), 2, 2, 10));
+    let res = sm
+        .apply_entries(vec![entry(1, vec![(0..MAX_MAPS).map(declare).collect()])])
+        .await
+        .unwrap();
+    assert_eq!(res[0].outcomes, vec![BatchOutcome::Applied]);
+    let res = sm
+        .apply_entries(vec![entry(2, vec![vec![declare(MAX_MAPS)]])])
+        .await
+        .unwrap();
+    assert!(matches!(
+        &res[0].outcomes[0],
+        BatchOutcome::Rejected(ValidationError::TooManyMaps { limit, .. }) if *limit == MAX_MAPS
+    ));
+    assert_eq!(view.schemas().len(), MAX_MAPS);
+}
