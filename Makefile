@@ -2,7 +2,8 @@
 #   make demo   start a local cluster, write through every node, show that all converged
 #   make test   the whole test suite (what CI runs)
 #   make bench  every benchmark, tables printed and JSON in target/bench-results/ (not in CI)
-.PHONY: deps demo test lint bench
+#   make fuzz   every fuzz target for a minute (FUZZ_SECONDS), nightly Rust (not in CI)
+.PHONY: deps demo test lint bench fuzz
 
 deps:
 	@scripts/install-deps.sh
@@ -20,3 +21,6 @@ test: lint
 
 bench: deps
 	benches/run-all.sh
+
+fuzz: deps
+	scripts/fuzz.sh

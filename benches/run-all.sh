@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${CARGO_TARGET_DIR:-target}/bench-results}
 mkdir -p "$out"
 cargo build --release --locked --bin raftmap --bin cluster-write --bin kernel-replication \
-  --bin capture-overhead --bin cluster-ops
+  --bin capture-overhead --bin cluster-ops --bin greedy-clients
 bin=${CARGO_TARGET_DIR:-target}/release
 echo "## Capture overhead (syscall backend)"
 "$bin/capture-overhead" --json "$out/capture-overhead.json"
@@ -25,5 +25,8 @@ echo
 echo "## Failover with shorter timeouts (heartbeat 50 ms, election timeout 300 ms)"
 "$bin/cluster-ops" --entries 100000 --failovers 5 --agent-arg=--heartbeat-ms=50 \
   --agent-arg=--election-timeout-ms=300 --json "$out/cluster-ops-short-timeouts.json"
+echo
+echo "## Greedy clients: 1,000 watchers that never read and a frozen one; failing CAS over 64 KiB values"
+"$bin/greedy-clients" --seconds 5 --json "$out/greedy-clients.json"
 echo
 echo "JSON in $out"

@@ -81,7 +81,9 @@ pub struct CaptureEvent {
     pub tid: u32,
 }
 
-fn parse(b: &[u8]) -> Option<CaptureEvent> {
+/// Decodes one ring-buffer record of the capture programs (`None`: not a valid record). The
+/// bytes come from BPF programs; they are checked as if from anywhere.
+pub fn parse_record(b: &[u8]) -> Option<CaptureEvent> {
     if b.len() < VALUE_AT {
         return None;
     }
@@ -156,7 +158,7 @@ fn read_ring(
     let drain = |ring: &mut RingBuf<MapData>, batch: &mut Vec<CaptureEvent>| {
         while let Some(item) = ring.next() {
             // Records shorter than an event (the programs' wakeups) are skipped here.
-            if let Some(ev) = parse(&item) {
+            if let Some(ev) = parse_record(&item) {
                 batch.push(ev);
             }
         }

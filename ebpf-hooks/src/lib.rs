@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
 
-pub use capture::{Backend, Capture, CaptureEvent, EchoFilter, MAX_EVENT_KEY, MAX_EVENT_VALUE};
+pub use capture::{
+    parse_record, Backend, Capture, CaptureEvent, EchoFilter, MAX_EVENT_KEY, MAX_EVENT_VALUE,
+};
 pub use programs::{Conntrack, CT_KEY_SIZE, CT_VALUE_SIZE};
 pub use scan::{diff, shadow_from, Contents, KernelChange, Shadow, ShadowKey};
 

@@ -40,28 +40,7 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity
     let err = |m: String| NodeError::DataDir(m);
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let id: Identity = serde_json::from_slice(&bytes).map_err(|e| {
-                err(format!(
-                    "{} is corrupt ({e}); refusing to start rather than guess this node's identity",
-                    path.display()
-                ))
-            })?;
-            if id.format != FORMAT {
-                return Err(err(format!(
-                    "{} has format {}, this raftmap reads format {FORMAT}",
-                    path.display(),
-                    id.format
-                )));
-            }
-            if let Some(r) = requested {
-                if r != id.node_id {
-                    return Err(err(format!(
-                        "{} belongs to node {}, not node {r}: node ids are bound to their data dir",
-                        dir.display(),
-                        id.node_id
-                    )));
-                }
-            }
+            let id = parse(&bytes, dir, requested)?;
             if !dir.join("db").join("CURRENT").exists() {
                 return Err(err(format!(
                     "{} has an identity but no database (db/CURRENT is missing): the data dir is damaged",
@@ -105,6 +84,42 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity
         }
         Err(e) => Err(io(&path, e)),
     }
+}
+
+/// The identity in `bytes` (the contents of `dir/identity.json`), checked: readable, of this
+/// format, and of node `requested` if one is asked for.
+pub(crate) fn parse(bytes: &[u8], dir: &Path, requested: Option<NodeId>) -> Result<Identity> {
+    let err = |m: String| NodeError::DataDir(m);
+    let path = dir.join(IDENTITY_FILE);
+    let id: Identity = serde_json::from_slice(bytes).map_err(|e| {
+        err(format!(
+            "{} is corrupt ({e}); refusing to start rather than guess this node's identity",
+            path.display()
+        ))
+    })?;
+    if id.format != FORMAT {
+        return Err(err(format!(
+            "{} has format {}, this raftmap reads format {FORMAT}",
+            path.display(),
+            id.format
+        )));
+    }
+    if id.node_id == 0 {
+        return Err(err(format!(
+            "{} names node 0, which is reserved",
+            path.display()
+        )));
+    }
+    if let Some(r) = requested {
+        if r != id.node_id {
+            return Err(err(format!(
+                "{} belongs to node {}, not node {r}: node ids are bound to their data dir",
+                dir.display(),
+                id.node_id
+            )));
+        }
+    }
+    Ok(id)
 }
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {
@@ -162,6 +177,24 @@ mod tests {
         assert!(!dir.join("identity.tmp").exists());
         std::fs::write(dir.join("db/CURRENT"), "x").unwrap();
         assert_eq!(load_or_create(&dir, None).unwrap().0.node_id, 3);
+    }
+
+    #[test]
+    fn an_identity_of_node_zero_or_another_format_is_refused() {
+        let e = parse(br#"{"format":1,"node_id":0}"#, Path::new("/d"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node 0"), "{e}");
+        let e = parse(br#"{"format":2,"node_id":4}"#, Path::new("/d"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("format 2"), "{e}");
+        assert_eq!(
+            parse(br#"{"format":1,"node_id":4}"#, Path::new("/d"), Some(4))
+                .unwrap()
+                .node_id,
+            4
+        );
     }
 
     #[test]

@@ -133,9 +133,14 @@ fn schema_of(name: &str, map: &KernelMap) -> MapSchema {
 
 /// `kernel-maps.json`: the kernel id of each watched map, and the boot it was seen in.
 #[derive(Debug, Default, serde::Serialize, Deserialize)]
-struct RecordedIds {
+pub(crate) struct RecordedIds {
     boot_id: String,
     ids: BTreeMap<String, u32>,
+}
+
+/// The contents of `kernel-maps.json`, if they are well formed.
+pub(crate) fn parse_recorded_ids(bytes: &[u8]) -> Option<RecordedIds> {
+    serde_json::from_slice(bytes).ok()
 }
 
 /// This boot's id (a map id from another boot says nothing about the map now).
@@ -494,9 +499,10 @@ impl KernelSync {
     /// Map ids recorded in this boot. Kernel map ids restart after a reboot, so an id is only
     /// meaningful together with the boot it was seen in.
     fn load_ids(&self) -> BTreeMap<String, u32> {
-        let recorded: Option<RecordedIds> = std::fs::read(&self.ids_path)
+        // Unreadable (missing, corrupt): no map is known, each is adopted as on first sight.
+        let recorded = std::fs::read(&self.ids_path)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+            .and_then(|b| parse_recorded_ids(&b));
         let boot = boot_id();
         match recorded {
             // Without a boot id nothing tells an id of this boot from a recycled one.

@@ -14,6 +14,8 @@
 mod client;
 mod consistency;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod http;
 mod identity;
 mod kernel;

@@ -76,7 +76,7 @@ pub(crate) fn schema_to_pb(s: &MapSchema) -> pb::MapSchema {
     }
 }
 
-fn op_from_pb(op: pb::Op) -> Result<Op, NodeError> {
+pub(crate) fn op_from_pb(op: pb::Op) -> Result<Op, NodeError> {
     use pb::op::Op as P;
     Ok(match op.op {
         Some(P::Declare(s)) => Op::DeclareMap(schema_from_pb(s)?),
