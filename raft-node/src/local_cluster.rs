@@ -104,9 +104,9 @@ fn process_identity(pid: u32) -> Option<String> {
     Some(format!("{pid} {start}"))
 }
 
-/// Names of the network interfaces in this namespace.
-fn links() -> Vec<String> {
-    std::fs::read_dir("/sys/class/net")
+/// The names in a directory (none when it cannot be read).
+fn dir_names(dir: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().into_string().ok())
                 .collect()
@@ -114,14 +114,14 @@ fn links() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Names of the network interfaces in this namespace.
+fn links() -> Vec<String> {
+    dir_names("/sys/class/net")
+}
+
 /// Names of the named network namespaces.
 fn namespaces() -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    dir_names("/run/netns")
 }
 
 /// The (A, B) of every 10.A.B.0/24 that an interface of this namespace has an address in.
@@ -173,12 +173,7 @@ impl Netns {
             .map_err(|(_, e)| net_error(format!("locking {REGISTRY}/.lock: {e}")))?;
         Self::sweep();
         let (links, namespaces) = (links(), namespaces());
-        let registered: HashSet<String> = std::fs::read_dir(REGISTRY)
-            .map(|d| {
-                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let registered: HashSet<String> = dir_names(REGISTRY).into_iter().collect();
         let mut rng = rand::thread_rng();
         let tag = (0..1000)
             .map(|_| format!("rm{:08x}", rng.gen::<u32>()))
@@ -373,6 +368,19 @@ fn free_port() -> Result<String> {
         }
     }
     Err(NodeError::Internal("no free loopback port".into()))
+}
+
+impl ClusterOptions {
+    /// Nodes of `bin` on loopback, logging at info (openraft at warn), no extra arguments.
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self {
+            bin: bin.into(),
+            agent_args: Vec::new(),
+            log_filter: "info,openraft=warn".into(),
+            node_args: BTreeMap::new(),
+            netns: false,
+        }
+    }
 }
 
 impl LocalCluster {

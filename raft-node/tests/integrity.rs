@@ -18,12 +18,30 @@ const T: Duration = Duration::from_secs(60);
 
 fn opts(extra: &[&str]) -> ClusterOptions {
     ClusterOptions {
-        bin: env!("CARGO_BIN_EXE_raftmap").into(),
         agent_args: extra.iter().map(|s| s.to_string()).collect(),
-        log_filter: "info,openraft=warn".into(),
-        node_args: Default::default(),
-        netns: false,
+        ..ClusterOptions::new(env!("CARGO_BIN_EXE_raftmap"))
     }
+}
+
+/// A 3-node cluster with `extra` agent arguments and map "m" holding `entries` keys, applied
+/// everywhere.
+async fn three_nodes_with_data(
+    extra: &[&str],
+    entries: u64,
+) -> (LocalCluster, raftmap_node::Client) {
+    let mut c = LocalCluster::start(opts(extra), 3, 0, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    client
+        .declare(&MapSchema::hash("m", 8, 8, 10_000))
+        .await
+        .unwrap();
+    for i in 0..entries {
+        client.put("m", key(i), key(i)).await.unwrap();
+    }
+    c.wait_applied(&[1, 2, 3], client.status().await.unwrap().applied_index, T)
+        .await
+        .unwrap();
+    (c, client)
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -117,20 +135,7 @@ async fn send_snapshot(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_peer_messages_are_refused_and_change_nothing() {
-    let mut c = LocalCluster::start(opts(&["--max-snapshot-bytes", "67108864"]), 3, 0, T)
-        .await
-        .unwrap();
-    let client = c.client(1).await.unwrap();
-    client
-        .declare(&MapSchema::hash("m", 8, 8, 1000))
-        .await
-        .unwrap();
-    for i in 0..10 {
-        client.put("m", key(i), key(i)).await.unwrap();
-    }
-    c.wait_applied(&[1, 2, 3], client.status().await.unwrap().applied_index, T)
-        .await
-        .unwrap();
+    let (mut c, _) = three_nodes_with_data(&["--max-snapshot-bytes", "67108864"], 10).await;
     let before = fingerprint(&c, "m").await;
     let term = before[0].0;
     let leader = before[0].1;
@@ -502,18 +507,7 @@ async fn a_follower_behind_entries_of_megabytes_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_disk_and_a_diverged_replica_are_found_and_named() {
     let checks = ["--disk-check-ms", "300", "--consistency-check-ms", "300"];
-    let mut c = LocalCluster::start(opts(&checks), 3, 0, T).await.unwrap();
-    let client = c.client(1).await.unwrap();
-    client
-        .declare(&MapSchema::hash("m", 8, 8, 10_000))
-        .await
-        .unwrap();
-    for i in 0..50 {
-        client.put("m", key(i), key(i)).await.unwrap();
-    }
-    c.wait_applied(&[1, 2, 3], client.status().await.unwrap().applied_index, T)
-        .await
-        .unwrap();
+    let (mut c, _) = three_nodes_with_data(&checks, 50).await;
     let leader = c.leader(&[1, 2, 3]).await.unwrap();
     let victim = [1, 2, 3].into_iter().find(|&n| n != leader).unwrap();
     // Behind the node's back: one value flipped, and the digest it keeps changed.

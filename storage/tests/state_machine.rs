@@ -175,22 +175,30 @@ async fn state_survives_reopen() {
     assert_eq!(applied.map(|l| l.index), Some(2));
 }
 
-#[tokio::test]
-async fn snapshot_replaces_the_state_of_another_node() {
-    let a_dir = tempfile::tempdir().unwrap();
-    let (_la, mut a, _va) = open(a_dir.path(), StoreOptions::default(), None).unwrap();
-    a.apply_entries(vec![entry(
+/// A store at `dir` holding map ct with two entries (one log entry), and its snapshot.
+async fn with_two_entries_and_a_snapshot(
+    dir: &std::path::Path,
+) -> (LogStore, StateMachine, StateView, Snapshot) {
+    let (log, mut sm, view) = open(dir, StoreOptions::default(), None).unwrap();
+    sm.apply_entries(vec![entry(
         1,
         vec![vec![Op::DeclareMap(schema(10)), put(1, 1), put(2, 2)]],
     )])
     .await
     .unwrap();
-    let snap = a
+    let snap = sm
         .get_snapshot_builder()
         .await
         .build_snapshot()
         .await
         .unwrap();
+    (log, sm, view, snap)
+}
+
+#[tokio::test]
+async fn snapshot_replaces_the_state_of_another_node() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let (_la, _a, _va, snap) = with_two_entries_and_a_snapshot(a_dir.path()).await;
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(1));
 
     // B holds a stale, different state.
@@ -270,19 +278,7 @@ async fn a_corrupt_record_in_the_middle_of_the_wal_refuses_the_start() {
 #[tokio::test]
 async fn a_corrupt_snapshot_file_is_never_used_and_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
-    let (_log, mut sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
-    sm.apply_entries(vec![entry(
-        1,
-        vec![vec![Op::DeclareMap(schema(10)), put(1, 1), put(2, 2)]],
-    )])
-    .await
-    .unwrap();
-    let built = sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    let (_log, mut sm, view, built) = with_two_entries_and_a_snapshot(dir.path()).await;
     // One byte of a value flipped on disk.
     let path = dir.path().join("snapshot.bin");
     let mut bytes = std::fs::read(&path).unwrap();
@@ -312,6 +308,24 @@ async fn a_corrupt_snapshot_file_is_never_used_and_is_rebuilt() {
     assert!(err.contains("checksum mismatch"), "{err}");
 }
 
+/// Operation `i` of a mix of puts, overwrites, deletes and failing compare-and-swaps on 97 keys.
+fn mixed_op(i: u64) -> Op {
+    let k = (i % 97) as u8;
+    match i % 5 {
+        0 => Op::Delete {
+            map: "ct".into(),
+            key: vec![0, k],
+        },
+        1 => Op::CompareAndSwap {
+            map: "ct".into(),
+            key: vec![0, k],
+            expected: Some(vec![9, 9]),
+            new: None,
+        },
+        _ => put(k, i as u8),
+    }
+}
+
 #[tokio::test]
 async fn the_kept_digest_matches_the_disk_until_a_value_rots() {
     let dir = tempfile::tempdir().unwrap();
@@ -322,21 +336,7 @@ async fn the_kept_digest_matches_the_disk_until_a_value_rots() {
             .unwrap();
         // Puts, overwrites, deletes and a failed CAS, one entry each, past a checkpoint.
         for i in 2..=1001u64 {
-            let k = (i % 97) as u8;
-            let op = match i % 5 {
-                0 => Op::Delete {
-                    map: "ct".into(),
-                    key: vec![0, k],
-                },
-                1 => Op::CompareAndSwap {
-                    map: "ct".into(),
-                    key: vec![0, k],
-                    expected: Some(vec![9, 9]),
-                    new: None,
-                },
-                _ => put(k, i as u8),
-            };
-            sm.apply_entries(vec![entry(i, vec![vec![op]])])
+            sm.apply_entries(vec![entry(i, vec![vec![mixed_op(i)]])])
                 .await
                 .unwrap();
         }
@@ -349,23 +349,7 @@ async fn the_kept_digest_matches_the_disk_until_a_value_rots() {
         let (_l2, mut sm2, view2) = open(other.path(), StoreOptions::default(), None).unwrap();
         let mut all = vec![entry(1, vec![vec![Op::DeclareMap(schema(1000))]])];
         for i in 2..=1001u64 {
-            let k = (i % 97) as u8;
-            all.push(entry(
-                i,
-                vec![vec![match i % 5 {
-                    0 => Op::Delete {
-                        map: "ct".into(),
-                        key: vec![0, k],
-                    },
-                    1 => Op::CompareAndSwap {
-                        map: "ct".into(),
-                        key: vec![0, k],
-                        expected: Some(vec![9, 9]),
-                        new: None,
-                    },
-                    _ => put(k, i as u8),
-                }]],
-            ));
+            all.push(entry(i, vec![vec![mixed_op(i)]]));
         }
         sm2.apply_entries(all).await.unwrap();
         assert_eq!(view2.checkpoints(), view.checkpoints());
