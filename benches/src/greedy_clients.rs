@@ -130,6 +130,25 @@ async fn main() -> Result<()> {
     // Watchers.
     let base = write_latencies(&c, args.seconds, 1).await?;
     let (rss0, _) = rss_kb(&c, 1)?;
+    // The frozen one first: a process of its own, stopped once its watch is open.
+    let mut frozen = std::process::Command::new(std::env::current_exe()?)
+        .args(["--hold-watch", &c.node(1)?.api_addr])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::BufRead;
+        let out = frozen.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(out).read_line(&mut line)?;
+        anyhow::ensure!(
+            line.trim() == "holding",
+            "the frozen watcher did not start: {line:?}"
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(frozen.id() as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )?;
     let mut held = Vec::new();
     let mut refused = 0;
     for _ in 0..args.watchers {
@@ -146,17 +165,6 @@ async fn main() -> Result<()> {
             Err(s) => anyhow::bail!("watch: {s}"),
         }
     }
-    // The frozen one: a process of its own, stopped once its watch is open. (Opened after the
-    // others: it may be refused too, which is the cap doing its job.)
-    let mut frozen = std::process::Command::new(std::env::current_exe()?)
-        .args(["--hold-watch", &c.node(1)?.api_addr])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(frozen.id() as i32),
-        nix::sys::signal::Signal::SIGSTOP,
-    )?;
     let loaded = write_latencies(&c, args.seconds, 2).await?;
     let (rss1, hwm1) = rss_kb(&c, 1)?;
     let _ = frozen.kill();
