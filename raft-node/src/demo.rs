@@ -589,6 +589,12 @@ pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, Str
                 "{node:<5} {:<16} {:<8} {:>9}  {:<40} {}\n",
                 w.map, w.backend, w.entries, w.location, w.state
             ));
+            if w.refused_changes > 0 {
+                s.push_str(&format!(
+                    "      {} local changes refused by the cluster and undone; the last: {}\n",
+                    w.refused_changes, w.last_refusal
+                ));
+            }
         }
     }
     s.trim_end().to_string()

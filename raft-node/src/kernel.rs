@@ -161,6 +161,9 @@ pub struct WatchedState {
     pub state: MapSyncState,
     pub backend: Backend,
     pub entries: u64,
+    /// Local changes the cluster refused and that were undone, and the last reason.
+    pub refusals: u64,
+    pub last_refusal: Option<String>,
 }
 
 /// Where a watched map stands, for status.
@@ -477,6 +480,8 @@ impl KernelSync {
                     state,
                     backend: b,
                     entries: st.entries,
+                    refusals: st.refusals,
+                    last_refusal: st.last_refusal.clone(),
                 }
             })
             .collect()

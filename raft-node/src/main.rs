@@ -432,7 +432,9 @@ async fn status(conn: &Conn) -> Result<()> {
                 "not_ready_reason": (!s.not_ready_reason.is_empty()).then_some(&s.not_ready_reason),
                 "corrupt": (!s.corrupt.is_empty()).then_some(&s.corrupt),
                 "watched": s.watched.iter().map(|w| json!({"map": w.map, "location": w.location,
-                    "backend": w.backend, "entries": w.entries, "state": w.state})).collect::<Vec<_>>()}),
+                    "backend": w.backend, "entries": w.entries, "state": w.state,
+                    "refused_changes": w.refused_changes,
+                    "last_refusal": (!w.last_refusal.is_empty()).then_some(&w.last_refusal)})).collect::<Vec<_>>()}),
             Err(e) => json!({"endpoint": ep, "error": e}),
         })
         .collect();

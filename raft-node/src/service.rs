@@ -1074,6 +1074,8 @@ impl pb::admin_server::Admin for AdminService {
                     },
                     backend: w.backend.to_string(),
                     entries: w.entries,
+                    refused_changes: w.refusals,
+                    last_refusal: w.last_refusal.unwrap_or_default(),
                 })
                 .collect(),
         }))
