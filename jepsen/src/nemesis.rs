@@ -294,13 +294,7 @@ impl<'a> Nemesis<'a> {
         let mut next_start = Instant::now() + self.quiet();
         while !self.faults.is_empty() {
             let now = Instant::now();
-            let due: Vec<usize> = (0..self.active.len())
-                .filter(|&i| self.active[i].until <= now)
-                .collect();
-            for i in due.into_iter().rev() {
-                let a = self.active.remove(i);
-                self.end(a)?;
-            }
+            self.end_due()?;
             if last_start.is_none_or(|l| now >= l) {
                 break;
             }
@@ -344,6 +338,79 @@ impl<'a> Nemesis<'a> {
             }
         }
         Ok(self.log)
+    }
+
+    /// Ends the faults whose time is up.
+    fn end_due(&mut self) -> Result<(), RunError> {
+        let now = Instant::now();
+        let due: Vec<usize> = (0..self.active.len())
+            .filter(|&i| self.active[i].until <= now)
+            .collect();
+        for i in due.into_iter().rev() {
+            let a = self.active.remove(i);
+            self.end(a)?;
+        }
+        Ok(())
+    }
+
+    /// Awaits `work` (which must not hold the cluster) while ending the other faults on time:
+    /// a membership change takes seconds, and a kill meant to last a second must not last them.
+    async fn meanwhile<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, RunError> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                r = &mut work => return Ok(r),
+                _ = tokio::time::sleep(Duration::from_millis(50)) => self.end_due()?,
+            }
+        }
+    }
+
+    /// Waits until node `id` reports ready, ending the other faults on time meanwhile; the last
+    /// thing it said when it did not within `within`.
+    async fn wait_ready(&mut self, id: NodeId, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            // Not listening yet is not an answer either: the node is still starting.
+            match self.cluster.client(id).await {
+                Ok(client) => {
+                    let status = async move {
+                        tokio::time::timeout(Duration::from_millis(500), client.status()).await
+                    };
+                    match self.meanwhile(status).await.map_err(|e| e.to_string())? {
+                        Ok(Ok(s)) if s.ready => return Ok(()),
+                        Ok(Ok(s)) => last = format!("not ready: {}", s.not_ready_reason),
+                        Ok(Err(e)) => last = e.to_string(),
+                        Err(_) => last = "no answer within 500 ms".into(),
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            let pause = tokio::time::sleep(Duration::from_millis(50));
+            self.meanwhile(pause).await.map_err(|e| e.to_string())?;
+        }
+        Err(format!(
+            "node {id} was not ready within {within:?} ({last})"
+        ))
+    }
+
+    /// An admin call through node `via`, bounded in time, ending the other faults on time
+    /// meanwhile; the error as text.
+    async fn admin<F, Fut>(&mut self, via: NodeId, within: Duration, call: F) -> Result<(), String>
+    where
+        F: FnOnce(pb::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+    {
+        let client = self.cluster.client(via).await.map_err(|e| e.to_string())?;
+        let work = tokio::time::timeout(within, call(client.admin()));
+        match self.meanwhile(work).await.map_err(|e| e.to_string())? {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), first_line(s.message()))),
+            Err(_) => Err(format!("no answer within {within:?}")),
+        }
     }
 
     /// Whether the cluster's leader counts `id` among its members (voter or learner). Gone is
@@ -541,25 +608,26 @@ impl<'a> Nemesis<'a> {
         let via = free.first().copied().unwrap_or(ids[0]);
         self.cluster.spawn(id, Some(via), true)?;
         let added = format!("membership add n{id}");
-        if let Err(e) = self.cluster.wait_ready(id, within).await {
+        if let Err(e) = self.wait_ready(id, within).await {
             // A node that could not join is stopped and forgotten.
             self.cluster.kill(id)?;
             self.setup.removed(id);
-            return Ok((added, Some(first_line(&e.to_string()))));
+            return Ok((added, Some(first_line(&e))));
         }
         let api = self.cluster.node(id)?.api_addr.clone();
         self.setup.joined(id, &api);
         // Even a learner takes client requests (forwarded): it is a member now.
         self.members.add(id, api);
-        let promoted = admin_call(self.cluster, via, within, |mut a| async move {
-            a.promote(pb::PromoteRequest {
-                node_id: id,
-                max_lag: 1000,
+        let promoted = self
+            .admin(via, within, |mut a| async move {
+                a.promote(pb::PromoteRequest {
+                    node_id: id,
+                    max_lag: 1000,
+                })
+                .await
+                .map(|_| ())
             })
-            .await
-            .map(|_| ())
-        })
-        .await;
+            .await;
         if let Err(e) = promoted {
             // It stays a learner; no voter is taken out for it.
             return Ok((format!("{added}, promote"), Some(e)));
@@ -574,15 +642,16 @@ impl<'a> Nemesis<'a> {
         }
         let victim = candidates[self.rng.gen_range(0..candidates.len())];
         let what = format!("membership replace n{victim} with n{id}");
-        let removed = admin_call(self.cluster, via, within, |mut a| async move {
-            a.remove(pb::RemoveRequest {
-                node_id: victim,
-                force: false,
+        let removed = self
+            .admin(via, within, |mut a| async move {
+                a.remove(pb::RemoveRequest {
+                    node_id: victim,
+                    force: false,
+                })
+                .await
+                .map(|_| ())
             })
-            .await
-            .map(|_| ())
-        })
-        .await;
+            .await;
         match removed {
             Ok(()) => {
                 self.forget(victim)?;
@@ -601,25 +670,6 @@ impl<'a> Nemesis<'a> {
                 }
             },
         }
-    }
-}
-
-/// An admin call through node `via`, bounded in time; the error as text.
-async fn admin_call<F, Fut>(
-    cluster: &LocalCluster,
-    via: NodeId,
-    within: Duration,
-    call: F,
-) -> Result<(), String>
-where
-    F: FnOnce(pb::admin_client::AdminClient<tonic::transport::Channel>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
-{
-    let client = cluster.client(via).await.map_err(|e| e.to_string())?;
-    match tokio::time::timeout(within, call(client.admin())).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), first_line(s.message()))),
-        Err(_) => Err(format!("no answer within {within:?}")),
     }
 }
 
