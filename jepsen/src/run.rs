@@ -544,7 +544,8 @@ async fn drive(
     for t in tasks {
         let _ = t.await;
     }
-    let load_end = rec.now();
+    // The clients stop at the deadline (the nemesis may still be settling a removal after it).
+    let load_end = deadline.saturating_duration_since(rec.start).as_nanos() as u64;
     // Every fault is healed: the cluster must serve every live member again, in time.
     let recovery = recover(cluster, &members.ids(), RECOVERY_BOUND).await;
     let mut kernel_result = None;
