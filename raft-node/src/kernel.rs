@@ -1685,6 +1685,9 @@ impl KernelSync {
         };
         let mut puts: Vec<(&[u8], &[u8])> = Vec::new();
         let mut deletes: Vec<&[u8]> = Vec::new();
+        // Only captures from events can meet an applier write that went over them (see
+        // `overwritten_captures`): with the scan alone, nothing is noted on this path.
+        let note = self.backend() != Backend::Scan;
         for (i, (key, value)) in changes.into_iter().enumerate() {
             if superseded[i] {
                 continue;
@@ -1710,7 +1713,9 @@ impl KernelSync {
                 continue; // our own capture: the kernel has it
             }
             apply_to(&mut st.shadow, key, value);
-            st.note_applied(key);
+            if note {
+                st.note_applied(key);
+            }
             if st.scanning {
                 st.touched.insert(key.to_vec());
             }
