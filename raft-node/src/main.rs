@@ -205,6 +205,11 @@ struct AgentArgs {
     /// refused and the node cannot catch up from it.
     #[arg(long)]
     max_snapshot_bytes: Option<u64>,
+    /// Free bytes the data dir's filesystem must keep (default 64 MiB, 0 turns the check off):
+    /// a node that would write with less stops with an error that says so, before the disk is
+    /// full.
+    #[arg(long)]
+    min_free_disk_bytes: Option<u64>,
     /// How often the leader compares the replicas' state digests (default 10000).
     #[arg(long)]
     consistency_check_ms: Option<u64>,
@@ -248,8 +253,14 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cli)) {
+    let res = rt.block_on(run(cli));
+    if let Err(e) = &res {
         eprintln!("error: {e:#}");
+    }
+    // Tasks still running hold the database: stop them (which closes it) before the process
+    // exits, or RocksDB closes during exit, after its static state is gone, and aborts.
+    rt.shutdown_timeout(Duration::from_secs(5));
+    if res.is_err() {
         std::process::exit(1);
     }
 }
@@ -633,6 +644,9 @@ async fn agent(a: AgentArgs) -> Result<()> {
     }
     if let Some(v) = a.max_snapshot_bytes {
         cfg.max_snapshot_bytes = v;
+    }
+    if let Some(v) = a.min_free_disk_bytes {
+        cfg.min_free_disk_bytes = v;
     }
     if let Some(v) = a.consistency_check_ms {
         cfg.consistency_check_ms = v;

@@ -60,6 +60,8 @@ pub struct NodeConfig {
     pub max_watchers: usize,
     /// Largest snapshot this node accepts from a leader (bytes).
     pub max_snapshot_bytes: u64,
+    /// Free bytes the data dir's filesystem must keep; a write that finds less stops the node.
+    pub min_free_disk_bytes: u64,
     /// How often the leader compares the replicas' state digests.
     pub consistency_check_ms: u64,
     /// How often a node reads its whole state back from disk to check it.
@@ -89,6 +91,7 @@ impl Default for NodeConfig {
             scan_interval_ms: 100,
             max_watchers: 256,
             max_snapshot_bytes: 4 << 30,
+            min_free_disk_bytes: raftmap_storage::DEFAULT_MIN_FREE_BYTES,
             consistency_check_ms: 10_000,
             disk_check_ms: 600_000,
             unsafe_local_reads: false,
@@ -157,8 +160,14 @@ impl RunningNode {
         let kernel = KernelSync::new(id, &cfg.watch, &cfg.data_dir)?;
         let hook: Option<Arc<dyn raftmap_storage::ApplyHook>> =
             (!cfg.watch.is_empty()).then(|| kernel.clone() as Arc<dyn raftmap_storage::ApplyHook>);
-        let (log, sm, view) =
-            raftmap_storage::open(&cfg.data_dir, StoreOptions { sync: cfg.sync }, hook)?;
+        let (log, sm, view) = raftmap_storage::open(
+            &cfg.data_dir,
+            StoreOptions {
+                sync: cfg.sync,
+                min_free_bytes: cfg.min_free_disk_bytes,
+            },
+            hook,
+        )?;
         if fresh {
             ident.persist(&cfg.data_dir)?;
         }

@@ -420,11 +420,12 @@ async fn a_full_disk_stops_the_node_the_others_go_on_and_nothing_acknowledged_is
         .declare(&MapSchema::hash("m", 8, 32 * 1024, 100_000))
         .await
         .unwrap();
-    // Leave node 3 about 24 MiB.
+    // Leave node 3 about 24 MiB above the free space it keeps in reserve.
     let avail = nix::sys::statvfs::statvfs(&fs.0).unwrap();
     let free = avail.blocks_available() * avail.fragment_size();
     let filler = fs.0.join("filler");
-    std::fs::write(&filler, vec![0u8; (free - (24 << 20)) as usize]).unwrap();
+    let keep = raftmap_storage::DEFAULT_MIN_FREE_BYTES + (24 << 20);
+    std::fs::write(&filler, vec![0u8; (free - keep) as usize]).unwrap();
     // Write until node 3 has stopped, and some more.
     let mut acked = BTreeMap::new();
     let deadline = Instant::now() + T;
@@ -448,9 +449,14 @@ async fn a_full_disk_stops_the_node_the_others_go_on_and_nothing_acknowledged_is
         }
     }
     let log = std::fs::read_to_string(&c.node(3).unwrap().log_path).unwrap();
-    assert!(log.contains("No space left on device"), "{log}");
+    let status = c.node_mut(3).unwrap().exit_status().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "node 3 did not exit cleanly:\n{log}"
+    );
     assert!(
-        log.contains("error:"),
+        log.contains("error:") && log.contains("bytes free, under the"),
         "the daemon did not say why it stopped:\n{log}"
     );
     // Space is freed; node 3 comes back and has every acknowledged write.

@@ -4,7 +4,7 @@
 //! synced write makes every earlier write durable too, so a state-machine write (unsynced) can
 //! never be lost while a later log purge (synced) survives.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, DB};
@@ -30,11 +30,21 @@ pub struct StoreOptions {
     /// fsync the write-ahead log before acknowledging log appends, votes and purges.
     /// On by default; turning it off trades durability across power loss for latency.
     pub sync: bool,
+    /// Free bytes the data dir's filesystem must keep: a write that finds less refuses with
+    /// [`StorageError::DiskFull`] before it reaches RocksDB, so the node stops on a clean error
+    /// instead of meeting `ENOSPC` inside RocksDB (whose failed writers cannot be written again).
+    pub min_free_bytes: u64,
 }
+
+/// Default of [`StoreOptions::min_free_bytes`].
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { sync: true }
+        Self {
+            sync: true,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
+        }
     }
 }
 
@@ -42,6 +52,7 @@ impl Default for StoreOptions {
 pub(crate) struct Db {
     pub(crate) db: DB,
     pub(crate) opts: StoreOptions,
+    dir: PathBuf,
 }
 
 impl Db {
@@ -55,6 +66,11 @@ impl Db {
         // acknowledged writes and votes). Only a record cut short at the very end, which was
         // never synced and so never acknowledged, is tolerated.
         db_opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::TolerateCorruptedTailRecords);
+        // Warnings and errors only in RocksDB's info log (`LOG`): a corrupt WAL record is a
+        // warning, which `corrupt_wal` reads back. Fewer writes to `LOG` also matter on a full
+        // disk: the info log writer aborts the process (an assertion in Debian's build) when
+        // written again after one of its writes failed.
+        db_opts.set_log_level(rocksdb::LogLevel::Warn);
         // A tiny memtable flush threshold is not needed; defaults suit a log-structured workload.
         let cfs = ALL_CFS.iter().map(|name| {
             let opts = if *name == CF_SM_DATA {
@@ -76,7 +92,41 @@ impl Db {
                     },
                 }
             })?;
-        Ok(Arc::new(Self { db, opts }))
+        Ok(Arc::new(Self {
+            db,
+            opts,
+            dir: dir.to_path_buf(),
+        }))
+    }
+
+    /// Writes `batch`, synced when `durable` (and syncing is on), once the disk has room.
+    pub(crate) fn write(&self, batch: rocksdb::WriteBatch, durable: bool) -> Result<()> {
+        self.check_space()?;
+        self.db.write_opt(batch, &self.write_opts(durable))?;
+        Ok(())
+    }
+
+    /// Refuses when the data dir's filesystem has less than `min_free_bytes` free (for an
+    /// unprivileged process: root may use the blocks reserved for it, RocksDB may not count on
+    /// them).
+    pub(crate) fn check_space(&self) -> Result<()> {
+        if self.opts.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| StorageError::Io {
+            path: self.dir.display().to_string(),
+            source: e.into(),
+        })?;
+        #[allow(clippy::useless_conversion)] // the field types differ between targets
+        let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+        if free < self.opts.min_free_bytes {
+            return Err(StorageError::DiskFull {
+                path: self.dir.display().to_string(),
+                free,
+                reserve: self.opts.min_free_bytes,
+            });
+        }
+        Ok(())
     }
 
     pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily> {
@@ -85,7 +135,7 @@ impl Db {
             .ok_or(StorageError::MissingColumnFamily(name))
     }
 
-    pub(crate) fn write_opts(&self, durable: bool) -> rocksdb::WriteOptions {
+    fn write_opts(&self, durable: bool) -> rocksdb::WriteOptions {
         let mut w = rocksdb::WriteOptions::default();
         w.set_sync(durable && self.opts.sync);
         w

@@ -94,6 +94,12 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the filesystem of {path} has {free} bytes free, under the {reserve} this node keeps in reserve (--min-free-disk-bytes): the node stops before its disk is full; free space, then restart it")]
+    DiskFull {
+        path: String,
+        free: u64,
+        reserve: u64,
+    },
     #[error("column family {0} is missing: the database is not a raftmap data dir")]
     MissingColumnFamily(&'static str),
 }

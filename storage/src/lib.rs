@@ -19,7 +19,7 @@ mod state_machine;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use db::StoreOptions;
+pub use db::{StoreOptions, DEFAULT_MIN_FREE_BYTES};
 pub use digest::{disagreement, Disagreement, Recomputed, CHECKPOINT_EVERY};
 pub use error::{StorageError, ValidationError};
 pub use log_store::LogStore;

@@ -105,11 +105,9 @@ impl LogStore {
         value: &T,
         what: &'static str,
     ) -> crate::error::Result<()> {
-        let bytes = encode(value, what)?;
-        self.db
-            .db
-            .put_cf_opt(self.db.cf(CF_META)?, key, bytes, &self.db.write_opts(true))?;
-        Ok(())
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(self.db.cf(CF_META)?, key, encode(value, what)?);
+        self.db.write(batch, true)
     }
 
     fn last_log_id(&self) -> crate::error::Result<Option<LogId>> {
@@ -219,11 +217,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // which openraft recovers from the log.
         let index = committed.as_ref().map_or(u64::MAX, |l| l.index);
         let bytes = encode(&committed, "committed").map_err(io_err)?;
-        let cf = self.db.cf(CF_META).map_err(io_err)?;
-        self.db
-            .db
-            .put_cf_opt(cf, KEY_COMMITTED, bytes, &self.db.write_opts(false))
-            .map_err(io_err)?;
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(self.db.cf(CF_META).map_err(io_err)?, KEY_COMMITTED, bytes);
+        self.db.write(batch, false).map_err(io_err)?;
         self.committed.store(index, Ordering::Relaxed);
         Ok(())
     }
@@ -246,7 +242,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Written now, durable later: the syncer calls back once the write-ahead log holding
         // this write is on disk.
-        if let Err(e) = self.db.db.write_opt(batch, &self.db.write_opts(false)) {
+        if let Err(e) = self.db.write(batch, false) {
             callback.io_completed(Err(io::Error::other(e.to_string())));
             return Err(io_err(e));
         }
@@ -267,10 +263,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = rocksdb::WriteBatch::default();
         batch.delete_range_cf(cf, index_key(first_removed), index_key(u64::MAX));
         // The entry at u64::MAX is never written (openraft indexes stay far below it).
-        self.db
-            .db
-            .write_opt(batch, &self.db.write_opts(true))
-            .map_err(io_err)
+        self.db.write(batch, true).map_err(io_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
@@ -279,9 +272,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = rocksdb::WriteBatch::default();
         batch.put_cf(meta, KEY_PURGED, encode(&log_id, "purged").map_err(io_err)?);
         batch.delete_range_cf(cf, index_key(0), index_key(log_id.index + 1));
-        self.db
-            .db
-            .write_opt(batch, &self.db.write_opts(true))
-            .map_err(io_err)
+        self.db.write(batch, true).map_err(io_err)
     }
 }

@@ -350,7 +350,7 @@ impl StateMachine {
         batch.put_cf(meta_cf, KEY_DIGEST, work.digest.to_be_bytes());
         // Not synced on its own: the log is durable, and this database shares its write-ahead
         // log with the log store, so the next synced log write also makes this one durable.
-        db.db.write_opt(batch, &db.write_opts(false))?;
+        db.write(batch, false)?;
 
         let applied = work.applied.map_or(0, |l| l.index);
         *write_cache(shared) = work;
@@ -426,7 +426,7 @@ impl StateMachine {
             encode(&cache.membership, "membership")?,
         );
         batch.put_cf(meta_cf, KEY_CLUSTER, encode(&cache.cluster, "cluster")?);
-        db.db.write_opt(batch, &db.write_opts(true))?;
+        db.write(batch, true)?;
         snapshot::write_file(
             &self.snapshot_path,
             &StoredSnapshot {

@@ -466,3 +466,33 @@ async fn a_cluster_holds_at_most_max_maps() {
     ));
     assert_eq!(view.schemas().len(), MAX_MAPS);
 }
+
+#[tokio::test]
+async fn a_write_that_would_eat_the_disk_reserve_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm, _view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+        sm.apply_entries(vec![entry(
+            1,
+            vec![vec![Op::DeclareMap(schema(10)), put(1, 1)]],
+        )])
+        .await
+        .unwrap();
+    }
+    // A reserve no filesystem has: every write finds the disk "full".
+    let opts = StoreOptions {
+        min_free_bytes: u64::MAX,
+        ..StoreOptions::default()
+    };
+    let (log, mut sm, view) = open(dir.path(), opts, None).unwrap();
+    let err = sm
+        .apply_entries(vec![entry(2, vec![vec![put(2, 2)]])])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("bytes free, under the"), "{err}");
+    assert_eq!(view.applied_index(), 1);
+    drop((log, sm, view));
+    let (_log, _sm, view) = open(dir.path(), StoreOptions::default(), None).unwrap();
+    assert_eq!(view.applied_index(), 1);
+    assert_eq!(dump(&view), vec![(vec![0, 1], vec![0, 1])]);
+}
