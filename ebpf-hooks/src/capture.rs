@@ -46,13 +46,14 @@ const KEY_AT: usize = 24;
 const VALUE_AT: usize = KEY_AT + MAX_EVENT_KEY as usize;
 
 /// How changes are captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backend {
     /// fexit on the kernel's hash map functions: syscalls and BPF programs alike.
     Fexit,
     /// tracepoints on bpf(2): syscalls only.
     Syscall,
     /// Periodic diff only.
+    #[default]
     Scan,
 }
 

@@ -460,6 +460,20 @@ impl Entries {
         self.values.extend_from_slice(value);
     }
 
+    /// Entries of `key_size`-byte keys and `value_size`-byte values from `(key, value)` pairs,
+    /// as a walk would return them (for code that compares walks, and its tests).
+    pub fn from_pairs<'a>(
+        key_size: usize,
+        value_size: usize,
+        pairs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Self {
+        let mut out = Self::new(key_size, value_size);
+        for (k, v) in pairs {
+            out.push(k, v);
+        }
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.keys.len().checked_div(self.key_size).unwrap_or(0)
     }

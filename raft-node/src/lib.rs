@@ -20,6 +20,7 @@ mod http;
 mod identity;
 mod kernel;
 pub mod local_cluster;
+mod lock;
 mod metrics;
 mod network;
 mod node;

@@ -28,7 +28,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(kernel: &crate::kernel::KernelMetrics) -> Arc<Self> {
+    /// The node's metrics; `more` registers those of other parts (the kernel sync's).
+    pub fn new(more: impl FnOnce(&mut Registry)) -> Arc<Self> {
         let mut registry = Registry::with_prefix("raftmap");
         let m = Metrics {
             is_leader: Gauge::default(),
@@ -107,66 +108,7 @@ impl Metrics {
             "Time from proposing an entry to its being applied",
             m.commit_latency.clone(),
         );
-        registry.register(
-            "kernel_captured",
-            "Kernel map changes captured and proposed",
-            kernel.captured.clone(),
-        );
-        registry.register(
-            "kernel_applied",
-            "Committed changes written to the kernel map",
-            kernel.applied.clone(),
-        );
-        registry.register(
-            "kernel_deferred",
-            "Committed changes not written because a newer local change to the key is on its way",
-            kernel.deferred.clone(),
-        );
-        registry.register(
-            "kernel_apply_errors",
-            "Kernel map writes that failed",
-            kernel.apply_errors.clone(),
-        );
-        registry.register(
-            "kernel_uncommitted",
-            "Captured changes whose proposal did not commit (no leader, a lost answer); each is proposed again",
-            kernel.uncommitted.clone(),
-        );
-        registry.register(
-            "kernel_refused",
-            "Local kernel map changes the cluster refused (the map's schema, a full map) and that were undone in the kernel map",
-            kernel.refused.clone(),
-        );
-        registry.register(
-            "kernel_restored",
-            "Local kernel map writes the applier overwrote before they were captured, written back",
-            kernel.restored.clone(),
-        );
-        registry.register(
-            "kernel_scan_repairs",
-            "Kernel map entries rewritten by reconciliation",
-            kernel.scan_repairs.clone(),
-        );
-        registry.register(
-            "kernel_entries",
-            "Entries in the kernel map at the last scan",
-            kernel.entries.clone(),
-        );
-        registry.register(
-            "kernel_capture_lost",
-            "Capture events lost (ring buffer full, unreadable memory) or not forwarded (batch syscalls, oversize entries); each makes the daemon scan at once",
-            kernel.ring_drops.clone(),
-        );
-        registry.register(
-            "kernel_capture_backend",
-            "1 for the capture backend in use (scan, syscall or fexit)",
-            kernel.backend.clone(),
-        );
-        registry.register(
-            "kernel_echoes",
-            "Capture events recognised as this daemon's own applies and dropped",
-            kernel.echoes.clone(),
-        );
+        more(&mut registry);
         Arc::new(Metrics { registry, ..m })
     }
 

@@ -213,7 +213,7 @@ impl RunningNode {
         let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm)
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let metrics = Metrics::new(&kernel.metrics);
+        let metrics = Metrics::new(|r| kernel.metrics.register(r));
         let proposer = Proposer {
             raft: raft.clone(),
             id,

@@ -1,0 +1,220 @@
+//! Submission: captured changes become client batches for the batcher (group commit), and
+//! their outcomes come back to the rules: committed (settle once applied here), refused as a
+//! batch (each change again, alone), refused alone (undone), or not committed (the next scan
+//! proposes the kernel's value again).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use raftmap_storage::{batch_runs, BatchOutcome, Op, Source, StateView};
+
+use super::scan::RETRY_AFTER;
+use super::state::{Captured, Writes};
+use super::{KernelSync, Watched};
+use crate::error::Result;
+use crate::lock::lock;
+use crate::propose::{Batcher, Ticket};
+
+/// Changes queued in one client batch, and the ticket for its outcome.
+type Queued = Vec<(Vec<Captured>, Result<Ticket>)>;
+
+impl KernelSync {
+    /// Proposes captured changes and settles them once their outcomes are known.
+    pub(super) async fn propose(
+        &self,
+        name: &str,
+        w: &Watched,
+        view: &StateView,
+        batcher: &Batcher,
+        changes: Vec<Captured>,
+    ) {
+        let queued = self.enqueue(name, w, batcher, changes).await;
+        self.settle_outcomes(name, w, view, queued).await;
+    }
+
+    /// Like [`Self::propose`], but returns once the changes are queued (in capture order), and
+    /// settles their marks when their outcomes arrive: the capture loop goes on reading events
+    /// while earlier changes are on their way through the log, and group commit takes whatever
+    /// it read meanwhile into the next entry.
+    pub(super) async fn propose_detached(
+        self: &Arc<Self>,
+        name: &str,
+        view: &StateView,
+        batcher: &Batcher,
+        changes: Vec<Captured>,
+    ) {
+        let Some(w) = self.maps.get(name) else { return };
+        let queued = self.enqueue(name, w, batcher, changes).await;
+        if queued.is_empty() {
+            return;
+        }
+        let (this, view, name) = (self.clone(), view.clone(), name.to_string());
+        tokio::spawn(async move {
+            if let Some(w) = this.maps.get(&name) {
+                this.settle_outcomes(&name, w, &view, queued).await;
+            }
+        });
+    }
+
+    /// Queues captured changes as client batches within the cluster's size limits, in order.
+    async fn enqueue(
+        &self,
+        name: &str,
+        w: &Watched,
+        batcher: &Batcher,
+        changes: Vec<Captured>,
+    ) -> Queued {
+        if changes.is_empty() {
+            return Vec::new();
+        }
+        let label = self.label(name, &lock(&w.state));
+        self.metrics
+            .captured
+            .get_or_create(&label)
+            .inc_by(changes.len() as u64);
+        let mut queued = Vec::new();
+        for chunk in client_batches(changes) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .map(|c| match &c.change.value {
+                    Some(v) => Op::Put {
+                        map: name.to_string(),
+                        key: c.change.key.clone(),
+                        value: v.clone(),
+                    },
+                    None => Op::Delete {
+                        map: name.to_string(),
+                        key: c.change.key.clone(),
+                    },
+                })
+                .collect();
+            let ticket = batcher.enqueue(ops, Source::Kernel).await;
+            queued.push((chunk, ticket));
+        }
+        queued
+    }
+
+    /// Waits for the outcomes of queued changes and settles their marks.
+    async fn settle_outcomes(&self, name: &str, w: &Watched, view: &StateView, queued: Queued) {
+        let mut retry = false;
+        for (chunk, ticket) in queued {
+            let res = match ticket {
+                Ok(t) => t.wait().await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(out) => match out.outcome {
+                    BatchOutcome::Applied => {
+                        // Committed at `out.index`: each key settles once the applier has
+                        // reached that index here (now, if it already has; otherwise the
+                        // apply hook does it when it gets there).
+                        let mut st = lock(&w.state);
+                        st.committed_at(&chunk, out.index);
+                        if self.hooked_index.load(Ordering::Acquire) >= out.index {
+                            self.settle_committed(&mut st, out.index);
+                        }
+                    }
+                    BatchOutcome::Rejected(e) if chunk.len() > 1 || e.is_size_limit() => {
+                        // A batch is refused as a whole: find the changes the cluster refuses
+                        // by proposing each alone; none is undone for another's sake, nor for
+                        // the size of the batch it happened to be in.
+                        tracing::info!(map = %name, keys = chunk.len(), reason = %e, "the cluster refused a batch of captured changes; proposing each of them alone");
+                        lock(&w.state).refused_in_batch(&chunk);
+                        retry = true;
+                    }
+                    BatchOutcome::Rejected(e) => {
+                        tracing::warn!(map = %name, reason = %e, "the cluster refused a captured change; undoing it here");
+                        {
+                            let mut st = lock(&w.state);
+                            st.refusals += 1;
+                            st.last_refusal = Some(e.to_string());
+                            self.metrics
+                                .refused
+                                .get_or_create(&self.label(name, &st))
+                                .inc();
+                        }
+                        self.undo(name, w, view, &chunk).await;
+                    }
+                    BatchOutcome::CasFailed { .. } => {
+                        self.not_committed(name, w, &chunk);
+                        retry = true;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(map = %name, keys = chunk.len(), error = %e, "captured changes not committed; the next scan retries them");
+                    self.not_committed(name, w, &chunk);
+                    retry = true;
+                }
+            }
+        }
+        if retry {
+            // Not at once: a leader may be on its way, and a write that failed at once
+            // (leader unreachable) would otherwise be retried in a tight loop.
+            tokio::time::sleep(RETRY_AFTER).await;
+            self.scan_now.notify_one();
+        }
+    }
+
+    /// Not committed (or not known to be): a scan soon proposes the keys again.
+    fn not_committed(&self, name: &str, w: &Watched, chunk: &[Captured]) {
+        let mut st = lock(&w.state);
+        st.not_committed(chunk);
+        self.metrics
+            .uncommitted
+            .get_or_create(&self.label(name, &st))
+            .inc_by(chunk.len() as u64);
+    }
+
+    /// Refused: read the committed values once everything the applier has seen is persisted,
+    /// then end the marks and undo the changes.
+    async fn undo(&self, name: &str, w: &Watched, view: &StateView, chunk: &[Captured]) {
+        view.wait_applied(
+            self.hooked_index.load(Ordering::Acquire),
+            Duration::from_secs(10),
+        )
+        .await;
+        let persisted: Vec<_> = chunk
+            .iter()
+            .map(|c| view.get(name, &c.change.key))
+            .collect();
+        let mut st = lock(&w.state);
+        let mut undo = Vec::new();
+        for (c, persisted) in chunk.iter().zip(persisted) {
+            // The applier's record is newer than the persisted state when it exists.
+            let committed = match (st.committed_meanwhile(&c.change.key), persisted) {
+                (Some(v), _) => v,
+                (None, Ok(v)) => v,
+                (None, Err(e)) => {
+                    tracing::warn!(map = %name, error = %e, "reading a committed value to settle a key; the mark stays");
+                    continue;
+                }
+            };
+            undo.extend(st.settle_refused(c, committed));
+        }
+        if let Some(kmap) = st.kmap.clone() {
+            self.writer(kmap.as_ref())
+                .write(&mut st, &Writes::of(&undo));
+        }
+    }
+}
+
+/// Cuts captured changes, in order, into client batches the cluster takes by size (the state
+/// machine's op and byte limits); a change marked `alone` gets a batch of its own.
+fn client_batches(changes: Vec<Captured>) -> Vec<Vec<Captured>> {
+    let mut out = Vec::new();
+    let mut run = Vec::new();
+    for c in changes {
+        if c.alone {
+            out.extend(batch_runs(
+                std::mem::take(&mut run),
+                Captured::payload_bytes,
+            ));
+            out.push(vec![c]);
+        } else {
+            run.push(c);
+        }
+    }
+    out.extend(batch_runs(run, Captured::payload_bytes));
+    out
+}
