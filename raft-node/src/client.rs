@@ -9,7 +9,7 @@ use tonic::transport::Channel;
 
 use crate::error::{NodeError, Result};
 use crate::network::endpoint;
-use crate::service::{schema_from_pb, schema_to_pb, MAX_CLIENT_MESSAGE};
+use crate::wire::{schema_from_pb, schema_to_pb, MAX_CLIENT_MESSAGE};
 
 /// Connected to the first reachable endpoint.
 #[derive(Debug, Clone)]

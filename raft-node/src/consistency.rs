@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use raftmap_proto as pb;
 
-use crate::node::{members, NodeShared};
+use crate::shared::{members, NodeShared};
 
 /// Runs both checks on their intervals until the node stops.
 pub(crate) async fn run(shared: Arc<NodeShared>, across: Duration, disk: Duration) {

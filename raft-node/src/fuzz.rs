@@ -55,7 +55,7 @@ pub fn write_request(data: &[u8]) {
     let Ok(ops) = req
         .ops
         .into_iter()
-        .map(crate::service::op_from_pb)
+        .map(crate::wire::op_from_pb)
         .collect::<Result<Vec<_>, _>>()
     else {
         return;

@@ -9,7 +9,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::node::NodeShared;
+use crate::shared::NodeShared;
 
 pub(crate) async fn serve(
     shared: Arc<NodeShared>,

@@ -27,6 +27,8 @@ mod node;
 mod peer_check;
 mod propose;
 mod service;
+mod shared;
+mod wire;
 
 pub use client::{put, Client};
 pub use error::{NodeError, Result};

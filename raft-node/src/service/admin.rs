@@ -1,0 +1,376 @@
+//! The `Admin` service: init, membership changes, map drop, members and status.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use raftmap_proto as pb;
+use raftmap_storage::{
+    AdminOp, BatchOutcome, NodeInfo, Op, Proposal, Source, TypeConfig, ValidationError,
+};
+use tonic::{Request, Response, Status};
+
+use super::{GrpcResult, DEFAULT_MAX_LAG, MIN_VOTERS};
+use crate::error::NodeError;
+use crate::shared::{members, NodeShared};
+
+fn member_list(shared: &NodeShared) -> pb::MembersResponse {
+    let (nodes, leader) = members(&shared.raft);
+    pb::MembersResponse {
+        members: nodes
+            .into_iter()
+            .map(|(id, (n, voter))| pb::Member {
+                node_id: id,
+                raft_addr: n.raft_addr,
+                api_addr: n.api_addr,
+                voter,
+            })
+            .collect(),
+        leader_id: leader.unwrap_or(0),
+        has_leader: leader.is_some(),
+        cluster_id: shared.cluster_id(),
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct AdminService {
+    shared: Arc<NodeShared>,
+}
+
+impl AdminService {
+    pub(crate) fn new(shared: Arc<NodeShared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn membership_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => match c {
+            ChangeMembershipError::InProgress(p) => Status::unavailable(format!(
+                "another membership change is in progress ({p}); retry"
+            )),
+            other => Status::failed_precondition(other.to_string()),
+        },
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            Status::unavailable("leadership changed during the request; retry")
+        }
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn init(&self, _req: Request<pb::InitRequest>) -> GrpcResult<pb::InitResponse> {
+        let s = &self.shared;
+        let initialized = s
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if initialized {
+            let id = s.cluster_id();
+            return Err(Status::failed_precondition(format!(
+                "node {} is already part of a cluster{}; init runs once, on one node of a new cluster",
+                s.id,
+                if id.is_empty() { String::new() } else { format!(" ({id})") }
+            )));
+        }
+        let mut nodes = std::collections::BTreeMap::new();
+        nodes.insert(s.id, s.info.clone());
+        s.raft
+            .initialize(nodes)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("init refused: {e}")))?;
+        let cluster_id = format!("{:016x}", rand::random::<u64>());
+        s.proposer
+            .propose(Proposal {
+                batches: vec![],
+                admin: vec![AdminOp::InitCluster {
+                    cluster_id: cluster_id.clone(),
+                }],
+            })
+            .await?;
+        tracing::info!(cluster = %cluster_id, node = s.id, "initialised a new cluster");
+        Ok(Response::new(pb::InitResponse {
+            cluster_id: s.cluster_id(),
+            node_id: s.id,
+        }))
+    }
+
+    async fn add_learner(
+        &self,
+        req: Request<pb::AddLearnerRequest>,
+    ) -> GrpcResult<pb::MembersResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.add_learner(req).await;
+        }
+        let r = req.into_inner();
+        if r.node_id == 0 {
+            return Err(Status::invalid_argument(
+                "node id 0 is reserved; use 1 or more",
+            ));
+        }
+        crate::node::parse_addr(&r.raft_addr)?;
+        crate::node::parse_addr(&r.api_addr)?;
+        let ours = s.cluster_id();
+        if !r.cluster_id.is_empty() && r.cluster_id != ours {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds data of cluster {}, this is cluster {ours}: use a fresh data dir and a new node id",
+                r.node_id, r.cluster_id
+            )));
+        }
+        let (nodes, _) = members(&s.raft);
+        if let Some((n, _)) = nodes.get(&r.node_id) {
+            return Err(Status::already_exists(format!(
+                "node id {} is already a member ({n}); node ids are never reused",
+                r.node_id
+            )));
+        }
+        if s.view.cluster().retired.contains(&r.node_id) {
+            return Err(Status::already_exists(format!(
+                "node id {} was removed from this cluster and cannot be reused; pick a new id",
+                r.node_id
+            )));
+        }
+        let info = NodeInfo {
+            raft_addr: r.raft_addr,
+            api_addr: r.api_addr,
+        };
+        s.raft
+            .add_learner(r.node_id, info, false)
+            .await
+            .map_err(membership_error)?;
+        tracing::info!(node = r.node_id, "added learner");
+        Ok(Response::new(member_list(s)))
+    }
+
+    async fn drop_map(&self, req: Request<pb::DropMapRequest>) -> GrpcResult<pb::DropMapResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.drop_map(req).await;
+        }
+        let map = req.into_inner().map;
+        if s.view.schema(&map).is_none() {
+            s.read_barrier().await?;
+            if s.view.schema(&map).is_none() {
+                return Err(NodeError::NotFound(
+                    ValidationError::UnknownMap(map.clone()).to_string(),
+                )
+                .into());
+            }
+        }
+        // Refused while any member keeps a kernel map of it in sync (the map would be declared
+        // again from that kernel map), or cannot say whether it does.
+        let (nodes, _) = members(&s.raft);
+        for (id, (info, _)) in nodes {
+            let watched: Vec<(String, String)> = if id == s.id {
+                s.kernel
+                    .states()
+                    .into_iter()
+                    .map(|w| (w.map, w.location))
+                    .collect()
+            } else {
+                let ch = s.proposer.pool.channel(&info.api_addr)?;
+                let mut admin = pb::admin_client::AdminClient::new(ch);
+                let call = admin.status(pb::StatusRequest {});
+                match tokio::time::timeout(std::time::Duration::from_secs(3), call).await {
+                    Ok(Ok(r)) => r
+                        .into_inner()
+                        .watched
+                        .into_iter()
+                        .map(|w| (w.map, w.location))
+                        .collect(),
+                    Ok(Err(e)) => {
+                        return Err(Status::unavailable(format!(
+                            "cannot confirm that node {id} does not watch map {map} ({}); retry once it answers",
+                            e.message()
+                        )))
+                    }
+                    Err(_) => {
+                        return Err(Status::unavailable(format!(
+                            "cannot confirm that node {id} does not watch map {map}: it did not answer; retry once it answers"
+                        )))
+                    }
+                }
+            };
+            if let Some((_, location)) = watched.iter().find(|(m, _)| *m == map) {
+                return Err(Status::failed_precondition(format!(
+                    "node {id} watches map {map} (kernel map {location}); stop watching it there first"
+                )));
+            }
+        }
+        let out = s
+            .batcher
+            .submit(vec![Op::DropMap { map: map.clone() }], Source::Api)
+            .await?;
+        match out.outcome {
+            BatchOutcome::Applied => {
+                tracing::info!(map = %map, index = out.index, "dropped map");
+                Ok(Response::new(pb::DropMapResponse { index: out.index }))
+            }
+            BatchOutcome::Rejected(e) => Err(NodeError::Invalid(e).into()),
+            BatchOutcome::CasFailed { .. } => Err(Status::internal("a drop does not compare")),
+        }
+    }
+
+    async fn promote(&self, req: Request<pb::PromoteRequest>) -> GrpcResult<pb::MembersResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.promote(req).await;
+        }
+        let r = req.into_inner();
+        let (nodes, _) = members(&s.raft);
+        match nodes.get(&r.node_id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "node {} is not a member; add-learner first",
+                    r.node_id
+                )))
+            }
+            Some((_, true)) => return Ok(Response::new(member_list(s))),
+            Some((_, false)) => {}
+        }
+        let max_lag = if r.max_lag == 0 {
+            DEFAULT_MAX_LAG
+        } else {
+            r.max_lag
+        };
+        let m = s.raft.metrics().borrow_watched().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r2| r2.get(&r.node_id).cloned().flatten())
+            .map(|l| l.index);
+        match matched {
+            Some(i) if last.saturating_sub(i) <= max_lag => {}
+            other => {
+                return Err(Status::failed_precondition(format!(
+                    "learner {} has not caught up: it holds the log up to {} of {last} (allowed lag {max_lag}); wait and retry",
+                    r.node_id,
+                    other.map_or("nothing".to_string(), |i| i.to_string()),
+                )))
+            }
+        }
+        s.raft
+            .change_membership(
+                ChangeMembers::AddVoterIds(BTreeSet::from([r.node_id])),
+                false,
+            )
+            .await
+            .map_err(membership_error)?;
+        tracing::info!(node = r.node_id, "promoted learner to voter");
+        Ok(Response::new(member_list(s)))
+    }
+
+    async fn remove(&self, req: Request<pb::RemoveRequest>) -> GrpcResult<pb::MembersResponse> {
+        let s = &self.shared;
+        if let Some(mut leader) = s.leader_admin().await? {
+            return leader.remove(req).await;
+        }
+        let r = req.into_inner();
+        let (nodes, _) = members(&s.raft);
+        let voters = nodes.values().filter(|(_, v)| *v).count();
+        let change = match nodes.get(&r.node_id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "node {} is not a member",
+                    r.node_id
+                )))
+            }
+            Some((_, true)) if voters == 1 => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is the only voter; removing it would leave no cluster",
+                    r.node_id
+                )))
+            }
+            Some((_, true)) if voters - 1 < MIN_VOTERS && !r.force => {
+                return Err(Status::failed_precondition(format!(
+                    "removing voter {} would leave {} voters, and a cluster needs {MIN_VOTERS} to survive the loss of one; add a voter first, or remove it anyway with --force",
+                    r.node_id,
+                    voters - 1
+                )))
+            }
+            Some((_, true)) => ChangeMembers::RemoveVoters(BTreeSet::from([r.node_id])),
+            Some((_, false)) => ChangeMembers::RemoveNodes(BTreeSet::from([r.node_id])),
+        };
+        s.raft
+            .change_membership(change, false)
+            .await
+            .map_err(membership_error)?;
+        // Record the id as retired so it is never reused. Goes through the log like any write
+        // (forwarded if this node just stepped down by removing itself).
+        s.proposer
+            .propose(Proposal {
+                batches: vec![],
+                admin: vec![AdminOp::RetireNode { node_id: r.node_id }],
+            })
+            .await?;
+        tracing::info!(node = r.node_id, "removed node");
+        Ok(Response::new(member_list(s)))
+    }
+
+    async fn members(&self, _req: Request<pb::MembersRequest>) -> GrpcResult<pb::MembersResponse> {
+        Ok(Response::new(member_list(&self.shared)))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> GrpcResult<pb::StatusResponse> {
+        let s = &self.shared;
+        let m = s.raft.metrics().borrow_watched().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let list = member_list(s);
+        let readiness = s.readiness();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: s.id,
+            cluster_id: list.cluster_id.clone(),
+            role: role.into(),
+            has_leader: m.current_leader.is_some(),
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            committed_index: s.log.committed_index().unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
+            members: list.members,
+            ready: readiness.is_ok(),
+            not_ready_reason: readiness.err().unwrap_or_default(),
+            corrupt: s.corrupt_finding().unwrap_or_default(),
+            checkpoints: s
+                .view
+                .checkpoints()
+                .into_iter()
+                .map(|(index, digest)| pb::Checkpoint { index, digest })
+                .collect(),
+            raft_addr: s.info.raft_addr.clone(),
+            api_addr: s.info.api_addr.clone(),
+            watched: s
+                .kernel
+                .states()
+                .into_iter()
+                .map(|w| pb::WatchedMap {
+                    map: w.map,
+                    location: w.location,
+                    state: match w.state {
+                        crate::kernel::MapSyncState::Synced => "synced".into(),
+                        crate::kernel::MapSyncState::Waiting(r) => format!("waiting: {r}"),
+                        crate::kernel::MapSyncState::Refused(r) => format!("refused: {r}"),
+                    },
+                    backend: w.backend.to_string(),
+                    entries: w.entries,
+                    refused_changes: w.refusals,
+                    last_refusal: w.last_refusal.unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,242 @@
+//! What the services of one node share: its Raft handle, state, log, proposer, metrics and
+//! kernel sync, its readiness, and the membership as Raft sees it. The node (`node.rs`) builds
+//! it; the gRPC services, the HTTP probes and the consistency checks read it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{LinearizableReadError, RaftError};
+use raftmap_proto::admin_client::AdminClient;
+use raftmap_storage::{LogStore, NodeId, NodeInfo, Raft, StateView};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::error::{NodeError, Result};
+use crate::kernel::KernelSync;
+use crate::metrics::Metrics;
+use crate::propose::{Batcher, Proposer};
+
+/// State shared by the services of one node.
+pub struct NodeShared {
+    pub(crate) id: NodeId,
+    pub(crate) info: NodeInfo,
+    pub(crate) raft: Raft,
+    pub(crate) view: StateView,
+    pub(crate) log: LogStore,
+    pub(crate) proposer: Proposer,
+    pub(crate) batcher: Batcher,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) kernel: Arc<KernelSync>,
+    /// One permit per watch stream being served.
+    pub(crate) watchers: Arc<tokio::sync::Semaphore>,
+    pub(crate) max_watchers: usize,
+    /// Where incoming snapshots are spooled (the data dir).
+    pub(crate) data_dir: PathBuf,
+    pub(crate) max_snapshot_bytes: u64,
+    /// Held while a snapshot is being received: one at a time.
+    pub(crate) receiving_snapshot: tokio::sync::Mutex<()>,
+    /// Set once the node cannot go on (its Raft core stopped: a storage error such as a full
+    /// disk, or a panic): `/healthz` fails and the daemon exits with this reason.
+    pub(crate) fatal: watch::Sender<Option<String>>,
+    /// What the consistency checks found wrong (`consistency.rs`), if anything.
+    pub(crate) corrupt: std::sync::Mutex<Option<String>>,
+    /// This node's own disk failed its check: it is not ready.
+    pub(crate) disk_corrupt: std::sync::atomic::AtomicBool,
+    /// Senders of Raft messages that this node's membership does not list yet but a member
+    /// confirmed.
+    pub(crate) confirmed: std::sync::Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Senders no member listed, and when they were last asked about.
+    pub(crate) unknown: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
+    pub(crate) unsafe_local_reads: bool,
+}
+
+impl std::fmt::Debug for NodeShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeShared")
+            .field("id", &self.id)
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeShared {
+    /// True when this node may serve traffic: it is a member, a leader is known, it has applied
+    /// everything it knows to be committed, and its kernel maps are reconciled.
+    pub fn ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
+
+    /// [`Self::ready`], or why not.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        if let Some(reason) = self.fatal.borrow().clone() {
+            return Err(format!("failed: {reason}"));
+        }
+        if self.disk_corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(format!(
+                "corrupt: {}",
+                self.corrupt_finding().unwrap_or_default()
+            ));
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_none()
+        {
+            return Err("not a member of a cluster (yet)".into());
+        }
+        if m.current_leader.is_none() {
+            return Err("no leader known".into());
+        }
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let committed = self.log.committed_index().unwrap_or(0);
+        if applied < committed {
+            return Err(format!(
+                "catching up: applied index {applied} of {committed} committed"
+            ));
+        }
+        match self.kernel.not_ready() {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        }
+    }
+
+    /// Admin client for the leader's API, or `None` when this node leads.
+    pub(crate) async fn leader_admin(&self) -> Result<Option<AdminClient<Channel>>> {
+        let leader = self
+            .proposer
+            .wait_for_leader(Instant::now() + Duration::from_secs(5))
+            .await?;
+        if leader == self.id {
+            return Ok(None);
+        }
+        let node = self.proposer.member(leader)?;
+        let ch = self.proposer.pool.channel(&node.api_addr)?;
+        Ok(Some(AdminClient::new(ch)))
+    }
+
+    /// Waits until this node has applied everything committed before the call (read-index).
+    pub(crate) async fn read_barrier(&self) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leader = self.proposer.wait_for_leader(deadline).await?;
+            let index = if leader == self.id {
+                match self
+                    .raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+                    .await
+                {
+                    Ok(l) => return Ok(l.index()),
+                    Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => None,
+                    Err(e) => {
+                        return Err(NodeError::Unavailable(format!(
+                            "cannot confirm leadership for a linearizable read: {e}"
+                        )))
+                    }
+                }
+            } else {
+                let addr = self.proposer.node_addr(leader)?;
+                match self
+                    .proposer
+                    .pool
+                    .peer(&addr)?
+                    .read_index(raftmap_proto::ReadIndexRequest {})
+                    .await
+                {
+                    Ok(r) => Some(r.into_inner().read_index),
+                    Err(s) if s.code() == tonic::Code::FailedPrecondition => None,
+                    Err(s) => {
+                        return Err(NodeError::Unavailable(format!(
+                            "leader {leader} at {addr} did not answer the read-index request: {}",
+                            s.message()
+                        )))
+                    }
+                }
+            };
+            match index {
+                Some(i) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if self.view.wait_applied(i, left).await {
+                        return Ok(i);
+                    }
+                    return Err(NodeError::Timeout(format!(
+                        "this node did not apply up to index {i} in time"
+                    )));
+                }
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                None => {
+                    return Err(NodeError::Unavailable(
+                        "leadership kept moving; no linearizable read".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    pub(crate) fn cluster_id(&self) -> String {
+        self.view.cluster().cluster_id.unwrap_or_default()
+    }
+
+    pub(crate) fn confirmed_peers(&self, id: NodeId) -> bool {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    /// Whether the members were asked about `id` in the last five seconds and none knew it.
+    pub(crate) fn recently_unknown(&self, id: NodeId) -> bool {
+        self.unknown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+    }
+
+    pub(crate) fn note_unknown(&self, id: NodeId) {
+        let mut unknown = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        unknown.retain(|_, t| t.elapsed() < Duration::from_secs(60));
+        unknown.insert(id, Instant::now());
+    }
+
+    pub(crate) fn confirm_peer(&self, id: NodeId) {
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+    }
+
+    /// What the consistency checks found wrong, if anything.
+    pub(crate) fn corrupt_finding(&self) -> Option<String> {
+        self.corrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// What the checks of peer messages need to know about this node.
+    pub(crate) fn peer_context(&self) -> crate::peer_check::PeerContext {
+        crate::peer_check::PeerContext {
+            me: self.id,
+            retired: self.view.cluster().retired,
+            committed: self.raft.metrics().borrow_watched().local_committed,
+        }
+    }
+}
+
+/// Nodes of the current configuration: id -> (info, voter?).
+pub(crate) fn members(raft: &Raft) -> (BTreeMap<NodeId, (NodeInfo, bool)>, Option<NodeId>) {
+    let m = raft.metrics().borrow_watched().clone();
+    let membership = m.membership_config.membership();
+    let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+    let nodes = membership
+        .nodes()
+        .map(|(id, n)| (*id, (n.clone(), voters.contains(id))))
+        .collect();
+    (nodes, m.current_leader)
+}
