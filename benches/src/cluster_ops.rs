@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Parser;
 use raftmap_ebpf_hooks::{KernelMap, MapKind};
-use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::storage::MapSchema;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Parser;
 use raftmap_bench::{fsync_floor, percentile, rtt_floor, us};
-use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::storage::MapSchema;
 
 #[derive(Parser, Debug)]

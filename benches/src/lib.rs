@@ -109,7 +109,7 @@ impl Floor {
     }
 }
 
-pub use raftmap_node::local_cluster::scrape_counter;
+pub use raftmap_jepsen::cluster::scrape_counter;
 
 /// CLOCK_MONOTONIC in nanoseconds: the same clock in every process on this machine, so a
 /// writer can stamp a value and another process can tell how old it is.

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use raftmap_bench::{monotonic_ns, percentile, tight_timer, us, Floor};
 use raftmap_ebpf_hooks::{Capture, HookError, KernelMap, MapKind, UpdateFlags};
-use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
 
 #[derive(Parser, Debug)]

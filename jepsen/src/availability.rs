@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use raftmap_node::local_cluster::LocalCluster;
+use crate::cluster::LocalCluster;
 use raftmap_node::storage::MapSchema;
 use serde::Serialize;
 

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cluster::LocalCluster;
 use raftmap_ebpf_hooks::{KernelMap, MapKind, UpdateFlags};
-use raftmap_node::local_cluster::LocalCluster;
 use raftmap_node::proto as pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -6,7 +6,9 @@
 //! and order.
 
 pub mod availability;
+
 pub mod checker;
+pub mod cluster;
 pub mod history;
 pub mod kernel_map;
 pub mod keys;

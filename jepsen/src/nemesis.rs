@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use raftmap_node::local_cluster::LocalCluster;
+use crate::cluster::LocalCluster;
 use raftmap_node::proto as pb;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use crate::cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::storage::MapSchema;
 use rand::rngs::StdRng;
@@ -94,6 +94,10 @@ pub struct RunConfig {
 pub enum RunError {
     #[error("cluster: {0}")]
     Cluster(#[from] raftmap_node::NodeError),
+    #[error("cluster: {0}")]
+    Harness(#[from] crate::cluster::HarnessError),
+    #[error("cluster: {0}")]
+    Launch(#[from] crate::cluster::LaunchError),
     #[error("history: {0}")]
     History(#[from] crate::history::HistoryError),
     #[error("kernel map: {0}")]
@@ -698,6 +702,6 @@ async fn check_set(cluster: &LocalCluster, history: &[Event]) -> Result<SetResul
 }
 
 /// A failed attempt at the final read (retried).
-fn note_retry(e: &raftmap_node::NodeError) {
+fn note_retry(e: &dyn std::fmt::Display) {
     eprintln!("final read: {e}; retrying");
 }

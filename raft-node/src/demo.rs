@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use raftmap_ebpf_hooks::{Conntrack, KernelMap, UpdateFlags};
-use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_node::launcher::{LaunchOptions, Launcher as LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::put;
 use raftmap_node::storage::{MapSchema, MapType};
@@ -75,19 +75,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         "raftmap demo: starting {} voters and {} learner(s) as separate processes on 127.0.0.1",
         args.voters, args.learners
     );
-    let opts = ClusterOptions {
-        bin,
-        agent_args: vec![],
-        log_filter: "info,openraft=warn".into(),
+    let opts = LaunchOptions {
         node_args: kernel
             .as_ref()
             .map(KernelDemo::agent_args)
             .unwrap_or_default(),
-        netns: false,
+        ..LaunchOptions::new(bin)
     };
     let work = async {
-        let mut cluster =
-            LocalCluster::start(opts, args.voters, args.learners, Duration::from_secs(60)).await?;
+        let mut cluster = LocalCluster::new(opts)?;
+        cluster
+            .bootstrap(args.voters, args.learners, Duration::from_secs(60))
+            .await?;
         println!("data dirs and logs under {}", cluster.dir().display());
         match kernel.as_mut() {
             Some(k) => kernel_workload(&mut cluster, k, &args).await?,

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The public API is small: [`RunningNode`] (start a node from a [`NodeConfig`]), [`Client`]
-//! (talk to a cluster) and [`local_cluster`] (run several nodes as processes on loopback).
+//! (talk to a cluster) and [`launcher`] (run several nodes as processes on loopback).
 
 mod client;
 mod consistency;
@@ -19,7 +19,7 @@ pub mod fuzz;
 mod http;
 mod identity;
 mod kernel;
-pub mod local_cluster;
+pub mod launcher;
 mod lock;
 mod metrics;
 mod network;

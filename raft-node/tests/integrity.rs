@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use openraft::impls::leader_id_adv::LeaderId;
-use raftmap_node::local_cluster::{http_get, ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{http_get, ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::put;
 use raftmap_node::storage::{Entry, LogId, MapSchema, SnapshotMeta, StoredMembership, Vote};

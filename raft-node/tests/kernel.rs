@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use raftmap_ebpf_hooks::{bpf_or_skip, KernelMap, MapKind, UpdateFlags};
-use raftmap_node::local_cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
 use raftmap_node::Client;
 
 const T: Duration = Duration::from_secs(60);
@@ -742,7 +742,7 @@ async fn maps_that_cannot_be_synced_make_readyz_fail_with_their_reasons() {
     assert!(state("gone").contains("cannot open"), "{}", state("gone"));
     assert!(!st.ready);
     let addr = c.node(1).unwrap().metrics_addr.clone();
-    let (code, body) = raftmap_node::local_cluster::http_get(&addr, "/readyz").unwrap();
+    let (code, body) = raftmap_jepsen::cluster::http_get(&addr, "/readyz").unwrap();
     assert_eq!(code, 503, "{body}");
     for (map, why) in [
         ("odd", "refused"),

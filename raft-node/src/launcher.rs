@@ -1,0 +1,515 @@
+//! A cluster of `raftmap agent` processes, each with its own data dir and log under one
+//! temporary directory: the demo runs nodes this way on loopback, and the fault-injection
+//! harness (`raftmap-jepsen`) places them in network namespaces through [`Placement`]. Every
+//! process is killed when the [`Launcher`] is dropped, including on panic.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use raftmap_storage::NodeId;
+
+use crate::client::Client;
+use crate::error::NodeError;
+
+/// What can go wrong running local nodes.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no local node {0}")]
+    NoNode(NodeId),
+    #[error("node {id} is not running")]
+    NotRunning { id: NodeId },
+    #[error("no free loopback port")]
+    NoPort,
+    #[error("node {id} exited while {context}; its log ends with:\n{log}")]
+    Exited {
+        id: NodeId,
+        context: String,
+        log: String,
+    },
+    #[error(
+        "node {id} did not {what} within {timeout:?} (last: {last}); its log ends with:\n{log}"
+    )]
+    Timeout {
+        id: NodeId,
+        what: String,
+        timeout: Duration,
+        last: String,
+        log: String,
+    },
+    #[error("placing node {id}: {reason}")]
+    Placement { id: NodeId, reason: String },
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+pub type Result<T, E = LaunchError> = std::result::Result<T, E>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LaunchError {
+    let what = what.into();
+    move |source| LaunchError::Io { what, source }
+}
+
+/// One agent process.
+#[derive(Debug)]
+pub struct LocalNode {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub api_addr: String,
+    pub metrics_addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    /// What the agent's command line is run under (`ip netns exec NS`), if anything.
+    prefix: Vec<String>,
+    child: Option<Child>,
+}
+
+impl LocalNode {
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// How the process ended, once it has.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+}
+
+/// How the nodes are started.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// The `raftmap` binary.
+    pub bin: PathBuf,
+    /// Extra `raftmap agent` arguments for every node.
+    pub agent_args: Vec<String>,
+    /// `RUST_LOG` for the agents.
+    pub log_filter: String,
+    /// Extra `raftmap agent` arguments for particular nodes.
+    pub node_args: BTreeMap<NodeId, Vec<String>>,
+}
+
+impl LaunchOptions {
+    /// Nodes of `bin`, logging at info (openraft at warn), no extra arguments.
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self {
+            bin: bin.into(),
+            agent_args: Vec::new(),
+            log_filter: "info,openraft=warn".into(),
+            node_args: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where a node listens, and what its command line runs under.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub raft_addr: String,
+    pub api_addr: String,
+    pub metrics_addr: String,
+    pub prefix: Vec<String>,
+}
+
+/// Where new nodes go: loopback ports by default ([`Loopback`]).
+pub trait Placement: std::fmt::Debug + Send {
+    fn place(&mut self, id: NodeId) -> Result<Placed>;
+}
+
+/// Nodes on 127.0.0.1, on free ports.
+#[derive(Debug, Default)]
+pub struct Loopback;
+
+impl Placement for Loopback {
+    fn place(&mut self, _id: NodeId) -> Result<Placed> {
+        Ok(Placed {
+            raft_addr: free_port()?,
+            api_addr: free_port()?,
+            metrics_addr: free_port()?,
+            prefix: Vec::new(),
+        })
+    }
+}
+
+/// A free loopback port below the kernel's ephemeral range (32768+), so that outgoing
+/// connections never take it; each call in a process gets a different one, and processes start
+/// at different offsets.
+fn free_port() -> Result<String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return Ok(format!("127.0.0.1:{port}"));
+        }
+    }
+    Err(LaunchError::NoPort)
+}
+
+/// Agent processes under one temporary directory.
+#[derive(Debug)]
+pub struct Launcher {
+    opts: LaunchOptions,
+    dir: tempfile::TempDir,
+    nodes: BTreeMap<NodeId, LocalNode>,
+    placement: Box<dyn Placement>,
+}
+
+impl Launcher {
+    /// Nodes on loopback.
+    pub fn new(opts: LaunchOptions) -> Result<Self> {
+        Self::with_placement(opts, Box::new(Loopback))
+    }
+
+    pub fn with_placement(opts: LaunchOptions, placement: Box<dyn Placement>) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("raftmap-cluster-")
+            .tempdir()
+            .map_err(io("temp dir"))?;
+        Ok(Self {
+            opts,
+            dir,
+            nodes: BTreeMap::new(),
+            placement,
+        })
+    }
+
+    /// Extra agent arguments for node `id` from its next start on (a node added later).
+    pub fn set_node_args(&mut self, id: NodeId, args: Vec<String>) {
+        self.opts.node_args.insert(id, args);
+    }
+
+    /// Where data dirs and logs live.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn node(&self, id: NodeId) -> Result<&LocalNode> {
+        self.nodes.get(&id).ok_or(LaunchError::NoNode(id))
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> Result<&mut LocalNode> {
+        self.nodes.get_mut(&id).ok_or(LaunchError::NoNode(id))
+    }
+
+    /// Node `id`'s counter `name` (the sum of its labelled series) on its `/metrics` page.
+    pub fn counter(&self, id: NodeId, name: &str) -> std::io::Result<f64> {
+        let addr = self
+            .node(id)
+            .map_err(std::io::Error::other)?
+            .metrics_addr
+            .clone();
+        scrape_counter(&[addr], name)
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// API addresses of every node started so far.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.api_addr.clone()).collect()
+    }
+
+    /// Starts a new node. With `join`, it joins through that node (as a learner when `learner`).
+    pub fn spawn(&mut self, id: NodeId, join: Option<NodeId>, learner: bool) -> Result<()> {
+        let join_addr = match join {
+            Some(j) => Some(self.node(j)?.api_addr.clone()),
+            None => None,
+        };
+        let placed = self.placement.place(id)?;
+        let node = LocalNode {
+            id,
+            raft_addr: placed.raft_addr,
+            api_addr: placed.api_addr,
+            metrics_addr: placed.metrics_addr,
+            data_dir: self.dir.path().join(format!("node-{id}")),
+            log_path: self.dir.path().join(format!("node-{id}.log")),
+            prefix: placed.prefix,
+            child: None,
+        };
+        self.nodes.insert(id, node);
+        let mut extra = Vec::new();
+        if let Some(a) = join_addr {
+            extra.push("--join".to_string());
+            extra.push(a);
+            if learner {
+                extra.push("--learner".into());
+            }
+        }
+        self.start_process(id, &extra)
+    }
+
+    /// Restarts a stopped node with its data dir (no `--join`: it is already a member).
+    pub fn restart(&mut self, id: NodeId) -> Result<()> {
+        self.start_process(id, &[])
+    }
+
+    fn start_process(&mut self, id: NodeId, extra: &[String]) -> Result<()> {
+        let opts = self.opts.clone();
+        let node = self.node_mut(id)?;
+        let log_path = node.log_path.display().to_string();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&node.log_path)
+            .map_err(io(log_path.clone()))?;
+        let log2 = log.try_clone().map_err(io(log_path))?;
+        // The prefix (`ip netns exec`) and `setpriv` exec what follows them: the child's pid is
+        // the agent's. The agent gets SIGKILL when the thread that started it ends, so a
+        // harness that is killed leaves no agent behind.
+        let mut cmd = match node.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg("setpriv");
+                c
+            }
+            None => Command::new("setpriv"),
+        };
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(&opts.bin);
+        let child = cmd
+            .arg("agent")
+            .args(["--node-id", &id.to_string()])
+            .args(["--raft-addr", &node.raft_addr])
+            .args(["--api-addr", &node.api_addr])
+            .args(["--metrics-addr", &node.metrics_addr])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(extra)
+            .args(&opts.agent_args)
+            .args(opts.node_args.get(&id).into_iter().flatten())
+            .env("RUST_LOG", &opts.log_filter)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io(format!("starting {}", opts.bin.display())))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self, id: NodeId) -> Result<()> {
+        let node = self.node_mut(id)?;
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Client connected to node `id`.
+    pub async fn client(&self, id: NodeId) -> Result<Client> {
+        Ok(Client::connect(&[self.node(id)?.api_addr.clone()]).await?)
+    }
+
+    /// The node among `ids` whose own status says it leads, asking each for at most 500 ms
+    /// (a paused node does not answer); `None` when none does right now.
+    pub async fn leader(&self, ids: &[NodeId]) -> Option<NodeId> {
+        for &id in ids {
+            let Ok(c) = self.client(id).await else {
+                continue;
+            };
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(500), c.status()).await {
+                if s.role == "leader" {
+                    return Some(id);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until node `id` answers its status call, or fails with its log's tail.
+    pub async fn wait_up(&mut self, id: NodeId, timeout: Duration) -> Result<()> {
+        self.wait_for(id, timeout, "answer status", |_| true).await
+    }
+
+    /// Waits until node `id` reports ready (member, leader known, caught up).
+    pub async fn wait_ready(&mut self, id: NodeId, timeout: Duration) -> Result<()> {
+        self.wait_for(id, timeout, "become ready", |s| s.ready)
+            .await
+    }
+
+    /// Waits until `cond` holds for node `id`'s status.
+    pub async fn wait_for(
+        &mut self,
+        id: NodeId,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&crate::proto::StatusResponse) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_alive(&format!("waiting for node {id} to {what}"))?;
+            let last = match self.client(id).await {
+                Ok(c) => match c.status().await {
+                    Ok(s) if cond(&s) => return Ok(()),
+                    Ok(s) => format!("{s:?}"),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(LaunchError::Timeout {
+                    id,
+                    what: what.to_string(),
+                    timeout,
+                    last,
+                    log: self.log_tail(id, 20),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every node in `ids` has applied at least `index`.
+    pub async fn wait_applied(
+        &mut self,
+        ids: &[NodeId],
+        index: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        for &id in ids {
+            self.wait_for(id, timeout, &format!("apply index {index}"), |s| {
+                s.applied_index >= index
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Fails if a node that was started (and not killed on purpose) has exited.
+    pub fn check_alive(&mut self, context: &str) -> Result<()> {
+        for id in self.ids() {
+            let node = self.node_mut(id)?;
+            if node.child.is_some() && !node.is_running() {
+                return Err(LaunchError::Exited {
+                    id,
+                    context: context.to_string(),
+                    log: self.log_tail(id, 20),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: NodeId, lines: usize) -> String {
+        let Ok(node) = self.node(id) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&node.log_path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Starts `voters` voters and `learners` learners (ids 1..), initialises the cluster on
+    /// node 1 and waits until every node is a caught-up member.
+    pub async fn bootstrap(&mut self, voters: u64, learners: u64, timeout: Duration) -> Result<()> {
+        self.spawn(1, None, false)?;
+        self.wait_up(1, timeout).await?;
+        self.client(1)
+            .await?
+            .admin()
+            .init(crate::proto::InitRequest {})
+            .await
+            .map_err(NodeError::from)?;
+        for id in 2..=voters {
+            self.spawn(id, Some(1), false)?;
+        }
+        for id in voters + 1..=voters + learners {
+            self.spawn(id, Some(1), true)?;
+        }
+        let total = (voters + learners) as usize;
+        let nvoters = voters as usize;
+        for id in self.ids() {
+            self.wait_for(id, timeout, "see the full membership and be ready", |s| {
+                s.ready
+                    && s.members.len() == total
+                    && s.members.iter().filter(|m| m.voter).count() == nvoters
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Kills every node.
+    pub fn stop_all(&mut self) {
+        for id in self.ids() {
+            let _ = self.kill(id);
+        }
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        self.stop_all();
+        if std::thread::panicking() {
+            for id in self.ids() {
+                eprintln!(
+                    "---- node {id} log (last 30 lines)\n{}",
+                    self.log_tail(id, 30)
+                );
+            }
+        }
+    }
+}
+
+/// A plain HTTP GET of `path` at `addr` (a node's metrics address): the status code and the
+/// body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:.80}")))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_string()))
+}
+
+/// Sum of a counter (every labelled series of it) over the `/metrics` pages at `addrs`.
+pub fn scrape_counter(addrs: &[String], name: &str) -> std::io::Result<f64> {
+    let mut total = 0.0;
+    for addr in addrs {
+        let (_, body) = http_get(addr, "/metrics")?;
+        // `name value` or `name{labels} value`: every series of the family.
+        total += body
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let rest = match rest.strip_prefix('{') {
+                    Some(r) => r.split_once("} ")?.1,
+                    None => rest.strip_prefix(' ')?,
+                };
+                rest.trim().parse::<f64>().ok()
+            })
+            .sum::<f64>();
+    }
+    Ok(total)
+}
