@@ -1,5 +1,8 @@
 //! Histories: what clients asked for and what they were told, one event per line.
 
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
 
 /// Whether an event starts an operation or tells how it ended.
@@ -158,4 +161,71 @@ pub fn parse(text: &str) -> Result<Vec<Event>, HistoryError> {
             })
         })
         .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A history stays a list of whole events whatever a panicking client did.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The history as it is recorded, shared by every client.
+#[derive(Debug)]
+pub struct Recorder {
+    start: Instant,
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            events: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// When the run started.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// Adds events recorded elsewhere (the kernel maps' watchers).
+    pub(crate) fn extend(&self, events: Vec<Event>) {
+        lock(&self.events).extend(events);
+    }
+
+    /// Nanoseconds since the start of the run.
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Records an event; returns whether it left the outcome unknown.
+    pub(crate) fn record(&self, process: u64, kind: EventType, key: u64, f: Func) -> bool {
+        self.record_at(process, kind, key, f, None)
+    }
+
+    /// Records an event about node `node`'s kernel map (or the API when `None`).
+    pub fn record_at(
+        &self,
+        process: u64,
+        kind: EventType,
+        key: u64,
+        f: Func,
+        node: Option<u64>,
+    ) -> bool {
+        let time = self.now();
+        let mut events = lock(&self.events);
+        events.push(Event {
+            process,
+            kind,
+            f,
+            key,
+            time,
+            node,
+        });
+        kind == EventType::Info
+    }
+
+    pub(crate) fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *lock(&self.events))
+    }
 }

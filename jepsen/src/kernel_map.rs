@@ -26,9 +26,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::error::RunError;
+use crate::history::Recorder;
 use crate::history::{EventType, Func};
 use crate::nemesis::{Fault, FaultWindow, Members, NodeSetup};
-use crate::run::{Recorder, RunError};
 
 type NodeId = u64;
 

@@ -8,13 +8,16 @@
 pub mod availability;
 
 pub mod checker;
+mod clients;
 pub mod cluster;
+pub mod error;
 pub mod history;
 pub mod kernel_map;
 pub mod keys;
 pub mod nemesis;
 pub mod plot;
 pub mod run;
+mod set_check;
 
 pub use checker::{check, check_key, check_key_within, Budget, Verdict};
 pub use history::{operations, parse, Event, EventType, Func, HistoryError, Operation};

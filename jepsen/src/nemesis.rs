@@ -18,7 +18,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::run::RunError;
+use crate::error::RunError;
 
 type NodeId = u64;
 

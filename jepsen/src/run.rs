@@ -9,67 +9,25 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{ClusterOptions, LocalCluster};
-use raftmap_node::proto as pb;
 use raftmap_node::storage::MapSchema;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::availability::{outages, recover, Outage, Recovery, OUTAGE, RECOVERY_BOUND};
 use crate::checker::{check, shrink, Verdict};
-use crate::history::{operations, Event, EventType, Func, Operation};
+use crate::clients::client;
+pub use crate::clients::{Workload, MAP};
+pub use crate::error::RunError;
+use crate::history::Recorder;
+use crate::history::{operations, Event, EventType, Operation};
 use crate::kernel_map::{self, KernelMapResult, KernelMaps};
 use crate::keys::{KeyPool, OPS_PER_KEY, UNKNOWN_PER_KEY};
 use crate::nemesis::{Fault, FaultWindow, Members, Nemesis, NoSetup, NodeSetup};
-
-/// The replicated map the register and set workloads use.
-pub const MAP: &str = "jepsen_register";
-
-/// What the clients do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Workload {
-    /// Reads, writes and compare-and-swaps on a few keys; checked for linearizability.
-    Register,
-    /// Adds of unique elements, then a final read; checked for lost and unexpected elements.
-    Set,
-    /// Updates and deletes written straight into the kernel maps of random nodes; checked for
-    /// convergence, order (per node, a subsequence of the log) and lost writes.
-    #[serde(rename = "kernel-map")]
-    KernelMap,
-}
-
-impl std::str::FromStr for Workload {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "register" => Ok(Workload::Register),
-            "set" => Ok(Workload::Set),
-            "kernel-map" => Ok(Workload::KernelMap),
-            other => Err(format!(
-                "unknown workload {other:?}: expected register, set or kernel-map"
-            )),
-        }
-    }
-}
-
-/// The set workload's verdict.
-#[derive(Debug, Default, Serialize)]
-pub struct SetResult {
-    pub attempted: usize,
-    pub acknowledged: usize,
-    pub final_size: usize,
-    /// Acknowledged adds missing from the final read.
-    pub lost: Vec<i64>,
-    /// Elements in the final read that nobody tried to add.
-    pub unexpected: Vec<i64>,
-    /// Adds of unknown outcome that did take effect.
-    pub recovered: usize,
-}
+use crate::set_check::check_set;
+pub use crate::set_check::SetResult;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -87,25 +45,6 @@ pub struct RunConfig {
     pub unsafe_local_reads: bool,
     /// Run the nodes on loopback even where network namespaces are available.
     pub loopback: bool,
-}
-
-/// Errors that stop a run (not anomalies: those are results).
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("cluster: {0}")]
-    Cluster(#[from] raftmap_node::NodeError),
-    #[error("cluster: {0}")]
-    Harness(#[from] crate::cluster::HarnessError),
-    #[error("cluster: {0}")]
-    Launch(#[from] crate::cluster::LaunchError),
-    #[error("history: {0}")]
-    History(#[from] crate::history::HistoryError),
-    #[error("kernel map: {0}")]
-    Kernel(#[from] raftmap_ebpf_hooks::HookError),
-    #[error("{0}")]
-    Config(String),
-    #[error("{error}\nthe end of each node's log:\n{logs}")]
-    Aborted { error: Box<RunError>, logs: String },
 }
 
 /// What a run produced.
@@ -178,216 +117,6 @@ impl Report {
             out.join("timeline.svg"),
             crate::plot::timeline_svg(&self.history, &self.fault_log, &self.outages),
         )
-    }
-}
-
-/// The history as it is recorded, shared by every client.
-#[derive(Debug)]
-pub struct Recorder {
-    start: Instant,
-    events: Mutex<Vec<Event>>,
-}
-
-impl Recorder {
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            events: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Nanoseconds since the start of the run.
-    pub fn now(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
-
-    /// Records an event; returns whether it left the outcome unknown.
-    fn record(&self, process: u64, kind: EventType, key: u64, f: Func) -> bool {
-        self.record_at(process, kind, key, f, None)
-    }
-
-    /// Records an event about node `node`'s kernel map (or the API when `None`).
-    pub fn record_at(
-        &self,
-        process: u64,
-        kind: EventType,
-        key: u64,
-        f: Func,
-        node: Option<u64>,
-    ) -> bool {
-        let time = self.now();
-        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        events.push(Event {
-            process,
-            kind,
-            f,
-            key,
-            time,
-            node,
-        });
-        kind == EventType::Info
-    }
-
-    fn take(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-fn key_bytes(k: u64) -> Vec<u8> {
-    k.to_be_bytes().to_vec()
-}
-
-fn value_of(v: &[u8]) -> Option<i64> {
-    v.try_into().ok().map(i64::from_be_bytes)
-}
-
-/// How a call ended, for the history: a definite refusal is `Fail`, anything that leaves the
-/// outcome open (timeout, unavailable, lost connection) is `Info`.
-fn classify(s: &tonic::Status) -> EventType {
-    match s.code() {
-        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition => {
-            EventType::Fail
-        }
-        _ => EventType::Info,
-    }
-}
-
-/// A call bounded on the client side too: a paused server never answers, whatever the
-/// deadline it was sent.
-async fn within<T>(
-    timeout: Duration,
-    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    tokio::time::timeout(timeout, call)
-        .await
-        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")))
-}
-
-/// Sends a one-operation write batch; how it ended, for the history.
-async fn write_one(
-    kv: &mut pb::kv_client::KvClient<tonic::transport::Channel>,
-    op: pb::op::Op,
-    timeout: Duration,
-) -> EventType {
-    let mut req = tonic::Request::new(pb::WriteRequest {
-        ops: vec![pb::Op { op: Some(op) }],
-    });
-    req.set_timeout(timeout);
-    match within(timeout, kv.write(req)).await {
-        Ok(r) if r.get_ref().succeeded => EventType::Ok,
-        // A compare-and-swap that did not match changed nothing.
-        Ok(_) => EventType::Fail,
-        Err(s) => classify(&s),
-    }
-}
-
-fn put(key: Vec<u8>, value: i64) -> pb::op::Op {
-    pb::op::Op::Put(pb::Put {
-        map: MAP.into(),
-        key,
-        value: value.to_be_bytes().to_vec(),
-    })
-}
-
-/// A client's connection to one member.
-fn connect(
-    members: &Members,
-    pick: usize,
-) -> Option<pb::kv_client::KvClient<tonic::transport::Channel>> {
-    let (_, addr) = members.endpoint(pick)?;
-    let ch = raftmap_node::endpoint(&addr).ok()?.connect_lazy();
-    Some(pb::kv_client::KvClient::new(ch))
-}
-
-/// One client: operations one at a time against one member, until `deadline`; after an
-/// operation of unknown outcome it moves to another member (the one it used may be down, cut
-/// off or removed).
-async fn client(
-    process: u64,
-    members: Arc<Members>,
-    workload: Workload,
-    keys: Arc<KeyPool>,
-    seed: u64,
-    deadline: Instant,
-    rec: Arc<Recorder>,
-) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut pick = process as usize;
-    let Some(mut kv) = connect(&members, pick) else {
-        return;
-    };
-    let mut last_unknown = false;
-    let mut added: i64 = 0;
-    while Instant::now() < deadline {
-        if std::mem::take(&mut last_unknown) {
-            // Do not spin on a node that is down or unreachable.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            pick = pick.wrapping_add(1 + rng.gen_range(0..4));
-            if let Some(c) = connect(&members, pick) {
-                kv = c;
-            }
-        }
-        let key = keys.next(rng.gen());
-        let op = match workload {
-            Workload::Register => rng.gen_range(0..3),
-            Workload::Set | Workload::KernelMap => 3,
-        };
-        let timeout = Duration::from_secs(2);
-        match op {
-            0 => {
-                let _ = rec.record(process, EventType::Invoke, key, Func::Read(None));
-                let mut req = tonic::Request::new(pb::GetRequest {
-                    map: MAP.into(),
-                    key: key_bytes(key),
-                    consistency: pb::Consistency::Linearizable as i32,
-                });
-                req.set_timeout(timeout);
-                match within(timeout, kv.get(req)).await {
-                    Ok(r) => {
-                        let r = r.into_inner();
-                        let v = if r.found { value_of(&r.value) } else { None };
-                        let _ = rec.record(process, EventType::Ok, key, Func::Read(v));
-                    }
-                    Err(s) => {
-                        last_unknown = rec.record(process, classify(&s), key, Func::Read(None))
-                    }
-                }
-            }
-            1 => {
-                let v = rng.gen_range(0..5);
-                let _ = rec.record(process, EventType::Invoke, key, Func::Write(v));
-                let kind = write_one(&mut kv, put(key_bytes(key), v), timeout).await;
-                last_unknown = rec.record(process, kind, key, Func::Write(v));
-                if last_unknown {
-                    keys.unknown(key);
-                }
-            }
-            3 => {
-                // A unique element: the process and its own counter.
-                added += 1;
-                let element = (process as i64) * 1_000_000_000 + added;
-                let _ = rec.record(process, EventType::Invoke, 0, Func::Write(element));
-                let op = put(element.to_be_bytes().to_vec(), 1);
-                let kind = write_one(&mut kv, op, timeout).await;
-                last_unknown = rec.record(process, kind, 0, Func::Write(element));
-            }
-            _ => {
-                let (from, to) = (rng.gen_range(0..5), rng.gen_range(0..5));
-                let f = Func::Cas([from, to]);
-                let _ = rec.record(process, EventType::Invoke, key, f.clone());
-                let op = pb::op::Op::Cas(pb::CompareAndSwap {
-                    map: MAP.into(),
-                    key: key_bytes(key),
-                    expected: Some(from.to_be_bytes().to_vec()),
-                    new_value: Some(to.to_be_bytes().to_vec()),
-                });
-                let kind = write_one(&mut kv, op, timeout).await;
-                last_unknown = rec.record(process, kind, key, f);
-                if last_unknown {
-                    keys.unknown(key);
-                }
-            }
-        }
     }
 }
 
@@ -543,13 +272,13 @@ async fn drive(
             )),
         });
     }
-    let nemesis = Nemesis::new(cluster, &members, setup, &cfg.faults, cfg.seed, rec.start);
+    let nemesis = Nemesis::new(cluster, &members, setup, &cfg.faults, cfg.seed, rec.start());
     let fault_log = nemesis.run(deadline).await?;
     for t in tasks {
         let _ = t.await;
     }
     // The clients stop at the deadline (the nemesis may still be settling a removal after it).
-    let load_end = deadline.saturating_duration_since(rec.start).as_nanos() as u64;
+    let load_end = deadline.saturating_duration_since(rec.start()).as_nanos() as u64;
     // Every fault is healed: the cluster must serve every live member again, in time.
     let recovery = recover(cluster, &members.ids(), RECOVERY_BOUND).await;
     let mut kernel_result = None;
@@ -579,10 +308,7 @@ async fn drive(
             result.statuses = kernel_map::statuses(cluster, &members.ids()).await;
         }
         kernel_result = Some(result);
-        rec.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(history);
+        rec.extend(history);
     }
     let history = rec.take();
     let count = |k: EventType| history.iter().filter(|e| e.kind == k).count();
@@ -644,64 +370,4 @@ async fn drive(
         history,
         node_logs,
     })
-}
-
-/// The set's final read (linearizable, retried until the healed cluster answers), compared with
-/// what was attempted and acknowledged.
-async fn check_set(cluster: &LocalCluster, history: &[Event]) -> Result<SetResult, RunError> {
-    use std::collections::BTreeSet;
-    let element = |e: &Event| match e.f {
-        Func::Write(v) => Some(v),
-        _ => None,
-    };
-    let of = |k: EventType| -> BTreeSet<i64> {
-        history
-            .iter()
-            .filter(|e| e.kind == k)
-            .filter_map(element)
-            .collect()
-    };
-    let (attempted, acked, unknown) = (
-        of(EventType::Invoke),
-        of(EventType::Ok),
-        of(EventType::Info),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let final_read: BTreeSet<i64> = loop {
-        let mut last = None;
-        for id in cluster.ids() {
-            match cluster.client(id).await {
-                Ok(c) => match c.dump(MAP, true).await {
-                    Ok((_, _, entries)) => {
-                        last = Some(entries.iter().filter_map(|(k, _)| value_of(k)).collect());
-                        break;
-                    }
-                    Err(e) => note_retry(&e),
-                },
-                Err(e) => note_retry(&e),
-            }
-        }
-        if let Some(r) = last {
-            break r;
-        }
-        if Instant::now() > deadline {
-            return Err(RunError::Cluster(raftmap_node::NodeError::Timeout(
-                "no node answered the final read".into(),
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    Ok(SetResult {
-        attempted: attempted.len(),
-        acknowledged: acked.len(),
-        final_size: final_read.len(),
-        lost: acked.difference(&final_read).copied().collect(),
-        unexpected: final_read.difference(&attempted).copied().collect(),
-        recovered: unknown.intersection(&final_read).count(),
-    })
-}
-
-/// A failed attempt at the final read (retried).
-fn note_retry(e: &dyn std::fmt::Display) {
-    eprintln!("final read: {e}; retrying");
 }

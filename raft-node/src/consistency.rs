@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use raftmap_proto as pb;
 
+use crate::lock::lock;
 use crate::shared::{members, NodeShared};
 
 /// Runs both checks on their intervals until the node stops.
@@ -42,7 +43,7 @@ fn found(shared: &NodeShared, finding: String, own: bool) {
             .disk_corrupt
             .store(true, std::sync::atomic::Ordering::Release);
     }
-    let mut corrupt = shared.corrupt.lock().unwrap_or_else(|p| p.into_inner());
+    let mut corrupt = lock(&shared.corrupt);
     if corrupt.as_deref() != Some(finding.as_str()) {
         tracing::error!(finding = %finding, "consistency check failed");
         *corrupt = Some(finding);

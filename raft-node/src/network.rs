@@ -22,6 +22,7 @@ use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{decode, encode, NodeError, Result};
+use crate::lock::lock;
 
 /// Largest peer message: a batch of log entries (at most 16 MiB of them, or one entry of at
 /// most 16 MiB of operations: `APPEND_BYTES`, `MAX_PROPOSAL_BYTES`) or one snapshot chunk.
@@ -36,7 +37,7 @@ pub struct PeerPool {
 impl PeerPool {
     /// The channel to `addr` (`host:port`), created on first use.
     pub fn channel(&self, addr: &str) -> Result<Channel> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.channels);
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
@@ -204,10 +205,6 @@ impl Pending {
             };
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A snapshot transfer's first message; the snapshot's bytes follow in later messages.

@@ -1,7 +1,6 @@
 //! A running raftmap node: storage, openraft, group commit, gRPC servers, metrics, joining.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -429,10 +428,4 @@ fn retryable(s: &tonic::Status) -> bool {
 fn is_self(shared: &NodeShared, s: &tonic::Status) -> bool {
     // The leader names the member's addresses; a retry of our own earlier request matches.
     s.message().contains(&shared.info.raft_addr) && s.message().contains("already a member")
-}
-
-/// Parses `host:port` for listening.
-pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
-    addr.parse()
-        .map_err(|e| NodeError::BadRequest(format!("invalid address {addr:?}: {e}")))
 }

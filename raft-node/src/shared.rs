@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 
 use crate::error::{NodeError, Result};
 use crate::kernel::KernelSync;
+use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::propose::{Batcher, Proposer};
 
@@ -183,40 +184,29 @@ impl NodeShared {
     }
 
     pub(crate) fn confirmed_peers(&self, id: NodeId) -> bool {
-        self.confirmed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&id)
+        lock(&self.confirmed).contains(&id)
     }
 
     /// Whether the members were asked about `id` in the last five seconds and none knew it.
     pub(crate) fn recently_unknown(&self, id: NodeId) -> bool {
-        self.unknown
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.unknown)
             .get(&id)
             .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
     }
 
     pub(crate) fn note_unknown(&self, id: NodeId) {
-        let mut unknown = self.unknown.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unknown = lock(&self.unknown);
         unknown.retain(|_, t| t.elapsed() < Duration::from_secs(60));
         unknown.insert(id, Instant::now());
     }
 
     pub(crate) fn confirm_peer(&self, id: NodeId) {
-        self.confirmed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
+        lock(&self.confirmed).insert(id);
     }
 
     /// What the consistency checks found wrong, if anything.
     pub(crate) fn corrupt_finding(&self) -> Option<String> {
-        self.corrupt
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.corrupt).clone()
     }
 
     /// What the checks of peer messages need to know about this node.

@@ -4,7 +4,9 @@
 use raftmap_proto as pb;
 use raftmap_storage::{MapSchema, MapType, Op, ValidationError};
 
-use crate::error::NodeError;
+use std::net::SocketAddr;
+
+use crate::error::{NodeError, Result};
 
 /// Largest client request or response message.
 pub(crate) const MAX_CLIENT_MESSAGE: usize = 16 * 1024 * 1024;
@@ -69,4 +71,10 @@ pub(crate) fn op_from_pb(op: pb::Op) -> Result<Op, NodeError> {
             ))
         }
     })
+}
+
+/// Parses `host:port` for listening.
+pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
+    addr.parse()
+        .map_err(|e| NodeError::BadRequest(format!("invalid address {addr:?}: {e}")))
 }

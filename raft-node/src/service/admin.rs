@@ -113,8 +113,8 @@ impl pb::admin_server::Admin for AdminService {
                 "node id 0 is reserved; use 1 or more",
             ));
         }
-        crate::node::parse_addr(&r.raft_addr)?;
-        crate::node::parse_addr(&r.api_addr)?;
+        crate::wire::parse_addr(&r.raft_addr)?;
+        crate::wire::parse_addr(&r.api_addr)?;
         let ours = s.cluster_id();
         if !r.cluster_id.is_empty() && r.cluster_id != ours {
             return Err(Status::failed_precondition(format!(
