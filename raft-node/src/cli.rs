@@ -1,0 +1,161 @@
+//! The command line: every subcommand and flag of `raftmap`.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use raftmap_node::storage::MapType;
+
+use crate::agent::AgentArgs;
+use crate::demo;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "raftmap",
+    version,
+    about = "Keeps BPF hash maps identical across a cluster, in one Raft order"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct Conn {
+    /// API addresses of cluster members, comma separated; the first reachable one is used.
+    #[arg(
+        long,
+        env = "RAFTMAP_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7401",
+        global = true
+    )]
+    pub(crate) endpoints: Vec<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    pub(crate) output: Output,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Cmd {
+    /// Run a node (the daemon).
+    Agent(Box<AgentArgs>),
+    /// Cluster-wide operations.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Add a node as a learner (it receives the log but does not vote).
+    AddLearner {
+        #[arg(long)]
+        node_id: u64,
+        #[arg(long)]
+        raft_addr: String,
+        #[arg(long)]
+        api_addr: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make a caught-up learner a voter.
+    Promote {
+        node_id: u64,
+        /// Most entries the learner may lag behind and still be promoted (0: 1000).
+        #[arg(long, default_value_t = 0)]
+        max_lag: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a node from the cluster; its id is never used again. A voter is not removed when
+    /// fewer than three voters would remain (a cluster of two cannot lose one): add a voter
+    /// first, or pass --force.
+    Remove {
+        node_id: u64,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the members.
+    Members {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show each endpoint's own view: role, term, log indexes, readiness.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Read and write replicated maps.
+    Map {
+        #[command(subcommand)]
+        cmd: MapCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Start a local cluster as separate processes, run a workload, show that every node
+    /// converged, and clean up.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ClusterCmd {
+    /// Make the node at the first endpoint the single voter of a new cluster.
+    Init,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum MapCmd {
+    /// Declare a map and its schema (idempotent for an identical schema).
+    Declare {
+        name: String,
+        #[arg(long = "type", value_parser = parse_map_type, default_value = "hash")]
+        map_type: MapType,
+        #[arg(long)]
+        key_size: u32,
+        #[arg(long)]
+        value_size: u32,
+        #[arg(long, default_value_t = 65536)]
+        max_entries: u32,
+    },
+    /// List declared maps with their entry counts.
+    List,
+    /// Set a key (key and value in hex).
+    Put {
+        map: String,
+        key: String,
+        value: String,
+    },
+    /// Read a key (hex); linearizable unless --local.
+    Get {
+        map: String,
+        key: String,
+        #[arg(long)]
+        local: bool,
+    },
+    /// Delete a key (hex).
+    Delete { map: String, key: String },
+    /// Print every entry; linearizable unless --local.
+    Dump {
+        map: String,
+        #[arg(long)]
+        local: bool,
+    },
+    /// Remove a map and every entry of it (refused while any node watches it).
+    Drop { map: String },
+}
+
+pub(crate) fn parse_map_type(s: &str) -> Result<MapType, String> {
+    s.parse()
+        .map_err(|e: raftmap_node::storage::ValidationError| e.to_string())
+}
+
+pub(crate) fn parse_hex(what: &str, s: &str) -> Result<Vec<u8>> {
+    let t = s.strip_prefix("0x").unwrap_or(s);
+    hex::decode(t).with_context(|| format!("{what} {s:?} is not hex"))
+}
