@@ -18,6 +18,7 @@ mod error;
 pub mod fuzz;
 mod http;
 mod identity;
+mod join;
 mod kernel;
 pub mod launcher;
 mod lock;

@@ -3,11 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::{ServerState, SnapshotPolicy};
-use raftmap_proto::admin_client::AdminClient;
 use raftmap_proto::admin_server::AdminServer;
 use raftmap_proto::kv_server::KvServer;
 use raftmap_proto::peer_server::PeerServer;
@@ -19,9 +18,10 @@ use tokio::task::JoinHandle;
 
 use crate::error::{NodeError, Result};
 use crate::identity;
+use crate::join::join_cluster;
 use crate::kernel::{KernelSync, WatchSpec};
 use crate::metrics::Metrics;
-use crate::network::{endpoint, Network, PeerPool, MAX_PEER_MESSAGE};
+use crate::network::{Network, PeerPool, MAX_PEER_MESSAGE};
 use crate::propose::{BatchConfig, Batcher, Proposer};
 use crate::service::{AdminService, KvService, PeerService};
 use crate::shared::NodeShared;
@@ -350,82 +350,4 @@ async fn update_metrics(shared: Arc<NodeShared>) {
             return;
         }
     }
-}
-
-/// First start with `--join`: become a learner through any member, then (unless `learner`) ask
-/// to be promoted once caught up. A restarted member skips all of it.
-async fn join_cluster(shared: &NodeShared, join: &str, learner: bool) -> Result<()> {
-    let already = shared
-        .raft
-        .metrics()
-        .borrow_watched()
-        .membership_config
-        .membership()
-        .get_node(&shared.id)
-        .is_some();
-    if already {
-        tracing::info!("already a member; not joining again");
-        return Ok(());
-    }
-    let ch = endpoint(join)?.connect_lazy();
-    let mut admin = AdminClient::new(ch);
-    let req = raftmap_proto::AddLearnerRequest {
-        node_id: shared.id,
-        raft_addr: shared.info.raft_addr.clone(),
-        api_addr: shared.info.api_addr.clone(),
-        cluster_id: shared.cluster_id(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match admin.add_learner(req.clone()).await {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => break,
-            Err(s) if retryable(&s) && Instant::now() < deadline => {
-                tracing::warn!(error = %s.message(), "add-learner not accepted yet; retrying");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(s) => return Err(s.into()),
-        }
-    }
-    tracing::info!(node = shared.id, "joined as a learner");
-    if learner {
-        return Ok(());
-    }
-    loop {
-        let req = raftmap_proto::PromoteRequest {
-            node_id: shared.id,
-            max_lag: 0,
-        };
-        match admin.promote(req).await {
-            Ok(_) => {
-                tracing::info!(node = shared.id, "promoted to voter");
-                return Ok(());
-            }
-            // NOT_FOUND: the leader's view of the membership may not show the learner yet.
-            Err(s)
-                if (retryable(&s)
-                    || matches!(
-                        s.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::NotFound
-                    ))
-                    && Instant::now() < deadline =>
-            {
-                tracing::info!(reason = %s.message(), "not promoted yet; retrying");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(s) => return Err(s.into()),
-        }
-    }
-}
-
-fn retryable(s: &tonic::Status) -> bool {
-    matches!(
-        s.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
-    )
-}
-
-fn is_self(shared: &NodeShared, s: &tonic::Status) -> bool {
-    // The leader names the member's addresses; a retry of our own earlier request matches.
-    s.message().contains(&shared.info.raft_addr) && s.message().contains("already a member")
 }
