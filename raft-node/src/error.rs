@@ -1,6 +1,8 @@
 //! Errors of the node crate and their mapping onto gRPC status codes.
 
-use raftmap_storage::{NodeId, StorageError, ValidationError};
+use std::path::PathBuf;
+
+use raftmap_storage::{NodeId, StorageError, TypeConfig, ValidationError};
 use serde::{Deserialize, Serialize};
 
 /// Everything that can go wrong serving a request or running a node.
@@ -23,14 +25,38 @@ pub enum NodeError {
     Unavailable(String),
     #[error("timed out: {0}")]
     Timeout(String),
-    #[error("data dir: {0}")]
-    DataDir(String),
+    /// The data dir cannot be used as it is; nothing was changed in it.
+    #[error("data dir: {problem}")]
+    DataDir { dir: PathBuf, problem: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    Kernel(#[from] raftmap_ebpf_hooks::HookError),
     #[error("raft: {0}")]
-    Raft(String),
+    Raft(#[from] openraft::error::Fatal<TypeConfig>),
+    #[error("encoding {what}: {source}")]
+    Encode {
+        what: &'static str,
+        #[source]
+        source: EncodeError,
+    },
+    /// A peer sent bytes that do not decode; nothing was done with them.
+    #[error("malformed peer message: {0}")]
+    MalformedPeerMessage(#[source] postcard::Error),
+    /// Another node answered with a status that has no meaning of its own here.
+    #[error("{code:?}: {message}")]
+    Remote { code: tonic::Code, message: String },
     #[error("{0}")]
     Internal(String),
+}
+
+/// What failed to encode.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error(transparent)]
+    Postcard(#[from] postcard::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
 }
 
 pub type Result<T, E = NodeError> = std::result::Result<T, E>;
@@ -39,17 +65,20 @@ impl From<NodeError> for tonic::Status {
     fn from(e: NodeError) -> Self {
         let msg = e.to_string();
         match e {
-            NodeError::Invalid(_) | NodeError::BadRequest(_) => {
-                tonic::Status::invalid_argument(msg)
-            }
+            NodeError::Invalid(_)
+            | NodeError::BadRequest(_)
+            | NodeError::MalformedPeerMessage(_) => tonic::Status::invalid_argument(msg),
             NodeError::AlreadyExists(_) => tonic::Status::already_exists(msg),
             NodeError::NotFound(_) => tonic::Status::not_found(msg),
             NodeError::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             NodeError::Unavailable(_) => tonic::Status::unavailable(msg),
             NodeError::Timeout(_) => tonic::Status::deadline_exceeded(msg),
-            NodeError::DataDir(_)
+            NodeError::Remote { code, message } => tonic::Status::new(code, message),
+            NodeError::DataDir { .. }
             | NodeError::Storage(_)
+            | NodeError::Kernel(_)
             | NodeError::Raft(_)
+            | NodeError::Encode { .. }
             | NodeError::Internal(_) => tonic::Status::internal(msg),
         }
     }
@@ -65,7 +94,7 @@ impl From<tonic::Status> for NodeError {
             tonic::Code::FailedPrecondition => NodeError::FailedPrecondition(msg),
             tonic::Code::Unavailable => NodeError::Unavailable(msg),
             tonic::Code::DeadlineExceeded => NodeError::Timeout(msg),
-            _ => NodeError::Internal(format!("{:?}: {msg}", s.code())),
+            code => NodeError::Remote { code, message: msg },
         }
     }
 }
@@ -81,10 +110,12 @@ pub enum ProposeError {
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
-    postcard::to_stdvec(v).map_err(|e| NodeError::Internal(format!("encode: {e}")))
+    postcard::to_stdvec(v).map_err(|e| NodeError::Encode {
+        what: "peer message",
+        source: e.into(),
+    })
 }
 
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
-    postcard::from_bytes(b)
-        .map_err(|e| NodeError::BadRequest(format!("malformed peer message: {e}")))
+    postcard::from_bytes(b).map_err(NodeError::MalformedPeerMessage)
 }

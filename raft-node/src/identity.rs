@@ -21,8 +21,10 @@ pub struct Identity {
 impl Identity {
     /// Writes `identity.json`; called once the new database exists.
     pub fn persist(&self, dir: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(self)
-            .map_err(|e| NodeError::DataDir(format!("encoding identity: {e}")))?;
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| NodeError::Encode {
+            what: "identity",
+            source: e.into(),
+        })?;
         write_atomic(&dir.join(IDENTITY_FILE), &bytes)
     }
 }
@@ -37,7 +39,10 @@ impl Identity {
 /// the dir was created for.
 pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity, bool)> {
     let path = dir.join(IDENTITY_FILE);
-    let err = |m: String| NodeError::DataDir(m);
+    let err = |problem: String| NodeError::DataDir {
+        dir: dir.to_path_buf(),
+        problem,
+    };
     match std::fs::read(&path) {
         Ok(bytes) => {
             let id = parse(&bytes, dir, requested)?;
@@ -89,7 +94,10 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity
 /// The identity in `bytes` (the contents of `dir/identity.json`), checked: readable, of this
 /// format, and of node `requested` if one is asked for.
 pub(crate) fn parse(bytes: &[u8], dir: &Path, requested: Option<NodeId>) -> Result<Identity> {
-    let err = |m: String| NodeError::DataDir(m);
+    let err = |problem: String| NodeError::DataDir {
+        dir: dir.to_path_buf(),
+        problem,
+    };
     let path = dir.join(IDENTITY_FILE);
     let id: Identity = serde_json::from_slice(bytes).map_err(|e| {
         err(format!(
@@ -123,7 +131,10 @@ pub(crate) fn parse(bytes: &[u8], dir: &Path, requested: Option<NodeId>) -> Resu
 }
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {
-    NodeError::DataDir(format!("{}: {e}", path.display()))
+    NodeError::DataDir {
+        dir: path.parent().unwrap_or(path).to_path_buf(),
+        problem: format!("{}: {e}", path.display()),
+    }
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves the old file or the new one, never a

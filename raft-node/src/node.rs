@@ -166,9 +166,7 @@ impl RunningNode {
 
         let pool = PeerPool::default();
         let network = Network { pool: pool.clone() };
-        let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm)
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm).await?;
         let metrics = Metrics::new(|r| kernel.metrics.register(r));
         let proposer = Proposer {
             raft: raft.clone(),

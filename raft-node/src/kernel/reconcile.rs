@@ -119,10 +119,8 @@ impl KernelSync {
                 .map_err(NodeError::from)?
                 .into_iter()
                 .collect();
-            let kernel: HashMap<Vec<u8>, Vec<u8>> = kmap
-                .walk()
-                .map_err(|e| NodeError::Internal(e.to_string()))?
-                .into_map();
+            let kernel: HashMap<Vec<u8>, Vec<u8>> =
+                kmap.walk().map_err(NodeError::from)?.into_map();
             Ok((committed, kernel))
         };
         let (committed, kernel) = read().map_err(fail)?;

@@ -150,7 +150,10 @@ impl IdBook {
             ids,
         };
         let res = serde_json::to_vec(&recorded)
-            .map_err(|e| NodeError::Internal(e.to_string()))
+            .map_err(|e| NodeError::Encode {
+                what: "kernel map ids",
+                source: e.into(),
+            })
             .and_then(|b| crate::identity::write_atomic(&self.path, &b));
         if let Err(e) = res {
             tracing::warn!(error = %e, path = %self.path.display(), "cannot record kernel map ids");
