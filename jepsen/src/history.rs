@@ -1,9 +1,11 @@
 //! Histories: what clients asked for and what they were told, one event per line.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+
+use crate::lock::lock;
 
 /// Whether an event starts an operation or tells how it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,11 +163,6 @@ pub fn parse(text: &str) -> Result<Vec<Event>, HistoryError> {
             })
         })
         .collect()
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A history stays a list of whole events whatever a panicking client did.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The history as it is recorded, shared by every client.

@@ -6,6 +6,8 @@
 
 use std::sync::Mutex;
 
+use crate::lock::lock;
+
 /// Operations a key takes before clients move on to a fresh one...
 pub const OPS_PER_KEY: u64 = 100;
 /// ...or operations of unknown outcome.
@@ -45,7 +47,7 @@ impl KeyPool {
 
     /// An operation on `key` ended with an unknown outcome.
     pub fn unknown(&self, key: u64) {
-        let mut guard = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&self.slots);
         if let Some(s) = guard.0.iter_mut().find(|s| s.key == key) {
             s.unknown += 1;
         }
@@ -53,7 +55,7 @@ impl KeyPool {
 
     /// The key for the next operation on `slot` (taken modulo the number of slots).
     pub fn next(&self, slot: u64) -> u64 {
-        let mut guard = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = lock(&self.slots);
         let (slots, fresh) = &mut *guard;
         if slots.is_empty() {
             return 0;

@@ -14,6 +14,7 @@ pub mod error;
 pub mod history;
 pub mod kernel_map;
 pub mod keys;
+mod lock;
 pub mod nemesis;
 pub mod plot;
 pub mod run;

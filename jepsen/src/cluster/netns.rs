@@ -6,18 +6,14 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use raftmap_node::launcher::{LaunchError, Placed, Placement};
 use raftmap_node::storage::NodeId;
 
 use super::{HarnessError, Result};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The list of nodes stays valid whatever a panicking holder did.
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use crate::lock::lock;
 
 /// The test network: a bridge in the caller's namespace, one namespace per node.
 ///

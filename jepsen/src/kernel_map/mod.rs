@@ -27,6 +27,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::RunError;
 use crate::history::Recorder;
 use crate::history::{EventType, Func};
+use crate::lock::lock;
 use crate::nemesis::NodeSetup;
 
 pub(super) type NodeId = u64;
@@ -72,15 +73,9 @@ impl KernelMaps {
         }
     }
 
-    fn lock(
-        m: &Mutex<BTreeMap<NodeId, Arc<KernelMap>>>,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, Arc<KernelMap>>> {
-        m.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The maps of the current members.
     fn current(&self) -> Vec<(NodeId, Arc<KernelMap>)> {
-        Self::lock(&self.maps)
+        lock(&self.maps)
             .iter()
             .map(|(i, m)| (*i, m.clone()))
             .collect()
@@ -88,7 +83,7 @@ impl KernelMaps {
 
     /// From now on, a node that joins gets a watch stream (until `stop`).
     pub fn follow_joiners(&self, stop: Arc<AtomicBool>, rec: Arc<Recorder>) {
-        *self.joiners.lock().unwrap_or_else(|p| p.into_inner()) = Some(Joiners {
+        *lock(&self.joiners) = Some(Joiners {
             stop,
             rec,
             streams: Vec::new(),
@@ -97,16 +92,14 @@ impl KernelMaps {
 
     /// The watch streams of the nodes that joined, to await once `stop` is set.
     pub fn joiners(&self) -> Vec<tokio::task::JoinHandle<Stream>> {
-        self.joiners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.joiners)
             .as_mut()
             .map(|j| std::mem::take(&mut j.streams))
             .unwrap_or_default()
     }
 
     fn every(&self) -> Vec<(NodeId, Arc<KernelMap>)> {
-        Self::lock(&self.all)
+        lock(&self.all)
             .iter()
             .map(|(i, m)| (*i, m.clone()))
             .collect()
@@ -123,7 +116,7 @@ impl NodeSetup for KernelMaps {
     fn prepare(&self, id: NodeId) -> Result<Vec<String>, RunError> {
         let name = format!("{}n{id}", self.tag);
         let map = Arc::new(KernelMap::create(MapKind::Hash, 8, 8, 1024, &name)?);
-        Self::lock(&self.all).insert(id, map);
+        lock(&self.all).insert(id, map);
         Ok(vec![
             "--watch".into(),
             format!("{KMAP}={name}"),
@@ -135,15 +128,10 @@ impl NodeSetup for KernelMaps {
     /// From now on the writers write into the node's map too, and its committed changes are
     /// recorded.
     fn joined(&self, id: NodeId, api: &str) {
-        if let Some(m) = Self::lock(&self.all).get(&id).cloned() {
-            Self::lock(&self.maps).insert(id, m);
+        if let Some(m) = lock(&self.all).get(&id).cloned() {
+            lock(&self.maps).insert(id, m);
         }
-        if let Some(j) = self
-            .joiners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-        {
+        if let Some(j) = lock(&self.joiners).as_mut() {
             let (ready, _) = tokio::sync::oneshot::channel();
             j.streams.push(tokio::spawn(observer(
                 id,
@@ -157,7 +145,7 @@ impl NodeSetup for KernelMaps {
     }
 
     fn removed(&self, id: NodeId) {
-        Self::lock(&self.maps).remove(&id);
+        lock(&self.maps).remove(&id);
     }
 }
 

@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 
 use crate::error::RunError;
+use crate::lock::lock;
 use shapes::Shape;
 
 mod injector;
@@ -94,27 +95,23 @@ impl Members {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<NodeId, String>> {
-        self.api.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     pub fn ids(&self) -> Vec<NodeId> {
-        self.lock().keys().copied().collect()
+        lock(&self.api).keys().copied().collect()
     }
 
     /// A member's API address, chosen by `pick` among the current members.
     pub fn endpoint(&self, pick: usize) -> Option<(NodeId, String)> {
-        let m = self.lock();
+        let m = lock(&self.api);
         let n = m.len().max(1);
         m.iter().nth(pick % n).map(|(i, a)| (*i, a.clone()))
     }
 
     fn add(&self, id: NodeId, api: String) {
-        self.lock().insert(id, api);
+        lock(&self.api).insert(id, api);
     }
 
     fn remove(&self, id: NodeId) {
-        self.lock().remove(&id);
+        lock(&self.api).remove(&id);
     }
 }
 
