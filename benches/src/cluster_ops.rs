@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Parser;
 use raftmap_ebpf_hooks::{KernelMap, MapKind};
-use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::storage::MapSchema;
 
@@ -214,10 +214,12 @@ async fn main() -> Result<()> {
     );
     let mut cluster = LocalCluster::start(
         ClusterOptions {
-            bin,
-            agent_args: args.agent_arg.clone(),
-            log_filter: "warn".into(),
-            node_args,
+            launch: LaunchOptions {
+                bin,
+                agent_args: args.agent_arg.clone(),
+                log_filter: "warn".into(),
+                node_args,
+            },
             netns: false,
         },
         3,

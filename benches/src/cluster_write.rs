@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Parser;
 use raftmap_bench::{fsync_floor, percentile, rtt_floor, us};
-use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::storage::MapSchema;
 
 #[derive(Parser, Debug)]
@@ -130,10 +130,12 @@ async fn main() -> Result<()> {
     }
     let cluster = LocalCluster::start(
         ClusterOptions {
-            bin,
-            agent_args,
-            log_filter: "warn".into(),
-            node_args: Default::default(),
+            launch: LaunchOptions {
+                bin,
+                agent_args,
+                log_filter: "warn".into(),
+                node_args: Default::default(),
+            },
             netns: false,
         },
         args.nodes,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use raftmap_bench::{percentile, raftmap_bin, us};
-use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::storage::MapSchema;
 
@@ -114,10 +114,12 @@ async fn main() -> Result<()> {
         return hold_watch(addr).await;
     }
     let opts = ClusterOptions {
-        bin: raftmap_bin(args.raftmap.as_deref())?,
-        agent_args: vec![],
-        log_filter: "warn".into(),
-        node_args: Default::default(),
+        launch: LaunchOptions {
+            bin: raftmap_bin(args.raftmap.as_deref())?,
+            agent_args: vec![],
+            log_filter: "warn".into(),
+            node_args: Default::default(),
+        },
         netns: false,
     };
     let c = LocalCluster::start(opts, 3, 0, Duration::from_secs(60)).await?;

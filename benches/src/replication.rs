@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use raftmap_bench::{monotonic_ns, percentile, tight_timer, us, Floor};
 use raftmap_ebpf_hooks::{Capture, HookError, KernelMap, MapKind, UpdateFlags};
-use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::proto as pb;
 
 #[derive(Parser, Debug)]
@@ -302,10 +302,12 @@ async fn raftmap_runs(
         .collect();
     let mut cluster = LocalCluster::start(
         ClusterOptions {
-            bin: bin.to_path_buf(),
-            agent_args,
-            log_filter: "warn".into(),
-            node_args,
+            launch: LaunchOptions {
+                bin: bin.to_path_buf(),
+                agent_args,
+                log_filter: "warn".into(),
+                node_args,
+            },
             netns: false,
         },
         3,

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{ClusterOptions, LocalCluster};
+use crate::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::storage::MapSchema;
 use serde::Serialize;
 
@@ -165,10 +165,12 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         node_args.insert(id, setup.prepare(id)?);
     }
     let opts = ClusterOptions {
-        bin: cfg.bin.clone(),
-        agent_args,
-        log_filter: "warn,raftmap_node::kernel=info,raftmap_storage=info".into(),
-        node_args,
+        launch: LaunchOptions {
+            bin: cfg.bin.clone(),
+            agent_args,
+            log_filter: "warn,raftmap_node::kernel=info,raftmap_storage=info".into(),
+            node_args,
+        },
         netns,
     };
     let mut cluster = LocalCluster::start(opts, cfg.nodes, 0, Duration::from_secs(60)).await?;

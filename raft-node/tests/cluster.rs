@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::storage::MapSchema;
 use raftmap_node::{put, Client, NodeError};
@@ -17,10 +17,12 @@ const MAP: &str = "ct";
 
 fn opts(extra: &[&str]) -> ClusterOptions {
     ClusterOptions {
-        bin: env!("CARGO_BIN_EXE_raftmap").into(),
-        agent_args: extra.iter().map(|s| s.to_string()).collect(),
-        log_filter: "info,openraft=warn".into(),
-        node_args: Default::default(),
+        launch: LaunchOptions {
+            bin: env!("CARGO_BIN_EXE_raftmap").into(),
+            agent_args: extra.iter().map(|s| s.to_string()).collect(),
+            log_filter: "info,openraft=warn".into(),
+            node_args: Default::default(),
+        },
         netns: false,
     }
 }

@@ -17,10 +17,9 @@ use raftmap_node::storage::{Entry, LogId, MapSchema, SnapshotMeta, StoredMembers
 const T: Duration = Duration::from_secs(60);
 
 fn opts(extra: &[&str]) -> ClusterOptions {
-    ClusterOptions {
-        agent_args: extra.iter().map(|s| s.to_string()).collect(),
-        ..ClusterOptions::new(env!("CARGO_BIN_EXE_raftmap"))
-    }
+    let mut o = ClusterOptions::new(env!("CARGO_BIN_EXE_raftmap"));
+    o.launch.agent_args = extra.iter().map(|s| s.to_string()).collect();
+    o
 }
 
 /// A 3-node cluster with `extra` agent arguments and map "m" holding `entries` keys, applied
@@ -578,7 +577,7 @@ async fn a_corrupt_disk_and_a_diverged_replica_are_found_and_named() {
 async fn a_map_is_dropped_only_when_no_node_watches_it() {
     // Node 1 watches "watched" (at a pin that does not exist: it still counts as watching).
     let mut o = opts(&[]);
-    o.node_args.insert(
+    o.launch.node_args.insert(
         1,
         vec![
             "--watch".into(),

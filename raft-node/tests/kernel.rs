@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use raftmap_ebpf_hooks::{bpf_or_skip, KernelMap, MapKind, UpdateFlags};
-use raftmap_jepsen::cluster::{ClusterOptions, LocalCluster};
+use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::Client;
 
 const T: Duration = Duration::from_secs(60);
@@ -77,10 +77,12 @@ impl Drop for NodeMaps {
 
 fn opts(node_args: BTreeMap<u64, Vec<String>>) -> ClusterOptions {
     ClusterOptions {
-        bin: env!("CARGO_BIN_EXE_raftmap").into(),
-        agent_args: vec![],
-        log_filter: "info,openraft=warn".into(),
-        node_args,
+        launch: LaunchOptions {
+            bin: env!("CARGO_BIN_EXE_raftmap").into(),
+            agent_args: vec![],
+            log_filter: "info,openraft=warn".into(),
+            node_args,
+        },
         netns: false,
     }
 }
@@ -305,7 +307,7 @@ async fn a_new_learner_adopts_its_map_and_gets_a_snapshot_without_losing_entries
     }
     let maps = NodeMaps::create("snap", &[1, 2, 3, 4], 8, 8);
     let mut o = opts(maps.args("ct"));
-    o.agent_args = vec!["--snapshot-logs".into(), "50".into()];
+    o.launch.agent_args = vec!["--snapshot-logs".into(), "50".into()];
     let mut c = LocalCluster::start(o, 3, 0, T).await.unwrap();
     let client = c.client(1).await.unwrap();
     // One entry per write: several snapshots, and the log is purged.
@@ -379,7 +381,7 @@ async fn a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff()
     }
     let maps = NodeMaps::create("resnap", &[1, 2, 3, 4], 8, 8);
     let mut o = opts(maps.args("ct"));
-    o.agent_args = vec!["--snapshot-logs".into(), "50".into()];
+    o.launch.agent_args = vec!["--snapshot-logs".into(), "50".into()];
     let mut c = LocalCluster::start(o, 3, 1, T).await.unwrap();
     let client = c.client(1).await.unwrap();
     for i in 0..50u64 {

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use raftmap_node::launcher::{http_get, scrape_counter, LaunchError, LocalNode};
-use raftmap_node::launcher::{LaunchOptions, Launcher};
+use raftmap_node::launcher::Launcher;
+pub use raftmap_node::launcher::{http_get, scrape_counter, LaunchError, LaunchOptions, LocalNode};
 use raftmap_node::storage::NodeId;
 
 use netns::{InNamespaces, Netns};
@@ -36,17 +36,10 @@ pub enum HarnessError {
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
-/// How the nodes are started.
+/// How the nodes are started: the launcher's options, and where the nodes run.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// The `raftmap` binary.
-    pub bin: PathBuf,
-    /// Extra `raftmap agent` arguments for every node.
-    pub agent_args: Vec<String>,
-    /// `RUST_LOG` for the agents.
-    pub log_filter: String,
-    /// Extra `raftmap agent` arguments for particular nodes.
-    pub node_args: BTreeMap<NodeId, Vec<String>>,
+    pub launch: LaunchOptions,
     /// Run each node in a network namespace of its own, joined by veth pairs to a bridge, so
     /// that the network between them can be partitioned (needs root, `ip` and `nft`).
     pub netns: bool,
@@ -55,12 +48,8 @@ pub struct ClusterOptions {
 impl ClusterOptions {
     /// Nodes of `bin` on loopback, logging at info (openraft at warn), no extra arguments.
     pub fn new(bin: impl Into<PathBuf>) -> Self {
-        let l = LaunchOptions::new(bin);
         Self {
-            bin: l.bin,
-            agent_args: l.agent_args,
-            log_filter: l.log_filter,
-            node_args: l.node_args,
+            launch: LaunchOptions::new(bin),
             netns: false,
         }
     }
@@ -90,12 +79,7 @@ impl DerefMut for LocalCluster {
 
 impl LocalCluster {
     pub fn new(opts: ClusterOptions) -> Result<Self> {
-        let launch = LaunchOptions {
-            bin: opts.bin,
-            agent_args: opts.agent_args,
-            log_filter: opts.log_filter,
-            node_args: opts.node_args,
-        };
+        let launch = opts.launch;
         if !opts.netns {
             return Ok(Self {
                 launcher: Launcher::new(launch)?,
