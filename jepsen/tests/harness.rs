@@ -136,7 +136,13 @@ async fn register_under_overlapping_faults_of_every_kind_is_linearizable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_reads_served_without_read_index() {
-    let mut cfg = config(Workload::Register, 3, &[Fault::Pause], 6, 8);
+    // The broken mode shows in a read that reaches a paused follower after it resumes and
+    // before it catches up, so each pause is a chance, not a certainty: 6 s with 6 clients
+    // (4 pauses) found 2-5 anomalous keys a run and, once in about thirty runs, none. 12 s
+    // with 12 clients (9 pauses, twice the reads) finds 6-10, so a run without one is
+    // vanishingly rare.
+    let mut cfg = config(Workload::Register, 3, &[Fault::Pause], 12, 8);
+    cfg.clients = 12;
     cfg.unsafe_local_reads = true;
     let report = run_checked(cfg, 100).await;
     // Which operation the search reports first depends on the history (a stale read can make
