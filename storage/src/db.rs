@@ -5,7 +5,9 @@
 //! never be lost while a later log purge (synced) survives.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, DB};
 use serde::de::DeserializeOwned;
@@ -53,7 +55,19 @@ pub(crate) struct Db {
     pub(crate) db: DB,
     pub(crate) opts: StoreOptions,
     dir: PathBuf,
+    /// Bytes written since free space was last checked (at first more than any reserve, so that
+    /// the first write looks).
+    unchecked: AtomicU64,
+    /// When free space was last checked, in milliseconds since `opened`.
+    checked_ms: AtomicU64,
+    opened: Instant,
 }
+
+/// Free space is looked up again once this share of the reserve has been written since the
+/// last look, or this long after it (other processes fill disks too): the reserve covers what
+/// is written in between, and the write path makes a statvfs call rarely instead of per write.
+const RECHECK_SHARE: u64 = 8;
+const RECHECK_AFTER: Duration = Duration::from_millis(100);
 
 impl Db {
     pub(crate) fn open(dir: &Path, opts: StoreOptions) -> Result<Arc<Self>> {
@@ -96,21 +110,34 @@ impl Db {
             db,
             opts,
             dir: dir.to_path_buf(),
+            unchecked: AtomicU64::new(u64::MAX / 2),
+            checked_ms: AtomicU64::new(0),
+            opened: Instant::now(),
         }))
     }
 
     /// Writes `batch`, synced when `durable` (and syncing is on), once the disk has room.
     pub(crate) fn write(&self, batch: rocksdb::WriteBatch, durable: bool) -> Result<()> {
-        self.check_space()?;
+        self.check_space_for(batch.size_in_bytes() as u64)?;
         self.db.write_opt(batch, &self.write_opts(durable))?;
         Ok(())
     }
 
-    /// Refuses when the data dir's filesystem has less than `min_free_bytes` free (for an
-    /// unprivileged process: root may use the blocks reserved for it, RocksDB may not count on
-    /// them).
-    pub(crate) fn check_space(&self) -> Result<()> {
-        if self.opts.min_free_bytes == 0 {
+    /// Refuses a write of `bytes` when the data dir's filesystem has less than `min_free_bytes`
+    /// free (for an unprivileged process: root may use the blocks reserved for it, RocksDB may
+    /// not count on them). Looks the free space up only when due (see [`RECHECK_SHARE`]).
+    fn check_space_for(&self, bytes: u64) -> Result<()> {
+        let reserve = self.opts.min_free_bytes;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let written = self
+            .unchecked
+            .fetch_add(bytes, Ordering::Relaxed)
+            .saturating_add(bytes);
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        let since = now_ms.saturating_sub(self.checked_ms.load(Ordering::Relaxed));
+        if written < reserve / RECHECK_SHARE && since < RECHECK_AFTER.as_millis() as u64 {
             return Ok(());
         }
         let st = nix::sys::statvfs::statvfs(&self.dir).map_err(|e| StorageError::Io {
@@ -119,13 +146,16 @@ impl Db {
         })?;
         #[allow(clippy::useless_conversion)] // the field types differ between targets
         let free = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
-        if free < self.opts.min_free_bytes {
+        if free < reserve {
+            // Not reset: every later write looks again.
             return Err(StorageError::DiskFull {
                 path: self.dir.display().to_string(),
                 free,
-                reserve: self.opts.min_free_bytes,
+                reserve,
             });
         }
+        self.unchecked.store(0, Ordering::Relaxed);
+        self.checked_ms.store(now_ms, Ordering::Relaxed);
         Ok(())
     }
 
