@@ -106,7 +106,10 @@ fn connect(
     pick: usize,
 ) -> Option<pb::kv_client::KvClient<tonic::transport::Channel>> {
     let (_, addr) = members.endpoint(pick)?;
-    let ch = raftmap_node::endpoint(&addr).ok()?.connect_lazy();
+    let ch = members
+        .security
+        .channel(&addr, raftmap_node::tls::Expect::AnyNode)
+        .ok()?;
     Some(pb::kv_client::KvClient::new(ch))
 }
 

@@ -170,6 +170,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
             agent_args,
             log_filter: "warn,raftmap_node::kernel=info,raftmap_storage=info".into(),
             node_args,
+            tls: true,
         },
         netns,
     };
@@ -227,6 +228,7 @@ async fn drive(
             let (tx, rx) = tokio::sync::oneshot::channel();
             let addr = cluster.node(id)?.api_addr.clone();
             observers.push(tokio::spawn(kernel_map::observer(
+                cluster.security(),
                 id,
                 addr,
                 false,
@@ -240,7 +242,7 @@ async fn drive(
                 .map_err(|_| RunError::Config(format!("node {id}'s watch ended")))?;
         }
         // Nodes that join later get a stream too, from the moment they join.
-        maps.follow_joiners(stop.clone(), rec.clone());
+        maps.follow_joiners(cluster.security(), stop.clone(), rec.clone());
         sampler = Some(tokio::spawn(kernel_map::sampler(
             maps.clone(),
             cfg.keys,

@@ -67,6 +67,15 @@ pub(crate) struct AgentArgs {
     /// local state without read-index.
     #[arg(long, hide = true)]
     pub(crate) unsafe_local_reads: bool,
+    /// Identity directory (ca.crt, tls.crt, tls.key; see `raftmap certs node`): mutual TLS on
+    /// the peer and API ports, reloaded when the files change. A new data dir takes its node id
+    /// from the certificate.
+    #[arg(long, env = "RAFTMAP_TLS_DIR")]
+    pub(crate) tls_dir: Option<PathBuf>,
+    /// Serve without TLS on addresses other than loopback: anyone who reaches them can write
+    /// every node's maps and change the membership.
+    #[arg(long)]
+    pub(crate) insecure: bool,
     /// How often the leader heartbeats its followers (default 100).
     #[arg(long)]
     pub(crate) heartbeat_ms: Option<u64>,
@@ -77,6 +86,11 @@ pub(crate) struct AgentArgs {
     #[arg(long)]
     pub(crate) election_timeout_ms: Option<u64>,
 }
+
+/// A configuration the agent refuses before starting anything (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Refused(pub(crate) String);
 
 pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
     // Transparent huge pages off for the daemon (as Redis and most databases advise): the shadow
@@ -148,6 +162,16 @@ pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
     }
     if let Some(v) = a.election_timeout_ms {
         cfg.election_timeout_ms = v;
+    }
+    if a.tls_dir.is_some() {
+        cfg.tls_dir = a.tls_dir;
+    }
+    cfg.insecure |= a.insecure;
+    if let Some(why) = cfg.insecure_exposure() {
+        return Err(Refused(why).into());
+    }
+    if cfg.tls_dir.is_none() {
+        tracing::warn!("no TLS: peers and clients are not authenticated (--tls-dir turns it on)");
     }
     let mut node = RunningNode::start(cfg).await?;
     let stop = async {

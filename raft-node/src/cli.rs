@@ -4,7 +4,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use raftmap_node::storage::MapType;
 
+use raftmap_node::tls::Security;
+use raftmap_node::Client;
+
 use crate::agent::AgentArgs;
+use crate::certs::CertsCmd;
 use crate::demo;
 
 #[derive(Parser, Debug)]
@@ -29,9 +33,33 @@ pub(crate) struct Conn {
         global = true
     )]
     pub(crate) endpoints: Vec<String>,
+    /// Identity directory of a client certificate (`ca.crt`, `tls.crt`, `tls.key`; see
+    /// `raftmap certs client`); without it, plaintext.
+    #[arg(long, env = "RAFTMAP_TLS_DIR", global = true)]
+    pub(crate) tls_dir: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     pub(crate) output: Output,
+}
+
+impl Conn {
+    /// The certificates to connect with.
+    pub(crate) fn security(&self) -> Result<Security> {
+        match &self.tls_dir {
+            Some(d) => Ok(Security::from_dir(d)?),
+            None => Ok(Security::insecure()),
+        }
+    }
+
+    /// A client of the first endpoint that answers.
+    pub(crate) async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.endpoints, &self.security()?).await?)
+    }
+
+    /// A client of one endpoint.
+    pub(crate) async fn client_of(&self, endpoint: &str) -> Result<Client> {
+        Ok(Client::connect(&[endpoint.to_string()], &self.security()?).await?)
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +129,27 @@ pub(crate) enum Cmd {
     /// Start a local cluster as separate processes, run a workload, show that every node
     /// converged, and clean up.
     Demo(demo::DemoArgs),
+    /// Make and inspect certificates: a cluster CA, node and client certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+impl Cmd {
+    /// How a client command connects; `None` for the others.
+    pub(crate) fn conn(&self) -> Option<&Conn> {
+        match self {
+            Cmd::Cluster { conn, .. }
+            | Cmd::AddLearner { conn, .. }
+            | Cmd::Promote { conn, .. }
+            | Cmd::Remove { conn, .. }
+            | Cmd::Members { conn }
+            | Cmd::Status { conn }
+            | Cmd::Map { conn, .. } => Some(conn),
+            Cmd::Agent(_) | Cmd::Demo(_) | Cmd::Certs { .. } => None,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

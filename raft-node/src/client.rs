@@ -8,7 +8,7 @@ use raftmap_storage::MapSchema;
 use tonic::transport::Channel;
 
 use crate::error::{NodeError, Result};
-use crate::network::endpoint;
+use crate::tls::{Expect, Security};
 use crate::wire::{schema_from_pb, schema_to_pb, MAX_CLIENT_MESSAGE};
 
 /// Connected to the first reachable endpoint.
@@ -19,25 +19,31 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the first endpoint that accepts a connection.
-    pub async fn connect(endpoints: &[String]) -> Result<Self> {
+    /// Connects to the first endpoint that accepts a connection, with the certificates of
+    /// `security` (any node of the cluster may answer).
+    pub async fn connect(endpoints: &[String], security: &Security) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(NodeError::BadRequest("no endpoints given".into()));
         }
         let mut errors = Vec::new();
         for addr in endpoints {
-            match endpoint(addr)?.connect().await {
+            match security.connect(addr, Expect::AnyNode).await {
                 Ok(channel) => {
                     return Ok(Self {
                         addr: addr.clone(),
                         channel,
                     })
                 }
-                Err(e) => errors.push(format!("{addr}: {}", source_chain(&e))),
+                Err(e) => errors.push(e.to_string()),
             }
         }
+        let hint = if security.is_tls() {
+            ""
+        } else {
+            " (if the cluster runs TLS, pass --tls-dir)"
+        };
         Err(NodeError::Unavailable(format!(
-            "cannot reach any endpoint ({})",
+            "cannot reach any endpoint ({}){hint}",
             errors.join("; ")
         )))
     }
@@ -178,7 +184,7 @@ fn consistency(linearizable: bool) -> i32 {
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -3,7 +3,6 @@
 use anyhow::{bail, Result};
 use raftmap_node::proto as pb;
 use raftmap_node::storage::MapSchema;
-use raftmap_node::Client;
 use serde_json::json;
 
 use crate::cli::{parse_hex, Conn, MapCmd, Output};
@@ -61,10 +60,12 @@ pub(crate) fn print_members(output: Output, r: &pb::MembersResponse) {
 pub(crate) async fn status(conn: &Conn) -> Result<()> {
     let mut rows = Vec::new();
     let mut failures = 0;
+    // A certificate that cannot be used fails every endpoint alike: say so once.
+    conn.security()?;
     for ep in &conn.endpoints {
         let res = async {
-            let c = Client::connect(std::slice::from_ref(ep)).await?;
-            c.status().await
+            let c = conn.client_of(ep).await?;
+            Ok::<_, anyhow::Error>(c.status().await?)
         }
         .await;
         match res {
@@ -85,6 +86,8 @@ pub(crate) async fn status(conn: &Conn) -> Result<()> {
                 "purged_index": s.purged_index, "ready": s.ready,
                 "not_ready_reason": (!s.not_ready_reason.is_empty()).then_some(&s.not_ready_reason),
                 "corrupt": (!s.corrupt.is_empty()).then_some(&s.corrupt),
+                "tls": s.tls.as_ref().map(|t| json!({"identity": t.identity,
+                    "expires_unix": t.expires_unix, "ca_expires_unix": t.ca_expires_unix})),
                 "watched": s.watched.iter().map(|w| json!({"map": w.map, "location": w.location,
                     "backend": w.backend, "entries": w.entries, "state": w.state,
                     "refused_changes": w.refused_changes,
@@ -111,7 +114,7 @@ pub(crate) async fn map(cmd: MapCmd, conn: &Conn) -> Result<()> {
         }
         _ => {}
     }
-    let c = Client::connect(&conn.endpoints).await?;
+    let c = conn.client().await?;
     match cmd {
         MapCmd::Declare {
             name,

@@ -62,10 +62,9 @@ async fn compare_replicas(shared: &NodeShared) {
         if id == shared.id {
             continue;
         }
-        let Ok(ch) = shared.proposer.pool.channel(&info.api_addr) else {
+        let Ok(mut admin) = shared.proposer.pool.admin(id, &info.api_addr, None) else {
             continue;
         };
-        let mut admin = pb::admin_client::AdminClient::new(ch);
         let call = admin.status(pb::StatusRequest {});
         // A node that does not answer is left out of this round.
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(2), call).await {

@@ -46,6 +46,8 @@ pub enum NodeError {
     /// Another node answered with a status that has no meaning of its own here.
     #[error("{code:?}: {message}")]
     Remote { code: tonic::Code, message: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Internal(String),
 }
@@ -79,6 +81,7 @@ impl From<NodeError> for tonic::Status {
             | NodeError::Kernel(_)
             | NodeError::Raft(_)
             | NodeError::Encode { .. }
+            | NodeError::Tls(_)
             | NodeError::Internal(_) => tonic::Status::internal(msg),
         }
     }

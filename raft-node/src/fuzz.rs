@@ -13,6 +13,7 @@ use crate::peer_check::{self, PeerContext};
 /// A peer message as each of the peer RPCs decodes it, then checked.
 pub fn peer_message(data: &[u8]) {
     let ctx = PeerContext {
+        sender: None,
         me: 2,
         retired: vec![9],
         committed: None,

@@ -7,8 +7,8 @@ use openraft::async_runtime::WatchReceiver;
 use raftmap_proto::admin_client::AdminClient;
 
 use crate::error::Result;
-use crate::network::endpoint;
 use crate::shared::NodeShared;
+use crate::tls::Expect;
 
 /// First start with `--join`: become a learner through any member, then (unless `learner`) ask
 /// to be promoted once caught up. A restarted member skips all of it.
@@ -25,7 +25,7 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
         tracing::info!("already a member; not joining again");
         return Ok(());
     }
-    let ch = endpoint(join)?.connect_lazy();
+    let ch = shared.security.channel(join, Expect::AnyNode)?;
     let mut admin = AdminClient::new(ch);
     let req = raftmap_proto::AddLearnerRequest {
         node_id: shared.id,

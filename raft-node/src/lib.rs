@@ -29,6 +29,7 @@ mod peer_check;
 mod propose;
 mod service;
 mod shared;
+pub mod tls;
 mod wire;
 
 pub use client::{put, Client};

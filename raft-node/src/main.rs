@@ -1,6 +1,7 @@
 //! `raftmap`: the daemon (`raftmap agent`), the operator CLI and the local demo.
 
 mod agent;
+mod certs;
 mod cli;
 mod commands;
 mod demo;
@@ -11,7 +12,6 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Parser;
 use raftmap_node::proto as pb;
-use raftmap_node::Client;
 use serde_json::json;
 
 // The daemon allocates a key and a value per replicated change on every hop; mimalloc's
@@ -34,15 +34,25 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // A plaintext client talking to a TLS port sees only a broken HTTP/2 connection.
+    let plaintext = cli.cmd.conn().is_some_and(|c| c.tls_dir.is_none());
     let res = rt.block_on(run(cli));
     if let Err(e) = &res {
-        eprintln!("error: {e:#}");
+        let msg = format!("{e:#}");
+        let broken = msg.contains("h2 protocol error") || msg.contains("transport error");
+        let hint = if plaintext && broken {
+            " (the endpoint may require TLS: pass --tls-dir with a client certificate)"
+        } else {
+            ""
+        };
+        eprintln!("error: {msg}{hint}");
     }
     // Tasks still running hold the database: stop them (which closes it) before the process
     // exits, or RocksDB closes during exit, after its static state is gone, and aborts.
     rt.shutdown_timeout(Duration::from_secs(5));
-    if res.is_err() {
-        std::process::exit(1);
+    if let Err(e) = res {
+        // A configuration refused before anything started is a usage error.
+        std::process::exit(if e.is::<agent::Refused>() { 2 } else { 1 });
     }
 }
 
@@ -63,11 +73,12 @@ async fn run(cli: Cli) -> Result<()> {
             agent::agent(*a).await
         }
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Certs { cmd } => certs::run(cmd),
         Cmd::Cluster {
             cmd: ClusterCmd::Init,
             conn,
         } => {
-            let c = Client::connect(&conn.endpoints).await?;
+            let c = conn.client().await?;
             let r = c
                 .admin()
                 .init(pb::InitRequest {})
@@ -92,7 +103,7 @@ async fn run(cli: Cli) -> Result<()> {
             api_addr,
             conn,
         } => {
-            let c = Client::connect(&conn.endpoints).await?;
+            let c = conn.client().await?;
             let r = c
                 .admin()
                 .add_learner(pb::AddLearnerRequest {
@@ -112,7 +123,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_lag,
             conn,
         } => {
-            let c = Client::connect(&conn.endpoints).await?;
+            let c = conn.client().await?;
             let r = c
                 .admin()
                 .promote(pb::PromoteRequest { node_id, max_lag })
@@ -127,7 +138,7 @@ async fn run(cli: Cli) -> Result<()> {
             force,
             conn,
         } => {
-            let c = Client::connect(&conn.endpoints).await?;
+            let c = conn.client().await?;
             let r = c
                 .admin()
                 .remove(pb::RemoveRequest { node_id, force })
@@ -138,7 +149,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Members { conn } => {
-            let c = Client::connect(&conn.endpoints).await?;
+            let c = conn.client().await?;
             print_members(conn.output, &c.members().await?);
             Ok(())
         }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -22,6 +23,11 @@ pub struct Metrics {
     pub forwarded_proposals: Counter,
     pub rejected_batches: Counter,
     pub refused_peer_messages: Counter,
+    pub refused_calls: Counter,
+    pub cert_reloads: Counter,
+    /// Seconds until the certificate (`cert="tls"`) and the first trusted CA (`cert="ca"`)
+    /// expire.
+    pub cert_expiry: Family<Vec<(String, String)>, Gauge>,
     pub corrupt: Gauge,
     pub batch_ops: Histogram,
     pub commit_latency: Histogram,
@@ -42,6 +48,9 @@ impl Metrics {
             forwarded_proposals: Counter::default(),
             rejected_batches: Counter::default(),
             refused_peer_messages: Counter::default(),
+            refused_calls: Counter::default(),
+            cert_reloads: Counter::default(),
+            cert_expiry: Family::default(),
             corrupt: Gauge::default(),
             batch_ops: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             commit_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 18)),
@@ -92,6 +101,21 @@ impl Metrics {
             "refused_peer_messages",
             "Peer messages refused before they reached Raft (malformed, impossible, oversized)",
             m.refused_peer_messages.clone(),
+        );
+        registry.register(
+            "refused_calls",
+            "Calls refused by authentication or authorization (no or invalid certificate, missing role, non-member peer, wrong cluster or node id)",
+            m.refused_calls.clone(),
+        );
+        registry.register(
+            "cert_reloads",
+            "Times new certificate files were loaded (a rotation)",
+            m.cert_reloads.clone(),
+        );
+        registry.register(
+            "cert_expiry_seconds",
+            "Seconds until this node's certificate (cert=\"tls\") and the first CA it trusts (cert=\"ca\") expire",
+            m.cert_expiry.clone(),
         );
         registry.register(
             "corrupt",

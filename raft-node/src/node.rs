@@ -21,10 +21,11 @@ use crate::identity;
 use crate::join::join_cluster;
 use crate::kernel::{KernelSync, WatchSpec};
 use crate::metrics::Metrics;
-use crate::network::{Network, PeerPool, MAX_PEER_MESSAGE};
+use crate::network::{ClusterId, Network, PeerPool, MAX_PEER_MESSAGE};
 use crate::propose::{BatchConfig, Batcher, Proposer};
-use crate::service::{AdminService, KvService, PeerService};
+use crate::service::{AdminService, AuthzLayer, KvService, PeerService, Port};
 use crate::shared::NodeShared;
+use crate::tls::{Principal, Security};
 use crate::wire::MAX_CLIENT_MESSAGE;
 
 /// Everything needed to start a node. Fields mirror `raftmap agent`'s flags and its `--config`
@@ -68,6 +69,11 @@ pub struct NodeConfig {
     /// UNSAFE, for testing the fault-injection harness: serve linearizable reads from the local
     /// state without read-index.
     pub unsafe_local_reads: bool,
+    /// Identity directory (`ca.crt`, `tls.crt`, `tls.key`): mutual TLS on the peer and API
+    /// ports, reloaded when the files change.
+    pub tls_dir: Option<PathBuf>,
+    /// Listen without TLS on addresses other than loopback.
+    pub insecure: bool,
     #[serde(skip)]
     pub batch: BatchConfig,
 }
@@ -94,9 +100,46 @@ impl Default for NodeConfig {
             consistency_check_ms: 10_000,
             disk_check_ms: 600_000,
             unsafe_local_reads: false,
+            tls_dir: None,
+            insecure: false,
             batch: BatchConfig::default(),
         }
     }
+}
+
+impl NodeConfig {
+    /// Why this configuration would expose a node without TLS: it listens beyond loopback with
+    /// no `tls_dir`, and `insecure` was not asked for.
+    pub fn insecure_exposure(&self) -> Option<String> {
+        if self.tls_dir.is_some() || self.insecure {
+            return None;
+        }
+        let exposed = [("raft", &self.raft_addr), ("api", &self.api_addr)]
+            .into_iter()
+            .find(|(_, a)| !is_loopback(a))?;
+        Some(format!(
+            "refusing to serve the {} address {} without TLS: pass --tls-dir (certificates from `raftmap certs`), or --insecure to accept that anyone who reaches it can write every node's maps",
+            exposed.0, exposed.1
+        ))
+    }
+
+    /// The node's certificates: from `tls_dir`, or none.
+    fn security(&self) -> Result<Security> {
+        match &self.tls_dir {
+            Some(dir) => Ok(Security::from_dir(dir)?),
+            None => Ok(Security::insecure()),
+        }
+    }
+}
+
+/// Whether `addr` (`host:port`) is on loopback; a name other than `localhost` is not.
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
@@ -111,8 +154,27 @@ pub struct RunningNode {
 impl RunningNode {
     /// Opens the data dir, starts Raft and every server, and (with `join`) joins the cluster.
     pub async fn start(cfg: NodeConfig) -> Result<Self> {
-        let (ident, fresh) = identity::load_or_create(&cfg.data_dir, cfg.node_id)?;
+        let security = cfg.security()?;
+        let cert = security.identity();
+        // A node certificate names the node: it gives a new data dir its id.
+        let cert_id = cert.as_ref().and_then(Principal::node_id);
+        if security.is_tls() && cert_id.is_none() {
+            return Err(NodeError::BadRequest(format!(
+                "{} holds no node certificate ({}); a node needs one (`raftmap certs node`)",
+                cfg.tls_dir
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display(),
+                cert.map_or_else(|| "only a CA".to_string(), |c| c.to_string())
+            )));
+        }
+        let (ident, fresh) = identity::load_or_create(&cfg.data_dir, cfg.node_id.or(cert_id))?;
         let id = ident.node_id;
+        if let Some(c) = cert_id.filter(|c| *c != id) {
+            return Err(NodeError::BadRequest(format!(
+                "the certificate is node {c}'s, this data dir is node {id}'s: give this node its own certificate"
+            )));
+        }
         let kernel = KernelSync::new(id, &cfg.watch, &cfg.data_dir)?;
         let hook: Option<Arc<dyn raftmap_storage::ApplyHook>> =
             (!cfg.watch.is_empty()).then(|| kernel.clone() as Arc<dyn raftmap_storage::ApplyHook>);
@@ -128,6 +190,14 @@ impl RunningNode {
             ident.persist(&cfg.data_dir)?;
         }
         kernel.set_base(&view)?;
+        if let (Some(ours), Some(cert)) = (view.cluster().cluster_id, &cert) {
+            if ours != cert.cluster {
+                return Err(NodeError::BadRequest(format!(
+                    "this data dir belongs to cluster {ours}, the certificate is for cluster {}",
+                    cert.cluster
+                )));
+            }
+        }
         let info = NodeInfo {
             raft_addr: cfg.raft_addr.clone(),
             api_addr: cfg.api_addr.clone(),
@@ -164,7 +234,11 @@ impl RunningNode {
             _ => None,
         };
 
-        let pool = PeerPool::default();
+        let cluster: ClusterId = {
+            let (view, security) = (view.clone(), security.clone());
+            Arc::new(move || crate::shared::cluster_id(&view, &security))
+        };
+        let pool = PeerPool::new(security.clone(), id, cluster);
         let network = Network { pool: pool.clone() };
         let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm).await?;
         let metrics = Metrics::new(|r| kernel.metrics.register(r));
@@ -202,6 +276,7 @@ impl RunningNode {
             confirmed: std::sync::Mutex::new(Default::default()),
             unknown: std::sync::Mutex::new(BTreeMap::new()),
             unsafe_local_reads: cfg.unsafe_local_reads,
+            security: security.clone(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -210,9 +285,13 @@ impl RunningNode {
         let peer = PeerServer::new(PeerService::new(shared.clone()))
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE);
+        let authz = |port| AuthzLayer {
+            shared: shared.clone(),
+            port,
+        };
         tasks.push(serve(
-            server_builder().add_service(peer),
-            raft_listener,
+            server_builder().layer(authz(Port::Peer)).add_service(peer),
+            crate::tls::incoming(raft_listener, security.clone()),
             shutdown_rx.clone(),
         ));
         let kv = KvServer::new(KvService::new(shared.clone()))
@@ -220,10 +299,14 @@ impl RunningNode {
             .max_encoding_message_size(MAX_CLIENT_MESSAGE);
         let admin = AdminServer::new(AdminService::new(shared.clone()));
         tasks.push(serve(
-            server_builder().add_service(kv).add_service(admin),
-            api_listener,
+            server_builder()
+                .layer(authz(Port::Api))
+                .add_service(kv)
+                .add_service(admin),
+            crate::tls::incoming(api_listener, security.clone()),
             shutdown_rx.clone(),
         ));
+
         if let Some(l) = metrics_listener {
             tasks.push(tokio::spawn(crate::http::serve(
                 shared.clone(),
@@ -232,6 +315,9 @@ impl RunningNode {
             )));
         }
         tasks.push(tokio::spawn(update_metrics(shared.clone())));
+        if security.is_tls() {
+            tasks.push(tokio::spawn(reload_certs(shared.clone())));
+        }
         tasks.push(tokio::spawn(crate::consistency::run(
             shared.clone(),
             Duration::from_millis(cfg.consistency_check_ms.max(100)),
@@ -300,21 +386,27 @@ fn server_builder() -> tonic::transport::Server {
         .http2_max_pending_accept_reset_streams(Some(MAX_STREAMS_PER_CONNECTION as usize))
 }
 
-fn serve(
-    router: tonic::transport::server::Router,
-    listener: TcpListener,
+/// How often the certificate files are looked at for a change.
+const CERT_RELOAD: Duration = Duration::from_secs(1);
+
+fn serve<L>(
+    router: tonic::transport::server::Router<L>,
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<crate::tls::Conn>>,
     mut shutdown: watch::Receiver<bool>,
-) -> JoinHandle<()> {
+) -> JoinHandle<()>
+where
+    L: tower::Layer<tonic::service::Routes> + Send + 'static,
+    L::Service: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
     tokio::spawn(async move {
-        use tokio_stream::StreamExt;
-        // Small request/response messages: without TCP_NODELAY, Nagle's algorithm and delayed
-        // acknowledgements add tens of milliseconds to some of them.
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-            if let Ok(s) = &s {
-                let _ = s.set_nodelay(true);
-            }
-            s
-        });
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
@@ -322,6 +414,30 @@ fn serve(
             tracing::error!(error = %e, "gRPC server stopped");
         }
     })
+}
+
+/// Reloads the certificates when their files change (a rotated Secret) and keeps their
+/// metrics current.
+async fn reload_certs(shared: Arc<NodeShared>) {
+    let mut last_error = String::new();
+    loop {
+        if shared.security.reload_logged(&mut last_error) {
+            shared.metrics.cert_reloads.inc();
+        }
+        if let Some((cert, ca)) = shared.security.expiry() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            for (which, at) in [("tls", cert), ("ca", ca)] {
+                shared
+                    .metrics
+                    .cert_expiry
+                    .get_or_create(&vec![("cert".to_string(), which.to_string())])
+                    .set(at.saturating_sub(now));
+            }
+        }
+        tokio::time::sleep(CERT_RELOAD).await;
+    }
 }
 
 async fn update_metrics(shared: Arc<NodeShared>) {

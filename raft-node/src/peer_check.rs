@@ -4,9 +4,9 @@
 //! whose last log id is newer than the vote that sends it, entries out of order) trips an
 //! assertion inside its core and stops it. Every peer message is checked here first, and one
 //! that fails is refused with INVALID_ARGUMENT naming the problem; nothing reaches the log or
-//! the state machine. Without authentication a peer's claimed identity cannot be proven (that
-//! comes with mutual TLS); what is checked is that it is possible: not this node, and not a
-//! node id that was removed and retired.
+//! the state machine. The sender a message names must be the node the call is from (its
+//! headers, proven by its certificate with TLS: `service/authz.rs`), not this node, and not
+//! a node id that was removed and retired.
 
 use raftmap_storage::{Entry, LogId, NodeId, SnapshotMeta, Vote};
 
@@ -14,6 +14,8 @@ use raftmap_storage::{Entry, LogId, NodeId, SnapshotMeta, Vote};
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PeerContext {
     pub(crate) me: NodeId,
+    /// The node the call came from, as its headers (and with TLS its certificate) say.
+    pub(crate) sender: Option<NodeId>,
     /// Node ids removed from the cluster; they never speak again.
     pub(crate) retired: Vec<NodeId>,
     /// The last log id this node knows is committed.
@@ -24,6 +26,11 @@ pub(crate) struct PeerContext {
 pub(crate) type Refusal = String;
 
 fn check_sender(ctx: &PeerContext, what: &str, id: NodeId) -> Result<(), Refusal> {
+    if let Some(sender) = ctx.sender.filter(|s| *s != id) {
+        return Err(format!(
+            "{what} claims to come from node {id}, the call is node {sender}'s"
+        ));
+    }
     if id == ctx.me {
         return Err(format!(
             "{what} claims to come from node {id}, which is this node"
@@ -157,9 +164,25 @@ mod tests {
     fn ctx() -> PeerContext {
         PeerContext {
             me: 2,
+            sender: None,
             retired: vec![9],
             committed: Some(log_id(3, 1, 100)),
         }
+    }
+
+    #[test]
+    fn a_message_must_name_the_node_the_call_comes_from() {
+        let from_3 = PeerContext {
+            sender: Some(3),
+            ..ctx()
+        };
+        let vote = Vote::new(4, 1);
+        let e = check_vote(&from_3, &vote, None).unwrap_err();
+        assert!(
+            e.contains("claims to come from node 1, the call is node 3's"),
+            "{e}"
+        );
+        assert!(check_vote(&from_3, &Vote::new(4, 3), None).is_ok());
     }
 
     fn meta(last: LogId) -> SnapshotMeta {

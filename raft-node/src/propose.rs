@@ -122,7 +122,7 @@ impl Proposer {
     ) -> Result<std::result::Result<(u64, ApplyResult), ProposeError>> {
         let addr = self.node_addr(leader)?;
         let data = encode(proposal)?;
-        let mut client = self.pool.peer(&addr)?;
+        let mut client = self.pool.peer(leader, &addr)?;
         let resp = client
             .propose(raftmap_proto::RaftPayload { data })
             .await

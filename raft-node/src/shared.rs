@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{LinearizableReadError, RaftError};
-use raftmap_proto::admin_client::AdminClient;
 use raftmap_storage::{LogStore, NodeId, NodeInfo, Raft, StateView};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use crate::error::{NodeError, Result};
 use crate::kernel::KernelSync;
@@ -52,6 +50,8 @@ pub struct NodeShared {
     /// Senders no member listed, and when they were last asked about.
     pub(crate) unknown: std::sync::Mutex<BTreeMap<NodeId, Instant>>,
     pub(crate) unsafe_local_reads: bool,
+    /// This node's certificates (or none: `--insecure`, loopback).
+    pub(crate) security: crate::tls::Security,
 }
 
 impl std::fmt::Debug for NodeShared {
@@ -105,8 +105,12 @@ impl NodeShared {
         }
     }
 
-    /// Admin client for the leader's API, or `None` when this node leads.
-    pub(crate) async fn leader_admin(&self) -> Result<Option<AdminClient<Channel>>> {
+    /// Admin client for the leader's API, or `None` when this node leads. The call is
+    /// forwarded for the caller `req` was granted to.
+    pub(crate) async fn leader_admin<T>(
+        &self,
+        req: &tonic::Request<T>,
+    ) -> Result<Option<crate::network::AdminRpc>> {
         let leader = self
             .proposer
             .wait_for_leader(Instant::now() + Duration::from_secs(5))
@@ -115,8 +119,13 @@ impl NodeShared {
             return Ok(None);
         }
         let node = self.proposer.member(leader)?;
-        let ch = self.proposer.pool.channel(&node.api_addr)?;
-        Ok(Some(AdminClient::new(ch)))
+        let granted = req.extensions().get::<crate::service::Granted>();
+        let caller = granted.and_then(crate::service::Granted::principal);
+        Ok(Some(self.proposer.pool.admin(
+            leader,
+            &node.api_addr,
+            caller,
+        )?))
     }
 
     /// Waits until this node has applied everything committed before the call (read-index).
@@ -143,7 +152,7 @@ impl NodeShared {
                 match self
                     .proposer
                     .pool
-                    .peer(&addr)?
+                    .peer(leader, &addr)?
                     .read_index(raftmap_proto::ReadIndexRequest {})
                     .await
                 {
@@ -179,8 +188,10 @@ impl NodeShared {
         }
     }
 
+    /// The cluster's id: as initialised, or (before this node knows it) the one its
+    /// certificate names.
     pub(crate) fn cluster_id(&self) -> String {
-        self.view.cluster().cluster_id.unwrap_or_default()
+        cluster_id(&self.view, &self.security)
     }
 
     pub(crate) fn confirmed_peers(&self, id: NodeId) -> bool {
@@ -210,9 +221,10 @@ impl NodeShared {
     }
 
     /// What the checks of peer messages need to know about this node.
-    pub(crate) fn peer_context(&self) -> crate::peer_check::PeerContext {
+    pub(crate) fn peer_context(&self, sender: Option<NodeId>) -> crate::peer_check::PeerContext {
         crate::peer_check::PeerContext {
             me: self.id,
+            sender,
             retired: self.view.cluster().retired,
             committed: self.raft.metrics().borrow_watched().local_committed,
         }
@@ -229,4 +241,12 @@ pub(crate) fn members(raft: &Raft) -> (BTreeMap<NodeId, (NodeInfo, bool)>, Optio
         .map(|(id, n)| (*id, (n.clone(), voters.contains(id))))
         .collect();
     (nodes, m.current_leader)
+}
+
+/// The cluster's id as `view` knows it, or else as the certificate of `security` names it.
+pub(crate) fn cluster_id(view: &StateView, security: &crate::tls::Security) -> String {
+    view.cluster()
+        .cluster_id
+        .or_else(|| security.identity().map(|p| p.cluster))
+        .unwrap_or_default()
 }

@@ -53,6 +53,29 @@ pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, Str
             s.push_str(&format!("node {} CORRUPT: {}\n", st.node_id, st.corrupt));
         }
     }
+    let answered: Vec<&pb::StatusResponse> =
+        rows.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
+    if !answered.is_empty() {
+        s.push_str(&format!(
+            "\n{:<5} {:<40} {:<22} {}\n",
+            "NODE", "TLS IDENTITY", "CERT EXPIRES", "CA EXPIRES"
+        ));
+        for st in answered {
+            match &st.tls {
+                Some(t) => s.push_str(&format!(
+                    "{:<5} {:<40} {:<22} {}\n",
+                    st.node_id,
+                    t.identity,
+                    expiry(t.expires_unix),
+                    expiry(t.ca_expires_unix)
+                )),
+                None => s.push_str(&format!(
+                    "{:<5} none: plaintext, unauthenticated (--insecure or loopback)\n",
+                    st.node_id
+                )),
+            }
+        }
+    }
     let watched: Vec<(u64, &pb::WatchedMap)> = rows
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok())
@@ -77,4 +100,20 @@ pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, Str
         }
     }
     s.trim_end().to_string()
+}
+
+/// An expiry time as a date and the days left.
+fn expiry(unix: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let date = time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| t.date().to_string())
+        .unwrap_or_else(|_| unix.to_string());
+    let days = (unix - now) / 86_400;
+    if unix < now {
+        format!("{date} (EXPIRED)")
+    } else {
+        format!("{date} ({days}d)")
+    }
 }

@@ -22,6 +22,7 @@ fn opts(extra: &[&str]) -> ClusterOptions {
             agent_args: extra.iter().map(|s| s.to_string()).collect(),
             log_filter: "info,openraft=warn".into(),
             node_args: Default::default(),
+            tls: true,
         },
         netns: false,
     }
@@ -518,7 +519,9 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
         .unwrap();
 
     // Unreachable endpoint.
-    let e = Client::connect(&[free_addr()]).await.unwrap_err();
+    let e = Client::connect(&[free_addr()], &raftmap_node::tls::Security::insecure())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("cannot reach any endpoint"), "{e}");
 
     // Nothing above changed the data.

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use openraft::impls::leader_id_adv::LeaderId;
+mod common;
+
 use raftmap_jepsen::cluster::{http_get, ClusterOptions, LocalCluster};
 use raftmap_node::proto as pb;
 use raftmap_node::put;
@@ -87,20 +89,9 @@ fn log_id(term: u64, node: u64, index: u64) -> LogId {
     )
 }
 
-async fn peer(c: &LocalCluster, id: u64) -> pb::peer_client::PeerClient<tonic::transport::Channel> {
-    let ch = raftmap_node::endpoint(&c.node(id).unwrap().raft_addr)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    pb::peer_client::PeerClient::new(ch)
-        .max_encoding_message_size(64 << 20)
-        .max_decoding_message_size(64 << 20)
-}
-
 /// Sends a snapshot stream: the header, then `chunks` messages of `chunk` bytes, `pause` apart.
 async fn send_snapshot(
-    client: &mut pb::peer_client::PeerClient<tonic::transport::Channel>,
+    client: &mut common::Peer,
     header: &SnapshotHeader,
     chunks: usize,
     chunk: usize,
@@ -139,15 +130,17 @@ async fn forged_peer_messages_are_refused_and_change_nothing() {
     let term = before[0].0;
     let leader = before[0].1;
     let target = [1, 2, 3].into_iter().find(|&n| n != leader).unwrap();
-    let mut p = peer(&c, target).await;
+    // What a member could send if it were broken or compromised: its certificate is valid,
+    // the messages are not.
+    let mut p = common::peer_as(&c, target, leader).await;
     let rss_before = peak_rss_kb(&c, target);
 
-    // An InstallSnapshot header with vote term T+1 and last log id term T+5, from a node that
-    // is not a member: openraft would stop on an assertion.
+    // An InstallSnapshot header with vote term T+1 and last log id term T+5: openraft would
+    // stop on an assertion.
     let forged = SnapshotHeader {
-        vote: Vote::new_committed(term + 1, 99),
+        vote: Vote::new_committed(term + 1, leader),
         meta: SnapshotMeta {
-            last_log_id: Some(log_id(term + 5, 99, 1_000_000)),
+            last_log_id: Some(log_id(term + 5, leader, 1_000_000)),
             last_membership: StoredMembership::default(),
         },
     };
@@ -157,7 +150,7 @@ async fn forged_peer_messages_are_refused_and_change_nothing() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.message().contains("newer than the sender's vote"), "{e}");
 
-    // The same shape of header from "node 99" with a consistent vote: not a member.
+    // The same shape of header naming "node 99" with a consistent vote: not the sender.
     let stranger = SnapshotHeader {
         vote: Vote::new_committed(term + 1, 99),
         meta: SnapshotMeta {
@@ -168,7 +161,12 @@ async fn forged_peer_messages_are_refused_and_change_nothing() {
     let e = send_snapshot(&mut p, &stranger, 1, 1024, Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(e.message().contains("node 99 is not a member"), "{e}");
+    assert!(
+        e.message().contains(&format!(
+            "claims to come from node 99, the call is node {leader}'s"
+        )),
+        "{e}"
+    );
 
     // An AppendEntries with a higher vote and one put, from the same stranger.
     let append = openraft::raft::AppendEntriesRequest::<raftmap_node::storage::TypeConfig> {
@@ -619,6 +617,7 @@ async fn a_map_is_dropped_only_when_no_node_watches_it() {
                 "--endpoints",
                 &c.node(1).unwrap().api_addr,
             ])
+            .env("RAFTMAP_TLS_DIR", c.security().dir().unwrap())
             .output()
             .unwrap()
     };

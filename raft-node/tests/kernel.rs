@@ -82,6 +82,7 @@ fn opts(node_args: BTreeMap<u64, Vec<String>>) -> ClusterOptions {
             agent_args: vec![],
             log_filter: "info,openraft=warn".into(),
             node_args,
+            tls: true,
         },
         netns: false,
     }
@@ -759,9 +760,12 @@ async fn maps_that_cannot_be_synced_make_readyz_fail_with_their_reasons() {
     // The CLI shows the per-map states too.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_raftmap"))
         .args(["status", "--endpoints", &c.node(1).unwrap().api_addr])
+        .env("RAFTMAP_TLS_DIR", c.security().dir().unwrap())
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
+    // And the certificate each node serves with.
+    assert!(table.contains("spiffe://raftmap/local/node/1"), "{table}");
     for map in ["ct", "odd", "pcpu", "gone"] {
         assert!(table.contains(map), "{table}");
     }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use raftmap_ebpf_hooks::{KernelMap, MapKind, UpdateFlags};
 use raftmap_node::proto as pb;
+use raftmap_node::tls::{Expect, Security};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -54,6 +55,7 @@ pub struct KernelMaps {
 /// The watch streams of the nodes that joined during the run.
 #[derive(Debug)]
 struct Joiners {
+    security: Security,
     stop: Arc<AtomicBool>,
     rec: Arc<Recorder>,
     streams: Vec<tokio::task::JoinHandle<Stream>>,
@@ -82,8 +84,9 @@ impl KernelMaps {
     }
 
     /// From now on, a node that joins gets a watch stream (until `stop`).
-    pub fn follow_joiners(&self, stop: Arc<AtomicBool>, rec: Arc<Recorder>) {
+    pub fn follow_joiners(&self, security: Security, stop: Arc<AtomicBool>, rec: Arc<Recorder>) {
         *lock(&self.joiners) = Some(Joiners {
+            security,
             stop,
             rec,
             streams: Vec::new(),
@@ -134,6 +137,7 @@ impl NodeSetup for KernelMaps {
         if let Some(j) = lock(&self.joiners).as_mut() {
             let (ready, _) = tokio::sync::oneshot::channel();
             j.streams.push(tokio::spawn(observer(
+                j.security.clone(),
                 id,
                 api.to_string(),
                 true,
@@ -246,6 +250,7 @@ pub struct Stream {
 /// the node joined during the run; its stream starts after what it holds when first reached
 /// (the other streams recorded how that came about).
 pub async fn observer(
+    security: Security,
     node: NodeId,
     addr: String,
     from_now: bool,
@@ -262,7 +267,7 @@ pub async fn observer(
     // After a restart from the current contents: skip that dump (the first index received).
     let mut skip_first = from_now;
     while !stop.load(Ordering::SeqCst) {
-        let Ok(ch) = raftmap_node::endpoint(&addr).map(|e| e.connect_lazy()) else {
+        let Ok(ch) = security.channel(&addr, Expect::AnyNode) else {
             break;
         };
         let mut kv = pb::kv_client::KvClient::new(ch);

@@ -81,6 +81,8 @@ pub struct FaultWindow {
 #[derive(Debug, Default)]
 pub struct Members {
     api: Mutex<BTreeMap<NodeId, String>>,
+    /// What clients connect with: the cluster's admin certificate, or plaintext.
+    pub security: raftmap_node::tls::Security,
 }
 
 impl Members {
@@ -92,6 +94,7 @@ impl Members {
             .collect();
         Self {
             api: Mutex::new(api),
+            security: cluster.security(),
         }
     }
 

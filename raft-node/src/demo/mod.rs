@@ -32,6 +32,10 @@ pub struct DemoArgs {
     /// Replicate through the API only, even where BPF is available.
     #[arg(long)]
     no_bpf: bool,
+    /// Plaintext, unauthenticated ports instead of mutual TLS with certificates made for the
+    /// demo.
+    #[arg(long)]
+    insecure: bool,
 }
 
 pub(super) const MAP: &str = "conntrack";
@@ -83,6 +87,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .as_ref()
             .map(KernelDemo::agent_args)
             .unwrap_or_default(),
+        tls: !args.insecure,
         ..LaunchOptions::new(bin)
     };
     let work = async {
@@ -91,6 +96,13 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             .bootstrap(args.voters, args.learners, Duration::from_secs(60))
             .await?;
         println!("data dirs and logs under {}", cluster.dir().display());
+        match cluster.tls_dir(1) {
+            Some(_) => println!(
+                "mutual TLS on every port: CA, node and client certificates under {}/pki",
+                cluster.dir().display()
+            ),
+            None => println!("--insecure: plaintext, unauthenticated ports"),
+        }
         match kernel.as_mut() {
             Some(k) => kernel_workload(&mut cluster, k, &args).await?,
             None => workload(&mut cluster, &args).await?,
@@ -100,8 +112,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
                 "cluster keeps running; endpoints: {}",
                 cluster.endpoints().join(",")
             );
+            let tls = match cluster.pki() {
+                Some(_) => format!(" --tls-dir {}/pki/admin", cluster.dir().display()),
+                None => String::new(),
+            };
             println!(
-                "try: raftmap status --endpoints {}",
+                "try: raftmap status --endpoints {}{tls}",
                 cluster.endpoints().join(",")
             );
             println!("press Ctrl-C to stop and clean up");

@@ -16,6 +16,8 @@ use std::time::Duration;
 use raftmap_storage::NodeId;
 
 use crate::error::NodeError;
+use crate::tls::issue::{self, Validity};
+use crate::tls::{Principal, Role, Security, CA_FILE};
 
 /// What can go wrong running local nodes.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,9 @@ pub struct LaunchOptions {
     pub log_filter: String,
     /// Extra `raftmap agent` arguments for particular nodes.
     pub node_args: BTreeMap<NodeId, Vec<String>>,
+    /// Mutual TLS (the default): the launcher makes a CA, a certificate for every node and
+    /// an `admin` client certificate for its own clients. Off: every node runs `--insecure`.
+    pub tls: bool,
 }
 
 impl LaunchOptions {
@@ -112,6 +117,7 @@ impl LaunchOptions {
             agent_args: Vec::new(),
             log_filter: "info,openraft=warn".into(),
             node_args: BTreeMap::new(),
+            tls: true,
         }
     }
 }
@@ -168,6 +174,61 @@ fn free_port() -> Result<String> {
     Err(LaunchError::NoPort)
 }
 
+/// The certificates of a launched cluster: its CA and identity directories made from it.
+#[derive(Debug)]
+pub struct Pki {
+    dir: PathBuf,
+    cluster: String,
+    admin: Security,
+}
+
+impl Pki {
+    /// The cluster id every certificate names.
+    pub const CLUSTER: &'static str = "local";
+
+    fn new(dir: PathBuf) -> Result<Self> {
+        let ca = issue::new_ca(Self::CLUSTER, Validity::days(30)).map_err(NodeError::from)?;
+        let ca_dir = dir.join("ca");
+        issue::write_file(&ca_dir.join(issue::CA_KEY_FILE), &ca.key_pem, true, false)
+            .map_err(NodeError::from)?;
+        issue::write_file(&ca_dir.join(CA_FILE), &ca.cert_pem, false, false)
+            .map_err(NodeError::from)?;
+        let mut pki = Self {
+            dir,
+            cluster: Self::CLUSTER.into(),
+            admin: Security::insecure(),
+        };
+        let admin = pki.issue(
+            "admin",
+            &Principal::client(Self::CLUSTER, Role::Admin, "launcher"),
+            Validity::days(30),
+        )?;
+        pki.admin = Security::from_dir(admin).map_err(NodeError::from)?;
+        Ok(pki)
+    }
+
+    /// The CA's directory (`ca.crt`, `ca.key`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// Issues a certificate for `who` into the identity directory `name` (replacing what it
+    /// held) and returns the directory.
+    pub fn issue(&self, name: &str, who: &Principal, validity: Validity) -> Result<PathBuf> {
+        let out = self.dir.join(name);
+        let cert =
+            issue::issue(&self.ca_dir(), who, validity, &[], &[]).map_err(NodeError::from)?;
+        let trust = std::fs::read_to_string(self.ca_dir().join(CA_FILE))
+            .map_err(io("reading the launcher's CA"))?;
+        issue::write_identity(&out, &trust, &cert, true).map_err(NodeError::from)?;
+        Ok(out)
+    }
+}
+
 /// Agent processes under one temporary directory.
 #[derive(Debug)]
 pub struct Launcher {
@@ -175,6 +236,7 @@ pub struct Launcher {
     dir: tempfile::TempDir,
     nodes: BTreeMap<NodeId, LocalNode>,
     placement: Box<dyn Placement>,
+    pki: Option<Pki>,
 }
 
 impl Launcher {
@@ -188,12 +250,34 @@ impl Launcher {
             .prefix("raftmap-cluster-")
             .tempdir()
             .map_err(io("temp dir"))?;
+        let pki = match opts.tls {
+            true => Some(Pki::new(dir.path().join("pki"))?),
+            false => None,
+        };
         Ok(Self {
             opts,
             dir,
             nodes: BTreeMap::new(),
             placement,
+            pki,
         })
+    }
+
+    /// The cluster's certificates, with TLS.
+    pub fn pki(&self) -> Option<&Pki> {
+        self.pki.as_ref()
+    }
+
+    /// What the launcher's own clients connect with: its `admin` certificate, or plaintext.
+    pub fn security(&self) -> Security {
+        self.pki
+            .as_ref()
+            .map_or_else(Security::insecure, |p| p.admin.clone())
+    }
+
+    /// Node `id`'s identity directory, with TLS.
+    pub fn tls_dir(&self, id: NodeId) -> Option<PathBuf> {
+        self.pki.as_ref().map(|p| p.dir.join(format!("node-{id}")))
     }
 
     /// Extra agent arguments for node `id` from its next start on (a node added later).
@@ -251,6 +335,13 @@ impl Launcher {
             child: None,
         };
         self.nodes.insert(id, node);
+        if let Some(pki) = &self.pki {
+            pki.issue(
+                &format!("node-{id}"),
+                &Principal::node(pki.cluster(), id),
+                Validity::days(30),
+            )?;
+        }
         let mut extra = Vec::new();
         if let Some(a) = join_addr {
             extra.push("--join".to_string());
@@ -269,6 +360,10 @@ impl Launcher {
 
     fn start_process(&mut self, id: NodeId, extra: &[String]) -> Result<()> {
         let opts = self.opts.clone();
+        let security: Vec<String> = match self.tls_dir(id) {
+            Some(d) => vec!["--tls-dir".into(), d.display().to_string()],
+            None => vec!["--insecure".into()],
+        };
         let node = self.node_mut(id)?;
         let log_path = node.log_path.display().to_string();
         let log = File::options()
@@ -297,6 +392,7 @@ impl Launcher {
             .args(["--metrics-addr", &node.metrics_addr])
             .arg("--data-dir")
             .arg(&node.data_dir)
+            .args(&security)
             .args(extra)
             .args(&opts.agent_args)
             .args(opts.node_args.get(&id).into_iter().flatten())

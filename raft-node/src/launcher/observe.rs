@@ -13,7 +13,8 @@ use crate::error::NodeError;
 impl Launcher {
     /// Client connected to node `id`.
     pub async fn client(&self, id: NodeId) -> Result<Client> {
-        Ok(Client::connect(&[self.node(id)?.api_addr.clone()]).await?)
+        let addr = self.node(id)?.api_addr.clone();
+        Ok(Client::connect(&[addr], &self.security()).await?)
     }
 
     /// The node among `ids` whose own status says it leads, asking each for at most 500 ms

@@ -12,7 +12,7 @@ use raftmap_storage::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{GrpcResult, DEFAULT_MAX_LAG, MIN_VOTERS};
+use super::{check_self, GrpcResult, DEFAULT_MAX_LAG, MIN_VOTERS};
 use crate::error::NodeError;
 use crate::shared::{members, NodeShared};
 
@@ -83,7 +83,11 @@ impl pb::admin_server::Admin for AdminService {
             .initialize(nodes)
             .await
             .map_err(|e| Status::failed_precondition(format!("init refused: {e}")))?;
-        let cluster_id = format!("{:016x}", rand::random::<u64>());
+        // With TLS the cluster is the one its certificates were made for.
+        let cluster_id = s
+            .security
+            .identity()
+            .map_or_else(|| format!("{:016x}", rand::random::<u64>()), |p| p.cluster);
         s.proposer
             .propose(Proposal {
                 batches: vec![],
@@ -104,7 +108,8 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::AddLearnerRequest>,
     ) -> GrpcResult<pb::MembersResponse> {
         let s = &self.shared;
-        if let Some(mut leader) = s.leader_admin().await? {
+        check_self(req.extensions().get(), req.get_ref().node_id)?;
+        if let Some(mut leader) = s.leader_admin(&req).await? {
             return leader.add_learner(req).await;
         }
         let r = req.into_inner();
@@ -149,7 +154,7 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn drop_map(&self, req: Request<pb::DropMapRequest>) -> GrpcResult<pb::DropMapResponse> {
         let s = &self.shared;
-        if let Some(mut leader) = s.leader_admin().await? {
+        if let Some(mut leader) = s.leader_admin(&req).await? {
             return leader.drop_map(req).await;
         }
         let map = req.into_inner().map;
@@ -173,8 +178,7 @@ impl pb::admin_server::Admin for AdminService {
                     .map(|w| (w.map, w.location))
                     .collect()
             } else {
-                let ch = s.proposer.pool.channel(&info.api_addr)?;
-                let mut admin = pb::admin_client::AdminClient::new(ch);
+                let mut admin = s.proposer.pool.admin(id, &info.api_addr, None)?;
                 let call = admin.status(pb::StatusRequest {});
                 match tokio::time::timeout(std::time::Duration::from_secs(3), call).await {
                     Ok(Ok(r)) => r
@@ -218,7 +222,8 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> GrpcResult<pb::MembersResponse> {
         let s = &self.shared;
-        if let Some(mut leader) = s.leader_admin().await? {
+        check_self(req.extensions().get(), req.get_ref().node_id)?;
+        if let Some(mut leader) = s.leader_admin(&req).await? {
             return leader.promote(req).await;
         }
         let r = req.into_inner();
@@ -268,7 +273,7 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> GrpcResult<pb::MembersResponse> {
         let s = &self.shared;
-        if let Some(mut leader) = s.leader_admin().await? {
+        if let Some(mut leader) = s.leader_admin(&req).await? {
             return leader.remove(req).await;
         }
         let r = req.into_inner();
@@ -345,6 +350,11 @@ impl pb::admin_server::Admin for AdminService {
             ready: readiness.is_ok(),
             not_ready_reason: readiness.err().unwrap_or_default(),
             corrupt: s.corrupt_finding().unwrap_or_default(),
+            tls: s.security.expiry().map(|(cert, ca)| pb::TlsInfo {
+                identity: s.security.identity().map(|p| p.uri()).unwrap_or_default(),
+                expires_unix: cert,
+                ca_expires_unix: ca,
+            }),
             checkpoints: s
                 .view
                 .checkpoints()

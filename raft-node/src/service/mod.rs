@@ -3,6 +3,7 @@
 //! (operators: init, membership, map drop, status). Protobuf conversions are in `wire.rs`.
 
 mod admin;
+mod authz;
 mod kv;
 mod peer;
 
@@ -12,6 +13,10 @@ use tokio_stream::Stream;
 use tonic::{Response, Status};
 
 pub(crate) use admin::AdminService;
+pub(crate) use authz::{
+    check_self, AuthzLayer, Granted, Port, CLUSTER_HEADER, FORWARDED_FOR_HEADER, FROM_HEADER,
+    TO_HEADER,
+};
 pub(crate) use kv::KvService;
 pub(crate) use peer::PeerService;
 

@@ -30,9 +30,13 @@ impl PeerService {
 }
 
 impl PeerService {
-    async fn check_vote(&self, rpc: &VoteRequest<TypeConfig>) -> Result<(), String> {
+    async fn check_vote(
+        &self,
+        sender: Option<NodeId>,
+        rpc: &VoteRequest<TypeConfig>,
+    ) -> Result<(), String> {
         peer_check::check_vote(
-            &self.shared.peer_context(),
+            &self.shared.peer_context(sender),
             &rpc.vote,
             rpc.last_log_id.as_ref(),
         )?;
@@ -118,7 +122,7 @@ async fn receive_snapshot(
 /// log does not know of members added since; the answer is remembered). A node that knows no
 /// membership yet (a learner before its first append) takes any sender. Proves nothing
 /// against a sender that lies about its id: that needs authenticated peers.
-async fn known_sender(shared: &NodeShared, id: NodeId) -> Result<(), String> {
+pub(super) async fn known_sender(shared: &NodeShared, id: NodeId) -> Result<(), String> {
     // The common case, on every append: a member. Read in place (no copy of the metrics).
     let listed = {
         let metrics = shared.raft.metrics();
@@ -136,11 +140,10 @@ async fn known_sender(shared: &NodeShared, id: NodeId) -> Result<(), String> {
     if shared.recently_unknown(id) {
         return Err(refusal());
     }
-    for (_, (info, _)) in nodes.iter().filter(|(n, _)| **n != shared.id) {
-        let Ok(ch) = shared.proposer.pool.channel(&info.api_addr) else {
+    for (node, (info, _)) in nodes.iter().filter(|(n, _)| **n != shared.id) {
+        let Ok(mut admin) = shared.proposer.pool.admin(*node, &info.api_addr, None) else {
             continue;
         };
-        let mut admin = pb::admin_client::AdminClient::new(ch);
         let call = admin.members(pb::MembersRequest {});
         if let Ok(Ok(r)) = tokio::time::timeout(std::time::Duration::from_secs(1), call).await {
             if r.get_ref().members.iter().any(|m| m.node_id == id) {
@@ -167,6 +170,14 @@ fn refuse_peer(
     })
 }
 
+/// The node a peer call comes from, as the authorization layer established it.
+fn sender<T>(req: &Request<T>) -> Option<NodeId> {
+    match req.extensions().get::<super::Granted>() {
+        Some(super::Granted::Peer(id)) => Some(*id),
+        _ => None,
+    }
+}
+
 fn payload<T: serde::Serialize>(v: &T) -> GrpcResult<pb::RaftPayload> {
     Ok(Response::new(pb::RaftPayload { data: encode(v)? }))
 }
@@ -174,17 +185,23 @@ fn payload<T: serde::Serialize>(v: &T) -> GrpcResult<pb::RaftPayload> {
 #[tonic::async_trait]
 impl pb::peer_server::Peer for PeerService {
     async fn vote(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let from = sender(&req);
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
-        refuse_peer(&self.shared.metrics, "vote", self.check_vote(&rpc).await)?;
+        refuse_peer(
+            &self.shared.metrics,
+            "vote",
+            self.check_vote(from, &rpc).await,
+        )?;
         payload(&self.shared.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let from = sender(&req);
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
         refuse_peer(
             &self.shared.metrics,
             "pre-vote",
-            self.check_vote(&rpc).await,
+            self.check_vote(from, &rpc).await,
         )?;
         payload(&self.shared.raft.pre_vote(rpc).await)
     }
@@ -202,6 +219,7 @@ impl pb::peer_server::Peer for PeerService {
         // A message that fails to decode or to pass the checks ends the input: the answers
         // stop short and the leader, missing answers, opens a new stream.
         let shared = self.shared.clone();
+        let from = sender(&req);
         let requests = req
             .into_inner()
             .then(move |m| {
@@ -210,7 +228,7 @@ impl pb::peer_server::Peer for PeerService {
                     match m.map(|m| decode::<AppendEntriesRequest<TypeConfig>>(&m.data)) {
                         Ok(Ok(rpc)) => {
                             let checked = match peer_check::check_append(
-                                &shared.peer_context(),
+                                &shared.peer_context(from),
                                 &rpc.vote,
                                 rpc.prev_log_id.as_ref(),
                                 &rpc.entries,
@@ -260,6 +278,7 @@ impl pb::peer_server::Peer for PeerService {
                 "another snapshot is being received; retry",
             ));
         };
+        let from = sender(&req);
         let mut parts = req.into_inner();
         let first = match tokio::time::timeout(SNAPSHOT_IDLE, parts.message()).await {
             Ok(m) => m?,
@@ -270,7 +289,7 @@ impl pb::peer_server::Peer for PeerService {
         };
         let header: SnapshotHeader = decode(&first.data)?;
         let checked = match peer_check::check_snapshot_header(
-            &s.peer_context(),
+            &s.peer_context(from),
             &header.vote,
             &header.meta,
         ) {

@@ -1,0 +1,643 @@
+//! Who may call what: one layer in front of every gRPC service, deciding each call from the
+//! caller's certificate (established once per connection, `tls/transport.rs`), the method and,
+//! on the peer port, the cluster and node ids every peer call carries.
+//!
+//! | caller                      | may call                                                       |
+//! |-----------------------------|----------------------------------------------------------------|
+//! | client `reader`             | Kv: Get, Dump, ListMaps, Watch; Admin: Status, Members         |
+//! | client `writer`             | the above and Kv.Write (put, delete, CAS, declare)             |
+//! | client `admin`              | the above and Admin: Init, AddLearner, Promote, Remove, DropMap|
+//! | node, on the peer port      | every Peer call, as itself, if it is a member (or this node has none yet) |
+//! | node, on the API port       | AddLearner and Promote of itself (joining), Status, Members    |
+//! | member node, forwarding     | what the caller it forwards for may call (`raftmap-forwarded-for`) |
+//!
+//! Authorization happens on the node a client reached, as in etcd, where members forward
+//! proposals after checking their callers: a member's certificate is trusted to vouch for the
+//! clients it authorised. Without TLS (`--insecure`, loopback) every caller may call
+//! everything; the peer ids are still checked.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use raftmap_storage::NodeId;
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::shared::NodeShared;
+use crate::tls::{Auth, Caller, Principal, Role, Subject};
+
+/// Headers of every peer call: the sender's cluster id, its node id and the receiver's.
+pub(crate) const CLUSTER_HEADER: &str = "raftmap-cluster";
+pub(crate) const FROM_HEADER: &str = "raftmap-from";
+pub(crate) const TO_HEADER: &str = "raftmap-to";
+/// On a call a member forwards: the identity (URI) of the caller it authorised.
+pub(crate) const FORWARDED_FOR_HEADER: &str = "raftmap-forwarded-for";
+
+/// Which listener a call came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Port {
+    Peer,
+    Api,
+}
+
+/// What a call needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Only nodes, as themselves.
+    Peer,
+    Role(Role),
+}
+
+/// The method's requirement; `None` for a method raftmap does not serve.
+fn need(path: &str) -> Option<Need> {
+    let (service, method) = path.strip_prefix("/raftmap.v1.")?.split_once('/')?;
+    Some(match (service, method) {
+        ("Peer", _) => Need::Peer,
+        ("Kv", "Write") => Need::Role(Role::Writer),
+        ("Kv", "Get" | "Dump" | "ListMaps" | "Watch") => Need::Role(Role::Reader),
+        ("Admin", "Status" | "Members") => Need::Role(Role::Reader),
+        ("Admin", "Init" | "AddLearner" | "Promote" | "Remove" | "DropMap") => {
+            Need::Role(Role::Admin)
+        }
+        _ => return None,
+    })
+}
+
+/// Methods a node's own certificate may call on the API port.
+fn node_may(method: &str) -> bool {
+    matches!(
+        method,
+        "/raftmap.v1.Admin/AddLearner"
+            | "/raftmap.v1.Admin/Promote"
+            | "/raftmap.v1.Admin/Status"
+            | "/raftmap.v1.Admin/Members"
+    )
+}
+
+/// Who a call was granted to (a request extension for the handlers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Granted {
+    /// No TLS: callers are not authenticated.
+    Anyone,
+    /// A peer call from this node.
+    Peer(NodeId),
+    /// A client, or a node on the API port, calling for itself.
+    Direct(Principal),
+    /// A member forwarding for the caller it authorised.
+    Forwarded { via: NodeId, caller: Principal },
+}
+
+impl Granted {
+    /// The identity the call acts for.
+    pub(crate) fn principal(&self) -> Option<&Principal> {
+        match self {
+            Granted::Direct(p) | Granted::Forwarded { caller: p, .. } => Some(p),
+            Granted::Anyone | Granted::Peer(_) => None,
+        }
+    }
+}
+
+/// A node's certificate may add and promote only itself.
+pub(crate) fn check_self(granted: Option<&Granted>, node_id: NodeId) -> Result<(), Status> {
+    match granted.and_then(Granted::principal).map(|p| &p.subject) {
+        Some(Subject::Node(id)) if *id != node_id => Err(Status::permission_denied(format!(
+            "node {id}'s certificate may add or promote only node {id}, not node {node_id}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// What the decision needs to know about this node.
+#[derive(Debug, Clone)]
+pub(crate) struct Local {
+    pub(crate) me: NodeId,
+    /// This cluster's id; empty while unknown (a node without TLS before it joins).
+    pub(crate) cluster: String,
+}
+
+/// The decision, before the membership check a peer (or forwarding) call also needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Decision {
+    pub(crate) granted: Granted,
+    /// This node must be a member (or this node know no membership yet).
+    pub(crate) member: Option<NodeId>,
+}
+
+fn header(md: &MetadataMap, name: &str) -> Option<String> {
+    md.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn header_id(md: &MetadataMap, name: &str) -> Result<NodeId, Status> {
+    header(md, name)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("a peer call without a valid {name} header"))
+        })
+}
+
+/// Decides a call: `Err` is the refusal to send back.
+pub(crate) fn decide(
+    port: Port,
+    path: &str,
+    auth: &Auth,
+    md: &MetadataMap,
+    local: &Local,
+) -> Result<Decision, Status> {
+    let need = match (port, need(path)) {
+        (Port::Peer, Some(Need::Peer)) => Need::Peer,
+        (Port::Api, Some(n @ Need::Role(_))) => n,
+        _ => {
+            return Err(Status::unimplemented(format!(
+                "{path} is not served on this port"
+            )))
+        }
+    };
+    let principal =
+        match auth {
+            Auth::Insecure => None,
+            Auth::NoCertificate => return Err(Status::unauthenticated(
+                "this node requires a client certificate (mutual TLS): give the client --tls-dir \
+                 with a certificate from `raftmap certs client`",
+            )),
+            Auth::Invalid(why) => {
+                return Err(Status::unauthenticated(format!(
+                    "the client certificate was refused: {why}"
+                )))
+            }
+            Auth::Verified(p) => {
+                if !local.cluster.is_empty() && p.cluster != local.cluster {
+                    return Err(Status::permission_denied(format!(
+                        "the certificate is for cluster {}, this is cluster {}",
+                        p.cluster, local.cluster
+                    )));
+                }
+                Some(p)
+            }
+        };
+    match need {
+        Need::Peer => peer(md, principal, local),
+        Need::Role(role) => api(path, role, md, principal, local),
+    }
+}
+
+fn peer(
+    md: &MetadataMap,
+    principal: Option<&Principal>,
+    local: &Local,
+) -> Result<Decision, Status> {
+    let from = header_id(md, FROM_HEADER)?;
+    let to = header_id(md, TO_HEADER)?;
+    let cluster = header(md, CLUSTER_HEADER).unwrap_or_default();
+    if !cluster.is_empty() && !local.cluster.is_empty() && cluster != local.cluster {
+        tracing::warn!(ours = %local.cluster, theirs = %cluster, from, "refused a peer call from another cluster");
+        return Err(Status::permission_denied(format!(
+            "the call comes from cluster {cluster}, this is cluster {}",
+            local.cluster
+        )));
+    }
+    if to != local.me {
+        return Err(Status::permission_denied(format!(
+            "the call is meant for node {to}, this is node {} (a reused address?)",
+            local.me
+        )));
+    }
+    if from == local.me {
+        return Err(Status::permission_denied(format!(
+            "the call claims to come from node {from}, which is this node"
+        )));
+    }
+    if let Some(p) = principal {
+        match p.subject {
+            Subject::Node(id) if id == from => {}
+            Subject::Node(id) => {
+                return Err(Status::permission_denied(format!(
+                    "the certificate is node {id}'s, the call claims to come from node {from}"
+                )))
+            }
+            _ => {
+                return Err(Status::permission_denied(format!(
+                    "{p} may not speak the peer protocol: only nodes do"
+                )))
+            }
+        }
+    }
+    Ok(Decision {
+        granted: Granted::Peer(from),
+        member: principal.map(|_| from),
+    })
+}
+
+fn api(
+    path: &str,
+    role: Role,
+    md: &MetadataMap,
+    principal: Option<&Principal>,
+    local: &Local,
+) -> Result<Decision, Status> {
+    let Some(p) = principal else {
+        return Ok(Decision {
+            granted: Granted::Anyone,
+            member: None,
+        });
+    };
+    let allowed = |who: &Principal| -> Result<(), Status> {
+        match &who.subject {
+            Subject::Client { role: has, .. } if *has >= role => Ok(()),
+            Subject::Client { .. } => Err(Status::permission_denied(format!(
+                "{who} may not call {path}: it needs the {role} role"
+            ))),
+            Subject::Node(_) if node_may(path) => Ok(()),
+            Subject::Node(_) => Err(Status::permission_denied(format!(
+                "a node's certificate may join and read status, not call {path} (it needs the {role} role)"
+            ))),
+            Subject::Authority => Err(Status::permission_denied("a CA certificate is not a caller")),
+        }
+    };
+    match (&p.subject, header(md, FORWARDED_FOR_HEADER)) {
+        (Subject::Node(via), Some(uri)) => {
+            let caller = Principal::parse(&uri)
+                .map_err(|e| Status::invalid_argument(format!("{FORWARDED_FOR_HEADER}: {e}")))?;
+            if caller.cluster != p.cluster {
+                return Err(Status::permission_denied(format!(
+                    "node {via} forwards for {caller}, which is not of cluster {}",
+                    p.cluster
+                )));
+            }
+            allowed(&caller)?;
+            let _ = local;
+            Ok(Decision {
+                granted: Granted::Forwarded { via: *via, caller },
+                member: Some(*via),
+            })
+        }
+        _ => {
+            allowed(p)?;
+            Ok(Decision {
+                granted: Granted::Direct(p.clone()),
+                member: None,
+            })
+        }
+    }
+}
+
+/// The layer: decides every call before its service sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct AuthzLayer {
+    pub(crate) shared: Arc<NodeShared>,
+    pub(crate) port: Port,
+}
+
+impl<S> tower::Layer<S> for AuthzLayer {
+    type Service = Authz<S>;
+    fn layer(&self, inner: S) -> Authz<S> {
+        Authz {
+            inner,
+            shared: self.shared.clone(),
+            port: self.port,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Authz<S> {
+    inner: S,
+    shared: Arc<NodeShared>,
+    port: Port,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Authz<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The clone that was made ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        let port = self.port;
+        Box::pin(async move {
+            let caller = req.extensions().get::<Caller>().cloned();
+            let auth = caller
+                .as_ref()
+                .map_or(Auth::Insecure, |c| (*c.auth).clone());
+            let md = MetadataMap::from_headers(req.headers().clone());
+            let local = Local {
+                me: shared.id,
+                cluster: shared.cluster_id(),
+            };
+            let decision = decide(port, req.uri().path(), &auth, &md, &local);
+            let decision = match decision {
+                Ok(d) => match d.member {
+                    Some(id) => crate::service::peer::known_sender(&shared, id)
+                        .await
+                        .map(|()| d)
+                        .map_err(Status::permission_denied),
+                    None => Ok(d),
+                },
+                Err(e) => Err(e),
+            };
+            match decision {
+                Ok(d) => {
+                    if !matches!(d.granted, Granted::Forwarded { .. }) {
+                        req.headers_mut().remove(FORWARDED_FOR_HEADER);
+                    }
+                    req.extensions_mut().insert(d.granted);
+                    inner.call(req).await
+                }
+                Err(status) => {
+                    shared.metrics.refused_calls.inc();
+                    let from = caller
+                        .and_then(|c| c.addr)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    tracing::info!(path = %req.uri().path(), from = %from, code = ?status.code(), reason = %status.message(), "refused a call");
+                    Ok(status.into_http())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KV: [&str; 5] = ["Write", "Get", "Dump", "ListMaps", "Watch"];
+    const ADMIN: [&str; 7] = [
+        "Init",
+        "AddLearner",
+        "Promote",
+        "Remove",
+        "Members",
+        "Status",
+        "DropMap",
+    ];
+    const PEER: [&str; 6] = [
+        "Vote",
+        "PreVote",
+        "AppendEntries",
+        "InstallSnapshot",
+        "Propose",
+        "ReadIndex",
+    ];
+
+    fn local() -> Local {
+        Local {
+            me: 1,
+            cluster: "prod".into(),
+        }
+    }
+
+    fn api_calls() -> Vec<String> {
+        KV.iter()
+            .map(|m| format!("/raftmap.v1.Kv/{m}"))
+            .chain(ADMIN.iter().map(|m| format!("/raftmap.v1.Admin/{m}")))
+            .collect()
+    }
+
+    fn client(role: Role) -> Auth {
+        Auth::Verified(Principal::client("prod", role, "ops"))
+    }
+
+    fn peer_md(cluster: &str, from: NodeId, to: NodeId) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        md.insert(CLUSTER_HEADER, cluster.parse().unwrap());
+        md.insert(FROM_HEADER, from.into());
+        md.insert(TO_HEADER, to.into());
+        md
+    }
+
+    fn decide_api(auth: &Auth, path: &str, md: &MetadataMap) -> Result<Decision, Status> {
+        decide(Port::Api, path, auth, md, &local())
+    }
+
+    /// The role each API call needs, as the README's table says.
+    fn needed(path: &str) -> Role {
+        match path.rsplit('/').next().unwrap() {
+            "Write" => Role::Writer,
+            "Init" | "AddLearner" | "Promote" | "Remove" | "DropMap" => Role::Admin,
+            _ => Role::Reader,
+        }
+    }
+
+    #[test]
+    fn every_api_call_is_granted_exactly_to_the_roles_that_include_its_own() {
+        let md = MetadataMap::new();
+        for path in api_calls() {
+            for role in [Role::Reader, Role::Writer, Role::Admin] {
+                let r = decide_api(&client(role), &path, &md);
+                if role >= needed(&path) {
+                    let d = r.unwrap_or_else(|e| panic!("{role} {path}: {e:?}"));
+                    assert_eq!(
+                        d.granted,
+                        Granted::Direct(Principal::client("prod", role, "ops"))
+                    );
+                    assert_eq!(d.member, None);
+                } else {
+                    let e = r.unwrap_err();
+                    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{role} {path}");
+                    assert!(
+                        e.message()
+                            .contains(&format!("needs the {} role", needed(&path))),
+                        "{e:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn callers_without_a_valid_certificate_are_unauthenticated_everywhere() {
+        let md = peer_md("prod", 2, 1);
+        for auth in [
+            Auth::NoCertificate,
+            Auth::Invalid("the certificate has expired".into()),
+        ] {
+            for path in api_calls() {
+                let e = decide_api(&auth, &path, &md).unwrap_err();
+                assert_eq!(e.code(), tonic::Code::Unauthenticated, "{path}");
+            }
+            for m in PEER {
+                let e = decide(
+                    Port::Peer,
+                    &format!("/raftmap.v1.Peer/{m}"),
+                    &auth,
+                    &md,
+                    &local(),
+                )
+                .unwrap_err();
+                assert_eq!(e.code(), tonic::Code::Unauthenticated, "{m}");
+            }
+        }
+        let e = decide_api(
+            &Auth::Invalid("the certificate has expired".into()),
+            "/raftmap.v1.Kv/Get",
+            &md,
+        )
+        .unwrap_err();
+        assert!(e.message().contains("expired"), "{e:?}");
+    }
+
+    #[test]
+    fn a_certificate_of_another_cluster_is_refused() {
+        let other = Auth::Verified(Principal::client("staging", Role::Admin, "ops"));
+        let e = decide_api(&other, "/raftmap.v1.Kv/Get", &MetadataMap::new()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message()
+                .contains("cluster staging, this is cluster prod"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn peer_calls_come_from_member_nodes_as_themselves_and_to_this_node() {
+        let node2 = Auth::Verified(Principal::node("prod", 2));
+        for m in PEER {
+            let path = format!("/raftmap.v1.Peer/{m}");
+            let peer =
+                |auth: &Auth, md: &MetadataMap| decide(Port::Peer, &path, auth, md, &local());
+            let d = peer(&node2, &peer_md("prod", 2, 1)).unwrap();
+            assert_eq!(d.granted, Granted::Peer(2));
+            // The membership check follows: node 2 must be a member.
+            assert_eq!(d.member, Some(2));
+            let refused = [
+                (
+                    peer(&node2, &peer_md("prod", 3, 1)),
+                    "the certificate is node 2's, the call claims to come from node 3",
+                ),
+                (
+                    peer(&node2, &peer_md("other", 2, 1)),
+                    "from cluster other, this is cluster prod",
+                ),
+                (
+                    peer(&node2, &peer_md("prod", 2, 4)),
+                    "meant for node 4, this is node 1",
+                ),
+                (
+                    peer(&client(Role::Admin), &peer_md("prod", 2, 1)),
+                    "may not speak the peer protocol",
+                ),
+                (
+                    peer(
+                        &Auth::Verified(Principal::node("prod", 1)),
+                        &peer_md("prod", 1, 1),
+                    ),
+                    "which is this node",
+                ),
+            ];
+            for (r, why) in refused {
+                let e = r.unwrap_err();
+                assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}");
+                assert!(e.message().contains(why), "{m}: {e:?}");
+            }
+            let e = peer(&node2, &MetadataMap::new()).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{m}");
+            // Without TLS the ids are still checked; membership is left to the messages.
+            let d = peer(&Auth::Insecure, &peer_md("prod", 2, 1)).unwrap();
+            assert_eq!(d.member, None);
+            assert!(peer(&Auth::Insecure, &peer_md("prod", 2, 4)).is_err());
+            // The peer protocol is not served on the API port, nor the API on the peer port.
+            let e = decide(Port::Api, &path, &node2, &peer_md("prod", 2, 1), &local()).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unimplemented);
+        }
+        let e = decide(
+            Port::Peer,
+            "/raftmap.v1.Kv/Write",
+            &node2,
+            &peer_md("prod", 2, 1),
+            &local(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented);
+    }
+
+    #[test]
+    fn a_node_certificate_may_only_join_and_read_status_unless_it_forwards() {
+        let node2 = Auth::Verified(Principal::node("prod", 2));
+        let md = MetadataMap::new();
+        for path in api_calls() {
+            let joins_or_reads = node_may(&path);
+            let r = decide_api(&node2, &path, &md);
+            assert_eq!(r.is_ok(), joins_or_reads, "{path}: {r:?}");
+            if let Err(e) = r {
+                assert_eq!(e.code(), tonic::Code::PermissionDenied);
+            }
+        }
+        // Forwarding for a writer: what the writer may call, and no more.
+        let mut fwd = MetadataMap::new();
+        let writer = Principal::client("prod", Role::Writer, "app");
+        fwd.insert(FORWARDED_FOR_HEADER, writer.uri().parse().unwrap());
+        for path in api_calls() {
+            let r = decide_api(&node2, &path, &fwd);
+            if needed(&path) <= Role::Writer {
+                let d = r.unwrap();
+                assert_eq!(
+                    d.granted,
+                    Granted::Forwarded {
+                        via: 2,
+                        caller: writer.clone()
+                    }
+                );
+                assert_eq!(d.member, Some(2), "only a member forwards");
+            } else {
+                assert_eq!(
+                    r.unwrap_err().code(),
+                    tonic::Code::PermissionDenied,
+                    "{path}"
+                );
+            }
+        }
+        // A client cannot forward: the header is ignored and its own role counts.
+        let reader = client(Role::Reader);
+        let mut admin_fwd = MetadataMap::new();
+        admin_fwd.insert(
+            FORWARDED_FOR_HEADER,
+            Principal::client("prod", Role::Admin, "x")
+                .uri()
+                .parse()
+                .unwrap(),
+        );
+        assert!(decide_api(&reader, "/raftmap.v1.Admin/Remove", &admin_fwd).is_err());
+    }
+
+    #[test]
+    fn a_node_adds_and_promotes_only_itself() {
+        let node = Granted::Direct(Principal::node("prod", 5));
+        assert!(check_self(Some(&node), 5).is_ok());
+        let e = check_self(Some(&node), 6).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        let forwarded = Granted::Forwarded {
+            via: 2,
+            caller: Principal::node("prod", 5),
+        };
+        assert!(check_self(Some(&forwarded), 6).is_err());
+        let admin = Granted::Direct(Principal::client("prod", Role::Admin, "ops"));
+        assert!(check_self(Some(&admin), 6).is_ok());
+        assert!(check_self(Some(&Granted::Anyone), 6).is_ok());
+    }
+
+    #[test]
+    fn without_tls_every_api_call_is_allowed() {
+        for path in api_calls() {
+            let d = decide_api(&Auth::Insecure, &path, &MetadataMap::new()).unwrap();
+            assert_eq!(d.granted, Granted::Anyone);
+        }
+    }
+}
