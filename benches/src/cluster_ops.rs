@@ -136,8 +136,9 @@ async fn failover(cluster: &mut LocalCluster, round: u64) -> Result<(u64, Durati
     for (w, &id) in survivors.iter().cycle().take(4).enumerate() {
         let addr = cluster.node(id)?.api_addr.clone();
         let (killed_at, going) = (killed_at.clone(), going.clone());
+        let security = cluster.security();
         writers.push(tokio::spawn(async move {
-            let ch = raftmap_node::endpoint(&addr)?.connect_lazy();
+            let ch = security.channel(&addr, raftmap_node::tls::Expect::AnyNode)?;
             let mut kv = pb::kv_client::KvClient::new(ch);
             let mut first_after: Option<Instant> = None;
             let mut committed_once = false;
@@ -219,6 +220,7 @@ async fn main() -> Result<()> {
                 agent_args: args.agent_arg.clone(),
                 log_filter: "warn".into(),
                 node_args,
+                tls: true,
             },
             netns: false,
         },

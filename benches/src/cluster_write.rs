@@ -1,6 +1,8 @@
 //! Commit throughput and latency of a local 3-node cluster for several numbers of concurrent
 //! writers, next to the physical floor measured in the same run: one fsync of 4 KiB on the
-//! data dir's file system and one loopback TCP round trip.
+//! data dir's file system and one loopback TCP round trip. The cluster runs with mutual TLS
+//! and without (`--tls on,off`, one cluster each, in the same run), and the cost of TLS is
+//! printed as ratios.
 //!
 //! ```text
 //! cargo build --release --bin raftmap --bin cluster-write
@@ -39,6 +41,9 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Runs with mutual TLS (on) and plaintext (off), in this order.
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    tls: Vec<String>,
 }
 
 struct RunResult {
@@ -128,32 +133,10 @@ async fn main() -> Result<()> {
     if args.no_sync {
         agent_args.push("--no-sync".into());
     }
-    let cluster = LocalCluster::start(
-        ClusterOptions {
-            launch: LaunchOptions {
-                bin,
-                agent_args,
-                log_filter: "warn".into(),
-                node_args: Default::default(),
-            },
-            netns: false,
-        },
-        args.nodes,
-        0,
-        Duration::from_secs(60),
-    )
-    .await?;
-    let (fsync50, fsync99) = fsync_floor(cluster.dir(), 500)?;
+    let (fsync50, fsync99) = fsync_floor(&std::env::temp_dir(), 500)?;
     let (rtt50, rtt99) = rtt_floor(2000)?;
     let floor50 = fsync50 + rtt50;
     let floor99 = fsync99 + rtt99;
-
-    cluster
-        .client(1)
-        .await?
-        .declare(&MapSchema::hash("bench", 8, 8, 1 << 24))
-        .await?;
-
     println!(
         "floor (same run): fsync 4 KiB p50 {:.0} us p99 {:.0} us; loopback RTT p50 {:.0} us p99 {:.0} us; fsync on: {}",
         us(fsync50),
@@ -163,46 +146,89 @@ async fn main() -> Result<()> {
         !args.no_sync
     );
     println!();
-    println!("| writers | ops/write | ops/s | ops/entry | errors | p50 us | p99 us | p99.9 us | p50 / floor | p99 / floor |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| tls | writers | ops/write | ops/s | ops/entry | errors | p50 us | p99 us | p99.9 us | p50 / floor | p99 / floor |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json = Vec::new();
-    for (n, &w) in args.writers.iter().enumerate() {
-        let entries0 = scrape_counter(&cluster, "raftmap_proposals_total")?;
-        let (csum0, ccount0) = (
-            scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")?,
-            scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")?,
-        );
-        let r = run(&cluster, w, args.seconds, args.ops_per_write, n as u64 + 1).await?;
-        let entries = scrape_counter(&cluster, "raftmap_proposals_total")? - entries0;
-        // Inside the daemons: from proposing an entry to its being applied on the leader, the
-        // part of the client's latency that consensus and storage take.
-        let commit_mean = (scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")? - csum0)
-            / (scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")? - ccount0)
-                .max(1.0);
-        eprintln!(
-            "{w} writers: mean propose-to-applied inside the daemons {:.0} us",
-            commit_mean * 1e6
-        );
-        let per_entry = r.ops as f64 / entries.max(1.0);
-        let rate = r.ops as f64 / r.secs;
-        println!(
-            "| {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
-            r.writers,
-            args.ops_per_write,
-            rate,
-            per_entry,
-            r.errors,
-            us(r.p50),
-            us(r.p99),
-            us(r.p999),
-            r.p50.as_secs_f64() / floor50.as_secs_f64(),
-            r.p99.as_secs_f64() / floor99.as_secs_f64(),
-        );
-        json.push(serde_json::json!({
-            "writers": r.writers, "ops_per_write": args.ops_per_write, "ops_per_sec": rate, "ops_per_entry": per_entry,
-            "errors": r.errors, "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
-            "floor_p50_us": us(floor50), "floor_p99_us": us(floor99), "fsync": !args.no_sync,
-        }));
+    let mut by_mode: std::collections::BTreeMap<(usize, bool), (f64, Duration)> =
+        Default::default();
+    for mode in &args.tls {
+        let tls = match mode.as_str() {
+            "on" => true,
+            "off" => false,
+            other => anyhow::bail!("--tls takes on and off, not {other:?}"),
+        };
+        let cluster = LocalCluster::start(
+            ClusterOptions {
+                launch: LaunchOptions {
+                    agent_args: agent_args.clone(),
+                    log_filter: "warn".into(),
+                    tls,
+                    ..LaunchOptions::new(bin.clone())
+                },
+                netns: false,
+            },
+            args.nodes,
+            0,
+            Duration::from_secs(60),
+        )
+        .await?;
+        cluster
+            .client(1)
+            .await?
+            .declare(&MapSchema::hash("bench", 8, 8, 1 << 24))
+            .await?;
+        for (n, &w) in args.writers.iter().enumerate() {
+            let entries0 = scrape_counter(&cluster, "raftmap_proposals_total")?;
+            let (csum0, ccount0) = (
+                scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")?,
+                scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")?,
+            );
+            let r = run(&cluster, w, args.seconds, args.ops_per_write, n as u64 + 1).await?;
+            let entries = scrape_counter(&cluster, "raftmap_proposals_total")? - entries0;
+            // Inside the daemons: from proposing an entry to its being applied on the leader,
+            // the part of the client's latency that consensus and storage take.
+            let commit_mean = (scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")?
+                - csum0)
+                / (scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")? - ccount0)
+                    .max(1.0);
+            eprintln!(
+                "tls {mode}, {w} writers: mean propose-to-applied inside the daemons {:.0} us",
+                commit_mean * 1e6
+            );
+            let per_entry = r.ops as f64 / entries.max(1.0);
+            let rate = r.ops as f64 / r.secs;
+            by_mode.insert((w, tls), (rate, r.p50));
+            println!(
+                "| {mode} | {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
+                r.writers,
+                args.ops_per_write,
+                rate,
+                per_entry,
+                r.errors,
+                us(r.p50),
+                us(r.p99),
+                us(r.p999),
+                r.p50.as_secs_f64() / floor50.as_secs_f64(),
+                r.p99.as_secs_f64() / floor99.as_secs_f64(),
+            );
+            json.push(serde_json::json!({
+                "tls": tls, "writers": r.writers, "ops_per_write": args.ops_per_write, "ops_per_sec": rate, "ops_per_entry": per_entry,
+                "errors": r.errors, "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
+                "floor_p50_us": us(floor50), "floor_p99_us": us(floor99), "fsync": !args.no_sync,
+            }));
+        }
+    }
+    println!();
+    for &w in &args.writers {
+        if let (Some((on, on50)), Some((off, off50))) =
+            (by_mode.get(&(w, true)), by_mode.get(&(w, false)))
+        {
+            println!(
+                "{w} writers: TLS on/off throughput {:.2}x, p50 {:+.0} us",
+                on / off.max(1.0),
+                us(*on50) - us(*off50)
+            );
+        }
     }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;

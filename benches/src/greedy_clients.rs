@@ -42,6 +42,9 @@ struct Args {
     /// (Internal) open a watch on API address ADDR and hold it: the process to freeze.
     #[arg(long, hide = true)]
     hold_watch: Option<String>,
+    /// (Internal) the client certificate for --hold-watch.
+    #[arg(long, hide = true)]
+    hold_watch_tls: Option<PathBuf>,
 }
 
 /// Resident memory now and at its peak (kB) of a node's process.
@@ -90,8 +93,12 @@ async fn write_latencies(c: &LocalCluster, secs: u64, run: u64) -> Result<Vec<Du
     Ok(all)
 }
 
-async fn hold_watch(addr: &str) -> Result<()> {
-    let client = raftmap_node::Client::connect(&[addr.to_string()]).await?;
+async fn hold_watch(addr: &str, tls: Option<&std::path::Path>) -> Result<()> {
+    let security = match tls {
+        Some(d) => raftmap_node::tls::Security::from_dir(d)?,
+        None => raftmap_node::tls::Security::insecure(),
+    };
+    let client = raftmap_node::Client::connect(&[addr.to_string()], &security).await?;
     let mut stream = client
         .kv()
         .watch(pb::WatchRequest {
@@ -111,7 +118,7 @@ async fn hold_watch(addr: &str) -> Result<()> {
 async fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(addr) = &args.hold_watch {
-        return hold_watch(addr).await;
+        return hold_watch(addr, args.hold_watch_tls.as_deref()).await;
     }
     let opts = ClusterOptions {
         launch: LaunchOptions {
@@ -119,6 +126,7 @@ async fn main() -> Result<()> {
             agent_args: vec![],
             log_filter: "warn".into(),
             node_args: Default::default(),
+            tls: true,
         },
         netns: false,
     };
@@ -135,6 +143,12 @@ async fn main() -> Result<()> {
     // The frozen one first: a process of its own, stopped once its watch is open.
     let mut frozen = std::process::Command::new(std::env::current_exe()?)
         .args(["--hold-watch", &c.node(1)?.api_addr])
+        .args(
+            c.security()
+                .dir()
+                .map(|d| vec!["--hold-watch-tls".into(), d.display().to_string()])
+                .unwrap_or_default(),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     {

@@ -4,7 +4,8 @@
 //! to be visible in a remote kernel map (the writer stamps each value with CLOCK_MONOTONIC).
 //! Next to it, in the same run: the floor (one fsync p99 plus one loopback round trip p99) and
 //! the naive sync raftmap replaces (every captured update sent to each peer as one gRPC call
-//! over a new connection, no consensus).
+//! over a new connection, no consensus). raftmap runs with mutual TLS and without (`--tls`),
+//! and the cost of TLS is printed as ratios.
 //!
 //! ```text
 //! cargo build --release --bin raftmap --bin kernel-replication
@@ -37,6 +38,9 @@ struct Args {
     /// Durability modes to run: on (fsync before acknowledging, the default) and/or off.
     #[arg(long, value_delimiter = ',', default_value = "on,off")]
     fsync: Vec<String>,
+    /// Transport modes to run: on (mutual TLS, the default) and/or off (plaintext).
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    tls: Vec<String>,
     /// Seconds of the naive baseline (0: skip it).
     #[arg(long, default_value_t = 5)]
     naive_seconds: u64,
@@ -190,6 +194,7 @@ fn wait_visible(
 struct Run {
     system: String,
     fsync: Option<bool>,
+    tls: Option<bool>,
     rate: String,
     written: u64,
     write_rate: f64,
@@ -277,10 +282,16 @@ async fn raftmap_runs(
     args: &Args,
     bin: &std::path::Path,
     fsync: bool,
+    tls: bool,
     floor: &mut Option<Floor>,
     out: &mut Vec<Run>,
 ) -> Result<()> {
-    let maps = make_maps(if fsync { "s" } else { "n" }, 3)?;
+    let tag = format!(
+        "{}{}",
+        if fsync { "s" } else { "n" },
+        if tls { "t" } else { "p" }
+    );
+    let maps = make_maps(&tag, 3)?;
     let mut agent_args = vec![
         "--snapshot-logs".to_string(),
         "1000000".into(),
@@ -307,6 +318,7 @@ async fn raftmap_runs(
                 agent_args,
                 log_filter: "warn".into(),
                 node_args,
+                tls,
             },
             netns: false,
         },
@@ -374,6 +386,7 @@ async fn raftmap_runs(
         out.push(Run {
             system: "raftmap".into(),
             fsync: Some(fsync),
+            tls: Some(tls),
             rate: r.clone(),
             written: n,
             write_rate: wr,
@@ -525,6 +538,7 @@ async fn naive_run(secs: u64) -> Result<(Run, u64)> {
         Run {
             system: "naive".into(),
             fsync: None,
+            tls: None,
             rate: "max".into(),
             written: n,
             write_rate: wr,
@@ -548,13 +562,16 @@ async fn main() -> Result<()> {
     let bin = raftmap_bench::raftmap_bin(args.raftmap.as_deref())?;
     let mut runs = Vec::new();
     let mut floor = None;
+    let on_off = |flag: &str, v: &str| match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => bail!("--{flag} {other:?}: expected on or off"),
+    };
     for f in &args.fsync {
-        let fsync = match f.as_str() {
-            "on" => true,
-            "off" => false,
-            other => bail!("--fsync {other:?}: expected on or off"),
-        };
-        raftmap_runs(&args, &bin, fsync, &mut floor, &mut runs).await?;
+        for t in &args.tls {
+            let (fsync, tls) = (on_off("fsync", f)?, on_off("tls", t)?);
+            raftmap_runs(&args, &bin, fsync, tls, &mut floor, &mut runs).await?;
+        }
     }
     let mut naive_lost = 0;
     if args.naive_seconds > 0 {
@@ -569,17 +586,18 @@ async fn main() -> Result<()> {
         .map(|r| r.applied_rate);
     println!("floor (same run): {}", floor.describe());
     println!();
-    println!("| system | fsync | rate/s | written/s | applied on every node/s | x naive | p50 us | p99 us | p99.9 us | p99 / floor p99 |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| system | fsync | tls | rate/s | written/s | applied on every node/s | x naive | p50 us | p99 us | p99.9 us | p99 / floor p99 |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json = Vec::new();
     for r in &runs {
         let fs = r.fsync.unwrap_or(false);
         let vs_floor = r.p99.as_secs_f64() / floor.p99(fs).as_secs_f64();
         let vs_naive = naive.map(|n| r.applied_rate / n.max(1e-9));
         println!(
-            "| {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} |",
             r.system,
             r.fsync.map_or("-", |f| if f { "on" } else { "off" }),
+            r.tls.map_or("-", |f| if f { "on" } else { "off" }),
             r.rate,
             r.write_rate,
             r.applied_rate,
@@ -594,13 +612,28 @@ async fn main() -> Result<()> {
             },
         );
         json.push(serde_json::json!({
-            "system": r.system, "fsync": r.fsync, "rate": r.rate, "written": r.written,
+            "system": r.system, "fsync": r.fsync, "tls": r.tls, "rate": r.rate, "written": r.written,
             "written_per_sec": r.write_rate, "applied_per_sec": r.applied_rate, "visible": r.visible,
             "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
             "floor_p99_us": us(floor.p99(fs)), "x_naive": vs_naive,
         }));
     }
     println!();
+    for on in runs.iter().filter(|r| r.tls == Some(true)) {
+        let off = runs
+            .iter()
+            .find(|r| r.tls == Some(false) && r.fsync == on.fsync && r.rate == on.rate);
+        if let Some(off) = off {
+            println!(
+                "fsync {}, rate {}: TLS on/off applied throughput {:.2}x, p50 {:+.0} us, p99 {:+.0} us",
+                on.fsync.map_or("-", |f| if f { "on" } else { "off" }),
+                on.rate,
+                on.applied_rate / off.applied_rate.max(1e-9),
+                us(on.p50) - us(off.p50),
+                us(on.p99) - us(off.p99),
+            );
+        }
+    }
     println!(
         "floor p99: {:.0} us with fsync (fsync p99 + RTT p99), {:.0} us without (RTT p99); naive: {} captured updates lost to a full ring buffer",
         us(floor.p99(true)),
