@@ -86,8 +86,7 @@ pub(crate) fn run(cmd: CertsCmd) -> Result<()> {
             force,
         } => {
             let ca = issue::new_ca(&cluster, Validity::days(days))?;
-            issue::write_file(&out.join(CA_KEY_FILE), &ca.key_pem, true, force)?;
-            issue::write_file(&out.join(CA_FILE), &ca.cert_pem, false, force)?;
+            issue::write_ca(&out, &ca, force)?;
             println!(
                 "created the CA of cluster {cluster} in {} (keep {CA_KEY_FILE} secret)",
                 out.display()

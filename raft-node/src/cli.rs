@@ -208,3 +208,30 @@ pub(crate) fn parse_hex(what: &str, s: &str) -> Result<Vec<u8>> {
     let t = s.strip_prefix("0x").unwrap_or(s);
     hex::decode(t).with_context(|| format!("{what} {s:?} is not hex"))
 }
+
+/// Whether `addr` answers, but not as a plaintext HTTP/2 server would: the HTTP/2 preface and
+/// an empty SETTINGS frame get a SETTINGS frame back from a plaintext gRPC server, and a TLS
+/// alert or a closed connection from a TLS one.
+pub(crate) fn speaks_tls(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let timeout = std::time::Duration::from_secs(1);
+    let Some(sa) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return false;
+    };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&sa, timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    if s.write_all(&hello).is_err() {
+        return false;
+    }
+    let mut frame = [0u8; 9];
+    match s.read_exact(&mut frame) {
+        Ok(()) => frame[3] != 4,
+        Err(e) => e.kind() == std::io::ErrorKind::UnexpectedEof,
+    }
+}

@@ -35,17 +35,18 @@ fn main() {
         }
     };
     // A plaintext client talking to a TLS port sees only a broken HTTP/2 connection.
-    let plaintext = cli.cmd.conn().is_some_and(|c| c.tls_dir.is_none());
+    let plaintext = cli
+        .cmd
+        .conn()
+        .filter(|c| c.tls_dir.is_none())
+        .map(|c| c.endpoints.clone());
     let res = rt.block_on(run(cli));
     if let Err(e) = &res {
-        let msg = format!("{e:#}");
-        let broken = msg.contains("h2 protocol error") || msg.contains("transport error");
-        let hint = if plaintext && broken {
-            " (the endpoint may require TLS: pass --tls-dir with a client certificate)"
-        } else {
-            ""
-        };
-        eprintln!("error: {msg}{hint}");
+        let hint = plaintext
+            .and_then(|eps| eps.into_iter().find(|ep| cli::speaks_tls(ep)))
+            .map(|ep| format!(" ({ep} requires TLS: pass --tls-dir with a client certificate)"))
+            .unwrap_or_default();
+        eprintln!("error: {e:#}{hint}");
     }
     // Tasks still running hold the database: stop them (which closes it) before the process
     // exits, or RocksDB closes during exit, after its static state is gone, and aborts.

@@ -32,9 +32,39 @@ use crate::tls::{Expect, Principal, Security};
 /// most 16 MiB of operations: `APPEND_BYTES`, `MAX_PROPOSAL_BYTES`) or one snapshot chunk.
 pub(crate) const MAX_PEER_MESSAGE: usize = 64 * 1024 * 1024;
 
-/// This node's cluster id as it stands (it becomes known when the cluster is initialised or
-/// joined, or comes from the certificate).
-pub(crate) type ClusterId = Arc<dyn Fn() -> String + Send + Sync>;
+/// This node's cluster id: as initialised (replicated; it never changes once set), or before
+/// this node knows it, the one its certificate names. Read on every call, so cached once known.
+#[derive(Debug)]
+pub(crate) struct ClusterId {
+    view: raftmap_storage::StateView,
+    security: Security,
+    known: std::sync::OnceLock<Arc<str>>,
+}
+
+impl ClusterId {
+    pub(crate) fn new(view: raftmap_storage::StateView, security: Security) -> Self {
+        Self {
+            view,
+            security,
+            known: Default::default(),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Arc<str> {
+        if let Some(k) = self.known.get() {
+            return k.clone();
+        }
+        match self.view.cluster().cluster_id {
+            Some(id) => self.known.get_or_init(|| id.into()).clone(),
+            None => self
+                .security
+                .identity()
+                .map(|p| p.cluster)
+                .unwrap_or_default()
+                .into(),
+        }
+    }
+}
 
 /// A peer client: every call carries the cluster id and the sender's and receiver's node ids.
 pub(crate) type PeerRpc = PeerClient<InterceptedService<Channel, PeerHeaders>>;
@@ -46,7 +76,7 @@ pub(crate) type PeerRpc = PeerClient<InterceptedService<Channel, PeerHeaders>>;
 pub(crate) struct PeerPool {
     security: Security,
     me: NodeId,
-    cluster: ClusterId,
+    cluster: Arc<ClusterId>,
     channels: Arc<Mutex<Channels>>,
 }
 
@@ -62,13 +92,18 @@ impl std::fmt::Debug for PeerPool {
 }
 
 impl PeerPool {
-    pub(crate) fn new(security: Security, me: NodeId, cluster: ClusterId) -> Self {
+    pub(crate) fn new(security: Security, me: NodeId, cluster: Arc<ClusterId>) -> Self {
         Self {
             security,
             me,
             cluster,
             channels: Default::default(),
         }
+    }
+
+    /// This node's cluster id.
+    pub(crate) fn cluster(&self) -> Arc<str> {
+        self.cluster.get()
     }
 
     /// The channel to `addr` (`host:port`) whose server must be `expect`, created on first use.
@@ -125,7 +160,7 @@ pub(crate) type AdminRpc = AdminClient<InterceptedService<Channel, Forwarded>>;
 pub(crate) struct PeerHeaders {
     from: NodeId,
     to: NodeId,
-    cluster: ClusterId,
+    cluster: Arc<ClusterId>,
 }
 
 impl tonic::service::Interceptor for PeerHeaders {
@@ -133,7 +168,7 @@ impl tonic::service::Interceptor for PeerHeaders {
         let md = req.metadata_mut();
         md.insert(FROM_HEADER, self.from.into());
         md.insert(TO_HEADER, self.to.into());
-        if let Ok(v) = (self.cluster)().parse() {
+        if let Ok(v) = self.cluster.get().parse() {
             md.insert(CLUSTER_HEADER, v);
         }
         Ok(req)

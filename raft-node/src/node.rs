@@ -234,10 +234,7 @@ impl RunningNode {
             _ => None,
         };
 
-        let cluster: ClusterId = {
-            let (view, security) = (view.clone(), security.clone());
-            Arc::new(move || crate::shared::cluster_id(&view, &security))
-        };
+        let cluster = Arc::new(ClusterId::new(view.clone(), security.clone()));
         let pool = PeerPool::new(security.clone(), id, cluster);
         let network = Network { pool: pool.clone() };
         let raft = Raft::new(id, Arc::new(raft_config), network, log.clone(), sm).await?;

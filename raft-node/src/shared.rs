@@ -191,7 +191,7 @@ impl NodeShared {
     /// The cluster's id: as initialised, or (before this node knows it) the one its
     /// certificate names.
     pub(crate) fn cluster_id(&self) -> String {
-        cluster_id(&self.view, &self.security)
+        self.proposer.pool.cluster().to_string()
     }
 
     pub(crate) fn confirmed_peers(&self, id: NodeId) -> bool {
@@ -241,12 +241,4 @@ pub(crate) fn members(raft: &Raft) -> (BTreeMap<NodeId, (NodeInfo, bool)>, Optio
         .map(|(id, n)| (*id, (n.clone(), voters.contains(id))))
         .collect();
     (nodes, m.current_leader)
-}
-
-/// The cluster's id as `view` knows it, or else as the certificate of `security` names it.
-pub(crate) fn cluster_id(view: &StateView, security: &crate::tls::Security) -> String {
-    view.cluster()
-        .cluster_id
-        .or_else(|| security.identity().map(|p| p.cluster))
-        .unwrap_or_default()
 }

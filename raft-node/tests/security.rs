@@ -126,14 +126,7 @@ async fn clients_without_a_valid_certificate_or_role_are_refused_and_change_noth
     // A certificate from another CA (for the same cluster name), trusted by nobody in it.
     let other = issue::new_ca(&cluster, Validity::days(1)).unwrap();
     let other_dir = tmp.path().join("other-ca");
-    issue::write_file(
-        &other_dir.join(issue::CA_KEY_FILE),
-        &other.key_pem,
-        true,
-        false,
-    )
-    .unwrap();
-    issue::write_file(&other_dir.join(CA_FILE), &other.cert_pem, false, false).unwrap();
+    issue::write_ca(&other_dir, &other, false).unwrap();
     let forged = issue::issue(
         &other_dir,
         &Principal::client(&cluster, Role::Admin, "intruder"),
@@ -452,14 +445,7 @@ async fn certificates_rotate_under_write_load_with_no_failed_write_and_the_old_c
     // 1. Every directory trusts the old and the new CA.
     let new = issue::new_ca(&cluster, Validity::days(60)).unwrap();
     let new_ca_dir = tmp.path().join("new-ca");
-    issue::write_file(
-        &new_ca_dir.join(issue::CA_KEY_FILE),
-        &new.key_pem,
-        true,
-        false,
-    )
-    .unwrap();
-    issue::write_file(&new_ca_dir.join(CA_FILE), &new.cert_pem, false, false).unwrap();
+    issue::write_ca(&new_ca_dir, &new, false).unwrap();
     let both = format!("{old_ca}{}", new.cert_pem);
     let dirs: Vec<(Principal, PathBuf)> = [1, 2, 3]
         .into_iter()
@@ -715,7 +701,7 @@ async fn certificates_made_with_the_cli_run_a_node_that_takes_its_id_from_them()
     assert!(!ok && err.contains("needs the writer role"), "{err}");
     let (ok, _, err) = raftmap(&["map", "list", "--endpoints", &api], d);
     assert!(
-        !ok && err.contains("may require TLS: pass --tls-dir"),
+        !ok && err.contains(&format!("{api} requires TLS: pass --tls-dir")),
         "{err}"
     );
 }

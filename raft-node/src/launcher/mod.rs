@@ -188,11 +188,7 @@ impl Pki {
 
     fn new(dir: PathBuf) -> Result<Self> {
         let ca = issue::new_ca(Self::CLUSTER, Validity::days(30)).map_err(NodeError::from)?;
-        let ca_dir = dir.join("ca");
-        issue::write_file(&ca_dir.join(issue::CA_KEY_FILE), &ca.key_pem, true, false)
-            .map_err(NodeError::from)?;
-        issue::write_file(&ca_dir.join(CA_FILE), &ca.cert_pem, false, false)
-            .map_err(NodeError::from)?;
+        issue::write_ca(&dir.join("ca"), &ca, false).map_err(NodeError::from)?;
         let mut pki = Self {
             dir,
             cluster: Self::CLUSTER.into(),

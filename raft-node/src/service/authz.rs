@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::BoxFuture;
+use http::HeaderMap;
 use raftmap_storage::NodeId;
-use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use crate::shared::NodeShared;
@@ -113,7 +113,7 @@ pub(crate) fn check_self(granted: Option<&Granted>, node_id: NodeId) -> Result<(
 pub(crate) struct Local {
     pub(crate) me: NodeId,
     /// This cluster's id; empty while unknown (a node without TLS before it joins).
-    pub(crate) cluster: String,
+    pub(crate) cluster: Arc<str>,
 }
 
 /// The decision, before the membership check a peer (or forwarding) call also needs.
@@ -124,13 +124,11 @@ pub(crate) struct Decision {
     pub(crate) member: Option<NodeId>,
 }
 
-fn header(md: &MetadataMap, name: &str) -> Option<String> {
-    md.get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+fn header<'a>(md: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    md.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn header_id(md: &MetadataMap, name: &str) -> Result<NodeId, Status> {
+fn header_id(md: &HeaderMap, name: &str) -> Result<NodeId, Status> {
     header(md, name)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| {
@@ -143,7 +141,7 @@ pub(crate) fn decide(
     port: Port,
     path: &str,
     auth: &Auth,
-    md: &MetadataMap,
+    md: &HeaderMap,
     local: &Local,
 ) -> Result<Decision, Status> {
     let need = match (port, need(path)) {
@@ -168,7 +166,7 @@ pub(crate) fn decide(
                 )))
             }
             Auth::Verified(p) => {
-                if !local.cluster.is_empty() && p.cluster != local.cluster {
+                if !local.cluster.is_empty() && *p.cluster != *local.cluster {
                     return Err(Status::permission_denied(format!(
                         "the certificate is for cluster {}, this is cluster {}",
                         p.cluster, local.cluster
@@ -183,15 +181,11 @@ pub(crate) fn decide(
     }
 }
 
-fn peer(
-    md: &MetadataMap,
-    principal: Option<&Principal>,
-    local: &Local,
-) -> Result<Decision, Status> {
+fn peer(md: &HeaderMap, principal: Option<&Principal>, local: &Local) -> Result<Decision, Status> {
     let from = header_id(md, FROM_HEADER)?;
     let to = header_id(md, TO_HEADER)?;
     let cluster = header(md, CLUSTER_HEADER).unwrap_or_default();
-    if !cluster.is_empty() && !local.cluster.is_empty() && cluster != local.cluster {
+    if !cluster.is_empty() && !local.cluster.is_empty() && *cluster != *local.cluster {
         tracing::warn!(ours = %local.cluster, theirs = %cluster, from, "refused a peer call from another cluster");
         return Err(Status::permission_denied(format!(
             "the call comes from cluster {cluster}, this is cluster {}",
@@ -233,7 +227,7 @@ fn peer(
 fn api(
     path: &str,
     role: Role,
-    md: &MetadataMap,
+    md: &HeaderMap,
     principal: Option<&Principal>,
     local: &Local,
 ) -> Result<Decision, Status> {
@@ -258,7 +252,7 @@ fn api(
     };
     match (&p.subject, header(md, FORWARDED_FOR_HEADER)) {
         (Subject::Node(via), Some(uri)) => {
-            let caller = Principal::parse(&uri)
+            let caller = Principal::parse(uri)
                 .map_err(|e| Status::invalid_argument(format!("{FORWARDED_FOR_HEADER}: {e}")))?;
             if caller.cluster != p.cluster {
                 return Err(Status::permission_denied(format!(
@@ -336,12 +330,11 @@ where
             let auth = caller
                 .as_ref()
                 .map_or(Auth::Insecure, |c| (*c.auth).clone());
-            let md = MetadataMap::from_headers(req.headers().clone());
             let local = Local {
                 me: shared.id,
-                cluster: shared.cluster_id(),
+                cluster: shared.proposer.pool.cluster(),
             };
-            let decision = decide(port, req.uri().path(), &auth, &md, &local);
+            let decision = decide(port, req.uri().path(), &auth, req.headers(), &local);
             let decision = match decision {
                 Ok(d) => match d.member {
                     Some(id) => crate::service::peer::known_sender(&shared, id)
@@ -404,6 +397,10 @@ mod tests {
         }
     }
 
+    fn value(s: &str) -> http::HeaderValue {
+        http::HeaderValue::from_str(s).unwrap()
+    }
+
     fn api_calls() -> Vec<String> {
         KV.iter()
             .map(|m| format!("/raftmap.v1.Kv/{m}"))
@@ -415,15 +412,15 @@ mod tests {
         Auth::Verified(Principal::client("prod", role, "ops"))
     }
 
-    fn peer_md(cluster: &str, from: NodeId, to: NodeId) -> MetadataMap {
-        let mut md = MetadataMap::new();
-        md.insert(CLUSTER_HEADER, cluster.parse().unwrap());
+    fn peer_md(cluster: &str, from: NodeId, to: NodeId) -> HeaderMap {
+        let mut md = HeaderMap::new();
+        md.insert(CLUSTER_HEADER, value(cluster));
         md.insert(FROM_HEADER, from.into());
         md.insert(TO_HEADER, to.into());
         md
     }
 
-    fn decide_api(auth: &Auth, path: &str, md: &MetadataMap) -> Result<Decision, Status> {
+    fn decide_api(auth: &Auth, path: &str, md: &HeaderMap) -> Result<Decision, Status> {
         decide(Port::Api, path, auth, md, &local())
     }
 
@@ -438,7 +435,7 @@ mod tests {
 
     #[test]
     fn every_api_call_is_granted_exactly_to_the_roles_that_include_its_own() {
-        let md = MetadataMap::new();
+        let md = HeaderMap::new();
         for path in api_calls() {
             for role in [Role::Reader, Role::Writer, Role::Admin] {
                 let r = decide_api(&client(role), &path, &md);
@@ -497,7 +494,7 @@ mod tests {
     #[test]
     fn a_certificate_of_another_cluster_is_refused() {
         let other = Auth::Verified(Principal::client("staging", Role::Admin, "ops"));
-        let e = decide_api(&other, "/raftmap.v1.Kv/Get", &MetadataMap::new()).unwrap_err();
+        let e = decide_api(&other, "/raftmap.v1.Kv/Get", &HeaderMap::new()).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(
             e.message()
@@ -511,8 +508,7 @@ mod tests {
         let node2 = Auth::Verified(Principal::node("prod", 2));
         for m in PEER {
             let path = format!("/raftmap.v1.Peer/{m}");
-            let peer =
-                |auth: &Auth, md: &MetadataMap| decide(Port::Peer, &path, auth, md, &local());
+            let peer = |auth: &Auth, md: &HeaderMap| decide(Port::Peer, &path, auth, md, &local());
             let d = peer(&node2, &peer_md("prod", 2, 1)).unwrap();
             assert_eq!(d.granted, Granted::Peer(2));
             // The membership check follows: node 2 must be a member.
@@ -547,7 +543,7 @@ mod tests {
                 assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}");
                 assert!(e.message().contains(why), "{m}: {e:?}");
             }
-            let e = peer(&node2, &MetadataMap::new()).unwrap_err();
+            let e = peer(&node2, &HeaderMap::new()).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{m}");
             // Without TLS the ids are still checked; membership is left to the messages.
             let d = peer(&Auth::Insecure, &peer_md("prod", 2, 1)).unwrap();
@@ -571,7 +567,7 @@ mod tests {
     #[test]
     fn a_node_certificate_may_only_join_and_read_status_unless_it_forwards() {
         let node2 = Auth::Verified(Principal::node("prod", 2));
-        let md = MetadataMap::new();
+        let md = HeaderMap::new();
         for path in api_calls() {
             let joins_or_reads = node_may(&path);
             let r = decide_api(&node2, &path, &md);
@@ -581,9 +577,9 @@ mod tests {
             }
         }
         // Forwarding for a writer: what the writer may call, and no more.
-        let mut fwd = MetadataMap::new();
+        let mut fwd = HeaderMap::new();
         let writer = Principal::client("prod", Role::Writer, "app");
-        fwd.insert(FORWARDED_FOR_HEADER, writer.uri().parse().unwrap());
+        fwd.insert(FORWARDED_FOR_HEADER, value(&writer.uri()));
         for path in api_calls() {
             let r = decide_api(&node2, &path, &fwd);
             if needed(&path) <= Role::Writer {
@@ -606,7 +602,7 @@ mod tests {
         }
         // A client cannot forward: the header is ignored and its own role counts.
         let reader = client(Role::Reader);
-        let mut admin_fwd = MetadataMap::new();
+        let mut admin_fwd = HeaderMap::new();
         admin_fwd.insert(
             FORWARDED_FOR_HEADER,
             Principal::client("prod", Role::Admin, "x")
@@ -636,7 +632,7 @@ mod tests {
     #[test]
     fn without_tls_every_api_call_is_allowed() {
         for path in api_calls() {
-            let d = decide_api(&Auth::Insecure, &path, &MetadataMap::new()).unwrap();
+            let d = decide_api(&Auth::Insecure, &path, &HeaderMap::new()).unwrap();
             assert_eq!(d.granted, Granted::Anyone);
         }
     }

@@ -191,6 +191,12 @@ pub fn write_file(path: &Path, data: &str, secret: bool, replace: bool) -> Resul
     Ok(())
 }
 
+/// Writes a CA's directory: `ca.key` (owner only) and `ca.crt`.
+pub fn write_ca(dir: &Path, ca: &Issued, replace: bool) -> Result<(), TlsError> {
+    write_file(&dir.join(CA_KEY_FILE), &ca.key_pem, true, replace)?;
+    write_file(&dir.join(CA_FILE), &ca.cert_pem, false, replace)
+}
+
 /// Writes an identity directory: `ca.crt` (the CAs to trust), `tls.crt` and `tls.key`. The key
 /// goes first, so a reader that sees the new certificate sees its key.
 pub fn write_identity(
