@@ -9,7 +9,8 @@
 //! ```
 //!
 //! The public API is small: [`RunningNode`] (start a node from a [`NodeConfig`]), [`Client`]
-//! (talk to a cluster) and [`launcher`] (run several nodes as processes on loopback).
+//! (talk to a cluster), [`tls`] (the certificates a process connects and serves with, and
+//! making them) and [`launcher`] (run several nodes as processes on loopback).
 
 mod client;
 mod consistency;
