@@ -27,6 +27,7 @@ mod metrics;
 mod network;
 mod node;
 mod peer_check;
+mod pool;
 mod propose;
 mod service;
 mod shared;

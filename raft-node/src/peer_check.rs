@@ -5,7 +5,7 @@
 //! assertion inside its core and stops it. Every peer message is checked here first, and one
 //! that fails is refused with INVALID_ARGUMENT naming the problem; nothing reaches the log or
 //! the state machine. The sender a message names must be the node the call is from (its
-//! headers, proven by its certificate with TLS: `service/authz.rs`), not this node, and not
+//! headers, proven by its certificate with TLS: `service/authz/`), not this node, and not
 //! a node id that was removed and retired.
 
 use raftmap_storage::{Entry, LogId, NodeId, SnapshotMeta, Vote};

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::{decode, encode, NodeError, ProposeError, Result};
 use crate::metrics::Metrics;
-use crate::network::PeerPool;
+use crate::pool::PeerPool;
 
 /// How long a proposal may wait for a leader before failing with UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(10);

@@ -110,7 +110,7 @@ impl NodeShared {
     pub(crate) async fn leader_admin<T>(
         &self,
         req: &tonic::Request<T>,
-    ) -> Result<Option<crate::network::AdminRpc>> {
+    ) -> Result<Option<crate::pool::AdminRpc>> {
         let leader = self
             .proposer
             .wait_for_leader(Instant::now() + Duration::from_secs(5))

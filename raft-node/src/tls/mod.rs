@@ -5,7 +5,7 @@
 //! CA, as cert-manager writes it) that is read again whenever its files change, so a rotated
 //! Secret is used without a restart: new connections use the new files, calls in flight finish
 //! on the connections they started on. What a certificate may do is decided per call
-//! (`service/authz.rs`); who it is comes from [`Principal`]. `raftmap certs` makes the
+//! (`service/authz/`); who it is comes from [`Principal`]. `raftmap certs` makes the
 //! certificates ([`issue`]).
 
 pub mod issue;
