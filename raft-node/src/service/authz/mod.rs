@@ -327,9 +327,13 @@ where
         let port = self.port;
         Box::pin(async move {
             let caller = req.extensions().get::<Caller>().cloned();
-            let auth = caller
-                .as_ref()
-                .map_or(Auth::Insecure, |c| (*c.auth).clone());
+            // Every connection comes with its caller (`tls::incoming`); should one not, it
+            // counts as unauthenticated when this node runs TLS: closed, not open.
+            let unknown = match shared.security.is_tls() {
+                true => Auth::NoCertificate,
+                false => Auth::Insecure,
+            };
+            let auth = caller.as_ref().map_or(unknown, |c| (*c.auth).clone());
             let local = Local {
                 me: shared.id,
                 cluster: shared.proposer.pool.cluster(),
