@@ -315,12 +315,25 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn propose(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let from = sender(&req);
         let proposal: Proposal = decode(&req.into_inner().data)?;
         refuse_peer(
             &self.shared.metrics,
             "forwarded proposal",
             self.check_forwarded(&proposal),
         )?;
+        // With TLS the sender is proven: it must be a member, unless all it hands on is its own
+        // retirement (a leader that removed itself, out of the membership by now).
+        if let (true, Some(id)) = (self.shared.security.is_tls(), from) {
+            let own_retirement = proposal.batches.is_empty()
+                && matches!(proposal.admin[..], [AdminOp::RetireNode { node_id }] if node_id == id);
+            if !own_retirement {
+                known_sender(&self.shared, id).await.map_err(|reason| {
+                    self.shared.metrics.refused_calls.inc();
+                    Status::permission_denied(reason)
+                })?;
+            }
+        }
         let res: Result<_, ProposeError> = self.shared.proposer.append_local(proposal).await;
         payload(&res)
     }

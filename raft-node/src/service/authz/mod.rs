@@ -176,12 +176,17 @@ pub(crate) fn decide(
             }
         };
     match need {
-        Need::Peer => peer(md, principal, local),
+        Need::Peer => peer(path, md, principal, local),
         Need::Role(role) => api(path, role, md, principal, local),
     }
 }
 
-fn peer(md: &HeaderMap, principal: Option<&Principal>, local: &Local) -> Result<Decision, Status> {
+fn peer(
+    path: &str,
+    md: &HeaderMap,
+    principal: Option<&Principal>,
+    local: &Local,
+) -> Result<Decision, Status> {
     let from = header_id(md, FROM_HEADER)?;
     let to = header_id(md, TO_HEADER)?;
     let cluster = header(md, CLUSTER_HEADER).unwrap_or_default();
@@ -218,9 +223,16 @@ fn peer(md: &HeaderMap, principal: Option<&Principal>, local: &Local) -> Result<
             }
         }
     }
+    // A leader that removed itself hands its own retirement on to the next leader after it
+    // left the membership: the Peer service admits that one proposal from a non-member and
+    // checks membership for every other.
+    let member = match path {
+        "/raftmap.v1.Peer/Propose" => None,
+        _ => principal.map(|_| from),
+    };
     Ok(Decision {
         granted: Granted::Peer(from),
-        member: principal.map(|_| from),
+        member,
     })
 }
 
