@@ -180,22 +180,7 @@ pub(crate) fn load(dir: &Path, files: Files) -> Result<Material, TlsError> {
     let key = PrivateKeyDer::from_pem_slice(&files[2])
         .map_err(|e| files_error(&key_path, format!("not a PEM private key: {e}")))?;
 
-    let mut roots = RootCertStore::empty();
-    let mut ca_not_after = i64::MAX;
-    for ca in &cas {
-        let facts = CertFacts::of(ca).map_err(|e| files_error(&ca_path, e))?;
-        if !facts.is_ca {
-            return Err(files_error(
-                &ca_path,
-                format!("{} is not a CA certificate", facts.subject),
-            ));
-        }
-        ca_not_after = ca_not_after.min(facts.not_after);
-        roots
-            .add(ca.clone())
-            .map_err(|e| files_error(&ca_path, format!("unusable CA certificate: {e}")))?;
-    }
-    let roots = Arc::new(roots);
+    let (roots, ca_not_after, _) = trust(&ca_path, &cas)?;
     let leaf = CertFacts::of(&chain[0]).map_err(|e| files_error(&cert_path, e))?;
     let me = leaf.principal().map_err(|e| files_error(&cert_path, e))?;
     if me.subject == Subject::Authority {
@@ -255,6 +240,34 @@ pub(crate) fn load(dir: &Path, files: Files) -> Result<Material, TlsError> {
     })
 }
 
+/// The trusted CAs of `ca.crt`: the root store, when the first of them expires, and the
+/// cluster a CA names (the last that names one).
+fn trust(
+    ca_path: &Path,
+    cas: &[CertificateDer<'static>],
+) -> Result<(Arc<RootCertStore>, i64, Option<String>), TlsError> {
+    let mut roots = RootCertStore::empty();
+    let mut cluster = None;
+    let mut not_after = i64::MAX;
+    for ca in cas {
+        let facts = CertFacts::of(ca).map_err(|e| files_error(ca_path, e))?;
+        if !facts.is_ca {
+            return Err(files_error(
+                ca_path,
+                format!("{} is not a CA certificate", facts.subject),
+            ));
+        }
+        not_after = not_after.min(facts.not_after);
+        if let Ok(p) = facts.principal() {
+            cluster = Some(p.cluster);
+        }
+        roots
+            .add(ca.clone())
+            .map_err(|e| files_error(ca_path, format!("unusable CA certificate: {e}")))?;
+    }
+    Ok((Arc::new(roots), not_after, cluster))
+}
+
 /// A directory with only `ca.crt`: servers are checked, no certificate is presented. The
 /// cluster is the one the CA names.
 fn load_verify_only(
@@ -263,26 +276,13 @@ fn load_verify_only(
     files: Files,
     provider: Arc<CryptoProvider>,
 ) -> Result<Material, TlsError> {
-    let mut roots = RootCertStore::empty();
-    let mut cluster = None;
-    let mut ca_not_after = i64::MAX;
-    for ca in cas {
-        let facts = CertFacts::of(ca).map_err(|e| files_error(ca_path, e))?;
-        ca_not_after = ca_not_after.min(facts.not_after);
-        if let Ok(p) = facts.principal() {
-            cluster = Some(p.cluster);
-        }
-        roots
-            .add(ca.clone())
-            .map_err(|e| files_error(ca_path, format!("unusable CA certificate: {e}")))?;
-    }
+    let (roots, ca_not_after, cluster) = trust(ca_path, cas)?;
     let cluster = cluster.ok_or_else(|| {
         files_error(
             ca_path,
             format!("names no raftmap cluster; add {CERT_FILE} and {KEY_FILE} to the directory"),
         )
     })?;
-    let roots = Arc::new(roots);
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
