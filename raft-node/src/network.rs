@@ -11,8 +11,8 @@ use futures_util::stream::{BoxStream, StreamExt};
 use openraft::error::{Fatal, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{Backoff, RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use raftmap_proto::RaftPayload;
 use raftmap_storage::{NodeId, NodeInfo, Snapshot, TypeConfig, Vote};
@@ -115,24 +115,37 @@ impl PeerConnection {
         result.map_err(|e| RPCError::Unreachable(self.unreachable(&e)))
     }
 
-    async fn vote_call(
+    /// One request, one answer: `req` encoded, sent by `method` within `timeout`.
+    async fn unary<Req, Resp>(
         &self,
-        pre_vote: bool,
-        req: &VoteRequest<TypeConfig>,
+        method: Unary,
+        req: &Req,
         timeout: Duration,
-    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
         let data = encode(req).map_err(|e| self.unreachable(&e))?;
         let mut client = self.client()?;
         let mut request = tonic::Request::new(RaftPayload { data });
         request.set_timeout(timeout);
-        let resp = if pre_vote {
-            client.pre_vote(request).await
-        } else {
-            client.vote(request).await
+        let resp = match method {
+            Unary::Vote => client.vote(request).await,
+            Unary::PreVote => client.pre_vote(request).await,
+            Unary::TransferLeader => client.transfer_leader(request).await,
         }
         .map_err(|s| self.unreachable(&s))?;
         self.answer(&resp.into_inner().data)
     }
+}
+
+/// The single-message Peer calls.
+#[derive(Debug, Clone, Copy)]
+enum Unary {
+    Vote,
+    PreVote,
+    TransferLeader,
 }
 
 /// What the peer answers on the append stream, in order, one per request.
@@ -308,7 +321,7 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.vote_call(false, &rpc, option.hard_ttl()).await
+        self.unary(Unary::Vote, &rpc, option.hard_ttl()).await
     }
 
     async fn pre_vote(
@@ -316,7 +329,16 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.vote_call(true, &rpc, option.hard_ttl()).await
+        self.unary(Unary::PreVote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.unary(Unary::TransferLeader, &req, option.hard_ttl())
+            .await
     }
 
     /// The whole snapshot on one client stream: a header (the leader's vote and the

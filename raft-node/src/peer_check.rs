@@ -65,6 +65,17 @@ pub(crate) fn check_vote(
     check_log_id("the candidate's last log id", last_log_id, vote)
 }
 
+/// A leader handing its leadership on: the sender is the leader, and the log it expects the
+/// next leader to hold is no newer than its vote.
+pub(crate) fn check_transfer(
+    ctx: &PeerContext,
+    vote: &Vote,
+    last_log_id: Option<&LogId>,
+) -> Result<(), Refusal> {
+    check_sender(ctx, "a leadership transfer", vote.leader_id.node_id)?;
+    check_log_id("the transfer's last log id", last_log_id, vote)
+}
+
 /// AppendEntries: entries contiguous after `prev_log_id`, in log order, none newer than the
 /// leader's vote, each payload within the log entry limits.
 pub(crate) fn check_append(

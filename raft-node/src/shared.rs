@@ -18,6 +18,9 @@ use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::propose::{Batcher, Proposer};
 
+/// The longest a leader waits for its successor when it hands leadership on.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
 /// State shared by the services of one node.
 pub struct NodeShared {
     pub(crate) id: NodeId,
@@ -126,6 +129,54 @@ impl NodeShared {
             &node.api_addr,
             caller,
         )?))
+    }
+
+    /// Hands this node's leadership to the voter whose log matches it furthest and waits
+    /// until another node leads (a leader removes itself only after this: it need not manage
+    /// a change that takes it out). Returns the new leader.
+    pub(crate) async fn hand_over_leadership(&self) -> Result<NodeId> {
+        let target = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            let matched = |id: &NodeId| {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+            };
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .filter(|id| *id != self.id)
+                .max_by_key(matched)
+        };
+        let Some(target) = target else {
+            return Err(NodeError::Unavailable(
+                "no other voter to hand leadership to".into(),
+            ));
+        };
+        self.raft
+            .trigger()
+            .transfer_leader(target)
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("raft: {e}")))?;
+        let me = self.id;
+        let new = self
+            .raft
+            .wait(Some(HANDOVER_WAIT))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "another node leads",
+            )
+            .await;
+        match new {
+            Ok(m) => Ok(m.current_leader.unwrap_or(target)),
+            Err(openraft::metrics::WaitError::ShuttingDown) => {
+                Err(NodeError::Unavailable("raft has shut down".into()))
+            }
+            Err(openraft::metrics::WaitError::Timeout(..)) => Err(NodeError::Unavailable(format!(
+                "leadership did not pass to node {target} within {HANDOVER_WAIT:?}; retry"
+            ))),
+        }
     }
 
     /// Waits until this node has applied everything committed before the call (read-index).

@@ -657,3 +657,66 @@ async fn an_isolated_leader_is_replaced_and_the_cluster_heals() {
     c.heal().unwrap();
     assert_eq!(converged(&mut c, &[1, 2, 3]).await.len(), 1);
 }
+
+/// A leader asked to remove itself answers, the rest of the cluster goes on without it, and
+/// its id cannot come back.
+async fn a_leader_removes_itself(tls: bool) {
+    let mut o = opts(&[]);
+    o.launch.tls = tls;
+    let mut c = LocalCluster::start(o, 3, 0, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    client.declare(&schema()).await.unwrap();
+    client.put(MAP, key(1), key(1)).await.unwrap();
+    c.spawn(4, Some(1), false).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    let leader = leader_of(&c, &[1, 2, 3, 4]).await;
+    // The join's membership change is over once the leader lists 4 as a voter and has
+    // committed everything it has.
+    c.wait_for(leader, T, "commit node 4 as a voter", |s| {
+        s.members.iter().any(|m| m.node_id == 4 && m.voter) && s.committed_index == s.last_log_index
+    })
+    .await
+    .unwrap();
+
+    let admin = c.client(leader).await.unwrap();
+    let mut api = admin.admin();
+    let call = api.remove(pb::RemoveRequest {
+        node_id: leader,
+        force: false,
+    });
+    let m = tokio::time::timeout(T, call)
+        .await
+        .expect("a leader removing itself did not answer")
+        .unwrap()
+        .into_inner();
+    let rest: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|&i| i != leader).collect();
+    let members: BTreeSet<u64> = m.members.iter().map(|m| m.node_id).collect();
+    assert_eq!(members, rest.iter().copied().collect());
+    c.kill(leader).unwrap();
+
+    let other = c.client(rest[0]).await.unwrap();
+    other.put(MAP, key(2), key(2)).await.unwrap();
+    assert_eq!(converged(&mut c, &rest).await.len(), 2);
+    let err = other
+        .admin()
+        .add_learner(pb::AddLearnerRequest {
+            node_id: leader,
+            raft_addr: "127.0.0.1:1".into(),
+            api_addr: "127.0.0.1:2".into(),
+            cluster_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    assert!(err.message().contains("cannot be reused"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_removes_itself_with_tls() {
+    a_leader_removes_itself(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_removes_itself_in_plaintext() {
+    a_leader_removes_itself(false).await;
+}

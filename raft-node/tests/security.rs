@@ -240,9 +240,16 @@ async fn clients_without_a_valid_certificate_or_role_are_refused_and_change_noth
     assert_eq!(refusals(&c) - refused_before, 18.0);
 }
 
-/// A vote request, an append with one put, a snapshot header and a forwarded proposal, all as
-/// node `claimed` would send them: each must be refused without changing anything.
-async fn every_peer_call_refused(p: &mut common::Peer, claimed: u64, term: u64, why: &str) {
+/// A vote request, an append with one put, a snapshot header, a forwarded proposal and a
+/// leadership transfer, all as node `claimed` would send them: each must be refused without
+/// changing anything.
+async fn every_peer_call_refused(
+    p: &mut common::Peer,
+    to: u64,
+    claimed: u64,
+    term: u64,
+    why: &str,
+) {
     let vote = openraft::raft::VoteRequest::<raftmap_node::storage::TypeConfig>::new(
         Vote::new(term + 1, claimed),
         None,
@@ -296,6 +303,20 @@ async fn every_peer_call_refused(p: &mut common::Peer, claimed: u64, term: u64, 
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "propose: {e:?}");
     assert!(e.message().contains(why), "propose: {e:?}");
+    // A leadership transfer to the node called would start an election there.
+    let transfer = openraft::raft::TransferLeaderRequest::<raftmap_node::storage::TypeConfig>::new(
+        Vote::new_committed(term, claimed),
+        to,
+        None,
+    );
+    let e = p
+        .transfer_leader(pb::RaftPayload {
+            data: postcard::to_stdvec(&transfer).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "transfer: {e:?}");
+    assert!(e.message().contains(why), "transfer: {e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,10 +353,10 @@ async fn node_certificates_of_strangers_removed_nodes_other_ids_and_other_cluste
         to: target,
     };
     let mut p = common::peer_with(&c, target, &stranger, headers(99)).await;
-    every_peer_call_refused(&mut p, 99, term, "node 99 is not a member").await;
+    every_peer_call_refused(&mut p, target, 99, term, "node 99 is not a member").await;
     // The removed node.
     let mut p = common::peer_as(&c, target, 4).await;
-    every_peer_call_refused(&mut p, 4, term, "node 4 is not a member").await;
+    every_peer_call_refused(&mut p, target, 4, term, "node 4 is not a member").await;
     // Node 2's certificate used by "node 3".
     let other = [1, 2, 3]
         .into_iter()
@@ -350,6 +371,7 @@ async fn node_certificates_of_strangers_removed_nodes_other_ids_and_other_cluste
     .await;
     every_peer_call_refused(
         &mut p,
+        target,
         leader,
         term,
         &format!("the certificate is node {other}'s, the call claims to come from node {leader}"),
@@ -365,6 +387,7 @@ async fn node_certificates_of_strangers_removed_nodes_other_ids_and_other_cluste
     let mut p = common::peer_with(&c, target, &common::node_security(&c, other), wrong).await;
     every_peer_call_refused(
         &mut p,
+        target,
         other,
         term,
         "from cluster elsewhere, this is cluster local",

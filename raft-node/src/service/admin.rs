@@ -2,13 +2,14 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use raftmap_proto as pb;
 use raftmap_storage::{
-    AdminOp, BatchOutcome, NodeInfo, Op, Proposal, Source, TypeConfig, ValidationError,
+    AdminOp, BatchOutcome, NodeId, NodeInfo, Op, Proposal, Source, TypeConfig, ValidationError,
 };
 use tonic::{Request, Response, Status};
 
@@ -57,6 +58,175 @@ fn membership_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> S
             Status::unavailable("leadership changed during the request; retry")
         }
         other => Status::unavailable(other.to_string()),
+    }
+}
+
+/// How long a membership change waits for the leader to commit a change it inherited.
+const SETTLE_WAIT: Duration = Duration::from_secs(5);
+/// How long a membership change keeps following the leadership when it moves under it.
+const LEADER_CHANGE_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a membership change made on this node did not happen.
+#[derive(Debug)]
+enum Change {
+    /// This node does not lead (any more): nothing was changed, the leader should make it.
+    NotLeader,
+    Refused(Status),
+}
+
+impl From<Status> for Change {
+    fn from(s: Status) -> Self {
+        Change::Refused(s)
+    }
+}
+
+impl From<NodeError> for Change {
+    fn from(e: NodeError) -> Self {
+        Change::Refused(e.into())
+    }
+}
+
+impl From<Change> for Status {
+    fn from(c: Change) -> Self {
+        match c {
+            Change::NotLeader => {
+                Status::unavailable("leadership changed during the request; retry")
+            }
+            Change::Refused(s) => s,
+        }
+    }
+}
+
+/// Changes the membership (on the leader). A leader elected while a change was under way
+/// commits it with its first entry; the new change waits for that instead of failing.
+async fn change_membership(
+    s: &NodeShared,
+    change: ChangeMembers<NodeId, NodeInfo>,
+) -> Result<(), Change> {
+    let settled = s
+        .raft
+        .wait(Some(SETTLE_WAIT))
+        .metrics(
+            |m| m.committed_membership_config.log_id() == m.membership_config.log_id(),
+            "the last membership change commits",
+        )
+        .await;
+    if let Err(openraft::metrics::WaitError::ShuttingDown) = settled {
+        return Err(Status::unavailable("raft has shut down").into());
+    }
+    // Still unsettled: openraft refuses the change with the reason.
+    match s.raft.change_membership(change, false).await {
+        Ok(_) => Ok(()),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Change::NotLeader),
+        Err(e) => Err(membership_error(e).into()),
+    }
+}
+
+/// Whether to try a membership change again: it reached a node that no longer leads, and
+/// there is time to find the one that does.
+async fn retry_change(
+    outcome: &Result<Response<pb::MembersResponse>, Change>,
+    deadline: Instant,
+) -> bool {
+    if matches!(outcome, Err(Change::NotLeader)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        return true;
+    }
+    false
+}
+
+impl AdminService {
+    /// Promotes a learner on this node, the leader.
+    async fn promote_here(
+        &self,
+        r: &pb::PromoteRequest,
+    ) -> Result<Response<pb::MembersResponse>, Change> {
+        let s = &self.shared;
+        let (nodes, _) = members(&s.raft);
+        match nodes.get(&r.node_id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "node {} is not a member; add-learner first",
+                    r.node_id
+                ))
+                .into())
+            }
+            Some((_, true)) => return Ok(Response::new(member_list(s))),
+            Some((_, false)) => {}
+        }
+        let max_lag = if r.max_lag == 0 {
+            DEFAULT_MAX_LAG
+        } else {
+            r.max_lag
+        };
+        let m = s.raft.metrics().borrow_watched().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m
+            .replication
+            .as_ref()
+            .and_then(|r2| r2.get(&r.node_id).cloned().flatten())
+            .map(|l| l.index);
+        match matched {
+            Some(i) if last.saturating_sub(i) <= max_lag => {}
+            other => {
+                return Err(Status::failed_precondition(format!(
+                    "learner {} has not caught up: it holds the log up to {} of {last} (allowed lag {max_lag}); wait and retry",
+                    r.node_id,
+                    other.map_or("nothing".to_string(), |i| i.to_string()),
+                ))
+                .into())
+            }
+        }
+        change_membership(s, ChangeMembers::AddVoterIds(BTreeSet::from([r.node_id]))).await?;
+        tracing::info!(node = r.node_id, "promoted learner to voter");
+        Ok(Response::new(member_list(s)))
+    }
+
+    /// Removes a node on this node, the leader (never itself: it hands leadership on first).
+    async fn remove_here(
+        &self,
+        r: &pb::RemoveRequest,
+    ) -> Result<Response<pb::MembersResponse>, Change> {
+        let s = &self.shared;
+        let (nodes, _) = members(&s.raft);
+        let voters = nodes.values().filter(|(_, v)| *v).count();
+        let change = match nodes.get(&r.node_id) {
+            None => {
+                return Err(Status::not_found(format!(
+                    "node {} is not a member",
+                    r.node_id
+                ))
+                .into())
+            }
+            Some((_, true)) if voters == 1 => {
+                return Err(Status::failed_precondition(format!(
+                    "node {} is the only voter; removing it would leave no cluster",
+                    r.node_id
+                ))
+                .into())
+            }
+            Some((_, true)) if voters - 1 < MIN_VOTERS && !r.force => {
+                return Err(Status::failed_precondition(format!(
+                    "removing voter {} would leave {} voters, and a cluster needs {MIN_VOTERS} to survive the loss of one; add a voter first, or remove it anyway with --force",
+                    r.node_id,
+                    voters - 1
+                ))
+                .into())
+            }
+            Some((_, true)) => ChangeMembers::RemoveVoters(BTreeSet::from([r.node_id])),
+            Some((_, false)) => ChangeMembers::RemoveNodes(BTreeSet::from([r.node_id])),
+        };
+        change_membership(s, change).await?;
+        // Record the id as retired so it is never reused. Goes through the log like any write
+        // (forwarded if leadership moved in the meantime).
+        s.proposer
+            .propose(Proposal {
+                batches: vec![],
+                admin: vec![AdminOp::RetireNode { node_id: r.node_id }],
+            })
+            .await?;
+        tracing::info!(node = r.node_id, "removed node");
+        Ok(Response::new(member_list(s)))
     }
 }
 
@@ -221,101 +391,43 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> GrpcResult<pb::MembersResponse> {
-        let s = &self.shared;
         check_self(req.extensions().get(), req.get_ref().node_id)?;
-        if let Some(mut leader) = s.leader_admin(&req).await? {
-            return leader.promote(req).await;
-        }
-        let r = req.into_inner();
-        let (nodes, _) = members(&s.raft);
-        match nodes.get(&r.node_id) {
-            None => {
-                return Err(Status::not_found(format!(
-                    "node {} is not a member; add-learner first",
-                    r.node_id
-                )))
+        let deadline = Instant::now() + LEADER_CHANGE_WAIT;
+        loop {
+            if let Some(mut leader) = self.shared.leader_admin(&req).await? {
+                return leader.promote(req).await;
             }
-            Some((_, true)) => return Ok(Response::new(member_list(s))),
-            Some((_, false)) => {}
-        }
-        let max_lag = if r.max_lag == 0 {
-            DEFAULT_MAX_LAG
-        } else {
-            r.max_lag
-        };
-        let m = s.raft.metrics().borrow_watched().clone();
-        let last = m.last_log_index.unwrap_or(0);
-        let matched = m
-            .replication
-            .as_ref()
-            .and_then(|r2| r2.get(&r.node_id).cloned().flatten())
-            .map(|l| l.index);
-        match matched {
-            Some(i) if last.saturating_sub(i) <= max_lag => {}
-            other => {
-                return Err(Status::failed_precondition(format!(
-                    "learner {} has not caught up: it holds the log up to {} of {last} (allowed lag {max_lag}); wait and retry",
-                    r.node_id,
-                    other.map_or("nothing".to_string(), |i| i.to_string()),
-                )))
+            let outcome = self.promote_here(req.get_ref()).await;
+            if !retry_change(&outcome, deadline).await {
+                return outcome.map_err(Status::from);
             }
         }
-        s.raft
-            .change_membership(
-                ChangeMembers::AddVoterIds(BTreeSet::from([r.node_id])),
-                false,
-            )
-            .await
-            .map_err(membership_error)?;
-        tracing::info!(node = r.node_id, "promoted learner to voter");
-        Ok(Response::new(member_list(s)))
     }
 
     async fn remove(&self, req: Request<pb::RemoveRequest>) -> GrpcResult<pb::MembersResponse> {
         let s = &self.shared;
-        if let Some(mut leader) = s.leader_admin(&req).await? {
-            return leader.remove(req).await;
+        let deadline = Instant::now() + LEADER_CHANGE_WAIT;
+        loop {
+            // A leader asked to remove itself hands leadership on first and lets its
+            // successor make the change, as etcd and Consul do: a leader that leaves by its
+            // own change would manage a configuration it is no longer part of.
+            let removing_self = req.get_ref().node_id == s.id;
+            if removing_self && s.raft.metrics().borrow_watched().state.is_leader() {
+                let to = s.hand_over_leadership().await?;
+                tracing::info!(to, "handed leadership on before removing this node");
+            }
+            if let Some(mut leader) = s.leader_admin(&req).await? {
+                return leader.remove(req).await;
+            }
+            let outcome = match removing_self {
+                // Leadership came back to this node: hand it on again.
+                true => Err(Change::NotLeader),
+                false => self.remove_here(req.get_ref()).await,
+            };
+            if !retry_change(&outcome, deadline).await {
+                return outcome.map_err(Status::from);
+            }
         }
-        let r = req.into_inner();
-        let (nodes, _) = members(&s.raft);
-        let voters = nodes.values().filter(|(_, v)| *v).count();
-        let change = match nodes.get(&r.node_id) {
-            None => {
-                return Err(Status::not_found(format!(
-                    "node {} is not a member",
-                    r.node_id
-                )))
-            }
-            Some((_, true)) if voters == 1 => {
-                return Err(Status::failed_precondition(format!(
-                    "node {} is the only voter; removing it would leave no cluster",
-                    r.node_id
-                )))
-            }
-            Some((_, true)) if voters - 1 < MIN_VOTERS && !r.force => {
-                return Err(Status::failed_precondition(format!(
-                    "removing voter {} would leave {} voters, and a cluster needs {MIN_VOTERS} to survive the loss of one; add a voter first, or remove it anyway with --force",
-                    r.node_id,
-                    voters - 1
-                )))
-            }
-            Some((_, true)) => ChangeMembers::RemoveVoters(BTreeSet::from([r.node_id])),
-            Some((_, false)) => ChangeMembers::RemoveNodes(BTreeSet::from([r.node_id])),
-        };
-        s.raft
-            .change_membership(change, false)
-            .await
-            .map_err(membership_error)?;
-        // Record the id as retired so it is never reused. Goes through the log like any write
-        // (forwarded if this node just stepped down by removing itself).
-        s.proposer
-            .propose(Proposal {
-                batches: vec![],
-                admin: vec![AdminOp::RetireNode { node_id: r.node_id }],
-            })
-            .await?;
-        tracing::info!(node = r.node_id, "removed node");
-        Ok(Response::new(member_list(s)))
     }
 
     async fn members(&self, _req: Request<pb::MembersRequest>) -> GrpcResult<pb::MembersResponse> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::RaftError;
-use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use raftmap_proto as pb;
 use raftmap_storage::{AdminOp, NodeId, Proposal, TypeConfig};
 use tokio_stream::Stream;
@@ -44,8 +44,8 @@ impl PeerService {
     }
 
     /// A proposal another node forwards: within the log entry limits, and with no
-    /// administrative record but the one a leader that removed itself hands on (the retirement
-    /// of a node no longer in the membership).
+    /// administrative record but the retirement of a node no longer in the membership (a
+    /// removal whose leader lost its leadership before it recorded the retirement).
     fn check_forwarded(&self, p: &Proposal) -> Result<(), String> {
         p.check_size().map_err(|e| e.to_string())?;
         let (nodes, _) = members(&self.shared.raft);
@@ -315,27 +315,29 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn propose(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
-        let from = sender(&req);
         let proposal: Proposal = decode(&req.into_inner().data)?;
         refuse_peer(
             &self.shared.metrics,
             "forwarded proposal",
             self.check_forwarded(&proposal),
         )?;
-        // With TLS the sender is proven: it must be a member, unless all it hands on is its own
-        // retirement (a leader that removed itself, out of the membership by now).
-        if let (true, Some(id)) = (self.shared.security.is_tls(), from) {
-            let own_retirement = proposal.batches.is_empty()
-                && matches!(proposal.admin[..], [AdminOp::RetireNode { node_id }] if node_id == id);
-            if !own_retirement {
-                known_sender(&self.shared, id).await.map_err(|reason| {
-                    self.shared.metrics.refused_calls.inc();
-                    Status::permission_denied(reason)
-                })?;
-            }
-        }
         let res: Result<_, ProposeError> = self.shared.proposer.append_local(proposal).await;
         payload(&res)
+    }
+
+    async fn transfer_leader(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let from = sender(&req);
+        let rpc: TransferLeaderRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        let vote = rpc.from_leader();
+        let checked =
+            peer_check::check_transfer(&self.shared.peer_context(from), vote, rpc.last_log_id());
+        let checked = match checked {
+            Ok(()) => known_sender(&self.shared, vote.leader_id.node_id).await,
+            Err(e) => Err(e),
+        };
+        refuse_peer(&self.shared.metrics, "leadership transfer", checked)?;
+        let res = self.shared.raft.handle_transfer_leader(rpc).await;
+        payload(&res.map_err(RaftError::<TypeConfig>::Fatal))
     }
 
     async fn read_index(

@@ -176,13 +176,12 @@ pub(crate) fn decide(
             }
         };
     match need {
-        Need::Peer => peer(path, md, principal, local),
+        Need::Peer => peer(md, principal, local),
         Need::Role(role) => api(path, role, md, principal, local),
     }
 }
 
 fn peer(
-    path: &str,
     md: &HeaderMap,
     principal: Option<&Principal>,
     local: &Local,
@@ -223,13 +222,7 @@ fn peer(
             }
         }
     }
-    // A leader that removed itself hands its own retirement on to the next leader after it
-    // left the membership: the Peer service admits that one proposal from a non-member and
-    // checks membership for every other.
-    let member = match path {
-        "/raftmap.v1.Peer/Propose" => None,
-        _ => principal.map(|_| from),
-    };
+    let member = principal.map(|_| from);
     Ok(Decision {
         granted: Granted::Peer(from),
         member,

@@ -12,13 +12,14 @@ const ADMIN: [&str; 7] = [
     "Status",
     "DropMap",
 ];
-const PEER: [&str; 6] = [
+const PEER: [&str; 7] = [
     "Vote",
     "PreVote",
     "AppendEntries",
     "InstallSnapshot",
     "Propose",
     "ReadIndex",
+    "TransferLeader",
 ];
 
 fn local() -> Local {
@@ -142,10 +143,8 @@ fn peer_calls_come_from_member_nodes_as_themselves_and_to_this_node() {
         let peer = |auth: &Auth, md: &HeaderMap| decide(Port::Peer, &path, auth, md, &local());
         let d = peer(&node2, &peer_md("prod", 2, 1)).unwrap();
         assert_eq!(d.granted, Granted::Peer(2));
-        // The membership check follows: node 2 must be a member (for a forwarded proposal
-        // the Peer service checks it, knowing what is proposed).
-        let check = if m == "Propose" { None } else { Some(2) };
-        assert_eq!(d.member, check, "{m}");
+        // The membership check follows: node 2 must be a member.
+        assert_eq!(d.member, Some(2), "{m}");
         let refused = [
             (
                 peer(&node2, &peer_md("prod", 3, 1)),
