@@ -170,10 +170,8 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
             agent_args,
             log_filter: "warn,raftmap_node::kernel=info,raftmap_storage=info".into(),
             node_args,
-            // Plaintext for now: under TLS a leader that removes itself can stall (the
-            // membership nemesis then misses its schedule), and the kernel-map workload's
-            // observers fall under the load the checks ask for on two cores. Both are open.
-            tls: false,
+            // As users deploy it: the launcher makes the CA and every certificate.
+            tls: true,
         },
         netns,
     };

@@ -213,6 +213,9 @@ async fn kernel_maps_converge_in_log_order_under_every_fault() {
         k.out_of_order
     );
     assert!(k.divergent_indexes.is_empty(), "{:?}", k.divergent_indexes);
-    assert!(k.committed_changes > 500 && k.observations > 500, "{k:#?}");
+    // Enough material for the order check to mean something. With TLS on two cores a 12 s
+    // run commits 6000-8500 changes and checks 440-940 sampled states; a tenth of the
+    // changes, or less than half the fewest states, is a run that did not do its work.
+    assert!(k.committed_changes > 600 && k.observations > 200, "{k:#?}");
     assert!(report.valid);
 }

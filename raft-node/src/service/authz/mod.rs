@@ -181,11 +181,7 @@ pub(crate) fn decide(
     }
 }
 
-fn peer(
-    md: &HeaderMap,
-    principal: Option<&Principal>,
-    local: &Local,
-) -> Result<Decision, Status> {
+fn peer(md: &HeaderMap, principal: Option<&Principal>, local: &Local) -> Result<Decision, Status> {
     let from = header_id(md, FROM_HEADER)?;
     let to = header_id(md, TO_HEADER)?;
     let cluster = header(md, CLUSTER_HEADER).unwrap_or_default();
