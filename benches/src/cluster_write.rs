@@ -1,12 +1,13 @@
 //! Commit throughput and latency of a local 3-node cluster for several numbers of concurrent
 //! writers, next to the physical floor measured in the same run: one fsync of 4 KiB on the
 //! data dir's file system and one loopback TCP round trip. The cluster runs with mutual TLS
-//! and without (`--tls on,off`, one cluster each, in the same run), and the cost of TLS is
-//! printed as ratios.
+//! and without (`--tls on,off`, one cluster each, in the same run), in alternating rounds
+//! (`--rounds`: on then off, then off then on, ...) so drift in the host hits both alike; the
+//! cost of TLS is printed as the median over rounds of each round's difference.
 //!
 //! ```text
 //! cargo build --release --bin raftmap --bin cluster-write
-//! target/release/cluster-write --writers 1,64 --seconds 5
+//! target/release/cluster-write --writers 1,64 --seconds 5 --rounds 3
 //! ```
 
 use std::path::PathBuf;
@@ -41,9 +42,12 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Runs with mutual TLS (on) and plaintext (off), in this order.
+    /// Runs with mutual TLS (on) and plaintext (off).
     #[arg(long, value_delimiter = ',', default_value = "on,off")]
     tls: Vec<String>,
+    /// Rounds of every mode and writer count; each round reverses the order of the modes.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 struct RunResult {
@@ -149,8 +153,7 @@ async fn main() -> Result<()> {
     println!("| tls | writers | ops/write | ops/s | ops/entry | errors | p50 us | p99 us | p99.9 us | p50 / floor | p99 / floor |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json = Vec::new();
-    let mut by_mode: std::collections::BTreeMap<(usize, bool), (f64, Duration)> =
-        Default::default();
+    let mut modes = Vec::new();
     for mode in &args.tls {
         let tls = match mode.as_str() {
             "on" => true,
@@ -177,58 +180,86 @@ async fn main() -> Result<()> {
             .await?
             .declare(&MapSchema::hash("bench", 8, 8, 1 << 24))
             .await?;
-        for (n, &w) in args.writers.iter().enumerate() {
-            let entries0 = scrape_counter(&cluster, "raftmap_proposals_total")?;
-            let (csum0, ccount0) = (
-                scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")?,
-                scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")?,
-            );
-            let r = run(&cluster, w, args.seconds, args.ops_per_write, n as u64 + 1).await?;
-            let entries = scrape_counter(&cluster, "raftmap_proposals_total")? - entries0;
-            // Inside the daemons: from proposing an entry to its being applied on the leader,
-            // the part of the client's latency that consensus and storage take.
-            let commit_mean = (scrape_counter(&cluster, "raftmap_commit_latency_seconds_sum")?
-                - csum0)
-                / (scrape_counter(&cluster, "raftmap_commit_latency_seconds_count")? - ccount0)
-                    .max(1.0);
-            eprintln!(
-                "tls {mode}, {w} writers: mean propose-to-applied inside the daemons {:.0} us",
-                commit_mean * 1e6
-            );
-            let per_entry = r.ops as f64 / entries.max(1.0);
-            let rate = r.ops as f64 / r.secs;
-            by_mode.insert((w, tls), (rate, r.p50));
-            println!(
-                "| {mode} | {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
-                r.writers,
-                args.ops_per_write,
-                rate,
-                per_entry,
-                r.errors,
-                us(r.p50),
-                us(r.p99),
-                us(r.p999),
-                r.p50.as_secs_f64() / floor50.as_secs_f64(),
-                r.p99.as_secs_f64() / floor99.as_secs_f64(),
-            );
-            json.push(serde_json::json!({
-                "tls": tls, "writers": r.writers, "ops_per_write": args.ops_per_write, "ops_per_sec": rate, "ops_per_entry": per_entry,
-                "errors": r.errors, "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
-                "floor_p50_us": us(floor50), "floor_p99_us": us(floor99), "fsync": !args.no_sync,
-            }));
+        modes.push((mode.clone(), tls, cluster));
+    }
+    // (writers, tls) -> (ops/s, p50) of each round.
+    let mut by_mode: std::collections::BTreeMap<(usize, bool), Vec<(f64, Duration)>> =
+        Default::default();
+    let mut run_id = 0u64;
+    for round in 0..args.rounds {
+        let mut order: Vec<&(String, bool, LocalCluster)> = modes.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (mode, tls, cluster) in order {
+            for &w in &args.writers {
+                run_id += 1;
+                let entries0 = scrape_counter(cluster, "raftmap_proposals_total")?;
+                let (csum0, ccount0) = (
+                    scrape_counter(cluster, "raftmap_commit_latency_seconds_sum")?,
+                    scrape_counter(cluster, "raftmap_commit_latency_seconds_count")?,
+                );
+                let r = run(cluster, w, args.seconds, args.ops_per_write, run_id).await?;
+                let entries = scrape_counter(cluster, "raftmap_proposals_total")? - entries0;
+                // Inside the daemons: from proposing an entry to its being applied on the
+                // leader, the part of the client's latency that consensus and storage take.
+                let commit_mean = (scrape_counter(cluster, "raftmap_commit_latency_seconds_sum")?
+                    - csum0)
+                    / (scrape_counter(cluster, "raftmap_commit_latency_seconds_count")? - ccount0)
+                        .max(1.0);
+                eprintln!(
+                    "round {round}, tls {mode}, {w} writers: mean propose-to-applied inside the daemons {:.0} us",
+                    commit_mean * 1e6
+                );
+                let per_entry = r.ops as f64 / entries.max(1.0);
+                let rate = r.ops as f64 / r.secs;
+                by_mode.entry((w, *tls)).or_default().push((rate, r.p50));
+                println!(
+                    "| {mode} | {} | {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
+                    r.writers,
+                    args.ops_per_write,
+                    rate,
+                    per_entry,
+                    r.errors,
+                    us(r.p50),
+                    us(r.p99),
+                    us(r.p999),
+                    r.p50.as_secs_f64() / floor50.as_secs_f64(),
+                    r.p99.as_secs_f64() / floor99.as_secs_f64(),
+                );
+                json.push(serde_json::json!({
+                    "round": round, "tls": tls, "writers": r.writers, "ops_per_write": args.ops_per_write, "ops_per_sec": rate, "ops_per_entry": per_entry,
+                    "errors": r.errors, "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
+                    "floor_p50_us": us(floor50), "floor_p99_us": us(floor99), "fsync": !args.no_sync,
+                }));
+            }
         }
     }
     println!();
     for &w in &args.writers {
-        if let (Some((on, on50)), Some((off, off50))) =
-            (by_mode.get(&(w, true)), by_mode.get(&(w, false)))
-        {
-            println!(
-                "{w} writers: TLS on/off throughput {:.2}x, p50 {:+.0} us",
-                on / off.max(1.0),
-                us(*on50) - us(*off50)
-            );
-        }
+        let (Some(on), Some(off)) = (by_mode.get(&(w, true)), by_mode.get(&(w, false))) else {
+            continue;
+        };
+        // Round by round: the modes of one round ran next to each other.
+        let mut ratio: Vec<f64> = on
+            .iter()
+            .zip(off)
+            .map(|(a, b)| a.0 / b.0.max(1.0))
+            .collect();
+        let mut diff: Vec<f64> = on.iter().zip(off).map(|(a, b)| us(a.1) - us(b.1)).collect();
+        ratio.sort_by(f64::total_cmp);
+        diff.sort_by(f64::total_cmp);
+        let median = |v: &[f64]| v[v.len() / 2];
+        println!(
+            "{w} writers, TLS on/off over {} rounds: throughput {:.2}x (rounds {:.2}..{:.2}x), p50 {:+.0} us (rounds {:+.0}..{:+.0} us)",
+            ratio.len(),
+            median(&ratio),
+            ratio[0],
+            ratio[ratio.len() - 1],
+            median(&diff),
+            diff[0],
+            diff[diff.len() - 1],
+        );
     }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;

@@ -5,7 +5,8 @@
 //! Next to it, in the same run: the floor (one fsync p99 plus one loopback round trip p99) and
 //! the naive sync raftmap replaces (every captured update sent to each peer as one gRPC call
 //! over a new connection, no consensus). raftmap runs with mutual TLS and without (`--tls`),
-//! and the cost of TLS is printed as ratios.
+//! in alternating rounds (`--rounds`), and the cost of TLS is printed as the median over rounds
+//! of each round's difference.
 //!
 //! ```text
 //! cargo build --release --bin raftmap --bin kernel-replication
@@ -41,6 +42,10 @@ struct Args {
     /// Transport modes to run: on (mutual TLS, the default) and/or off (plaintext).
     #[arg(long, value_delimiter = ',', default_value = "on,off")]
     tls: Vec<String>,
+    /// Rounds of every mode; each round reverses the order of the transport modes, and the
+    /// TLS figures are medians over rounds of each round's difference.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Seconds of the naive baseline (0: skip it).
     #[arg(long, default_value_t = 5)]
     naive_seconds: u64,
@@ -192,6 +197,7 @@ fn wait_visible(
 /// One measured run.
 #[derive(Debug)]
 struct Run {
+    round: usize,
     system: String,
     fsync: Option<bool>,
     tls: Option<bool>,
@@ -384,6 +390,7 @@ async fn raftmap_runs(
             diag.join(" ")
         );
         out.push(Run {
+            round: 0,
             system: "raftmap".into(),
             fsync: Some(fsync),
             tls: Some(tls),
@@ -536,6 +543,7 @@ async fn naive_run(secs: u64) -> Result<(Run, u64)> {
     let lost = *lost.lock().unwrap_or_else(|p| p.into_inner());
     Ok((
         Run {
+            round: 0,
             system: "naive".into(),
             fsync: None,
             tls: None,
@@ -567,10 +575,20 @@ async fn main() -> Result<()> {
         "off" => Ok(false),
         other => bail!("--{flag} {other:?}: expected on or off"),
     };
-    for f in &args.fsync {
-        for t in &args.tls {
-            let (fsync, tls) = (on_off("fsync", f)?, on_off("tls", t)?);
-            raftmap_runs(&args, &bin, fsync, tls, &mut floor, &mut runs).await?;
+    for round in 0..args.rounds {
+        let mut transports: Vec<&String> = args.tls.iter().collect();
+        if round % 2 == 1 {
+            transports.reverse();
+        }
+        for f in &args.fsync {
+            for t in &transports {
+                let (fsync, tls) = (on_off("fsync", f)?, on_off("tls", t)?);
+                let first = runs.len();
+                raftmap_runs(&args, &bin, fsync, tls, &mut floor, &mut runs).await?;
+                for r in &mut runs[first..] {
+                    r.round = round;
+                }
+            }
         }
     }
     let mut naive_lost = 0;
@@ -586,15 +604,16 @@ async fn main() -> Result<()> {
         .map(|r| r.applied_rate);
     println!("floor (same run): {}", floor.describe());
     println!();
-    println!("| system | fsync | tls | rate/s | written/s | applied on every node/s | x naive | p50 us | p99 us | p99.9 us | p99 / floor p99 |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| round | system | fsync | tls | rate/s | written/s | applied on every node/s | x naive | p50 us | p99 us | p99.9 us | p99 / floor p99 |");
+    println!("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut json = Vec::new();
     for r in &runs {
         let fs = r.fsync.unwrap_or(false);
         let vs_floor = r.p99.as_secs_f64() / floor.p99(fs).as_secs_f64();
         let vs_naive = naive.map(|n| r.applied_rate / n.max(1e-9));
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} |",
+            r.round,
             r.system,
             r.fsync.map_or("-", |f| if f { "on" } else { "off" }),
             r.tls.map_or("-", |f| if f { "on" } else { "off" }),
@@ -612,27 +631,42 @@ async fn main() -> Result<()> {
             },
         );
         json.push(serde_json::json!({
-            "system": r.system, "fsync": r.fsync, "tls": r.tls, "rate": r.rate, "written": r.written,
+            "round": r.round, "system": r.system, "fsync": r.fsync, "tls": r.tls, "rate": r.rate, "written": r.written,
             "written_per_sec": r.write_rate, "applied_per_sec": r.applied_rate, "visible": r.visible,
             "p50_us": us(r.p50), "p99_us": us(r.p99), "p999_us": us(r.p999),
             "floor_p99_us": us(floor.p99(fs)), "x_naive": vs_naive,
         }));
     }
     println!();
+    // TLS on against off, round by round (the two ran next to each other), then the median.
+    let mut pairs: std::collections::BTreeMap<(Option<bool>, &str), Vec<(f64, f64, f64)>> =
+        Default::default();
     for on in runs.iter().filter(|r| r.tls == Some(true)) {
-        let off = runs
-            .iter()
-            .find(|r| r.tls == Some(false) && r.fsync == on.fsync && r.rate == on.rate);
+        let off = runs.iter().find(|r| {
+            r.tls == Some(false) && r.fsync == on.fsync && r.rate == on.rate && r.round == on.round
+        });
         if let Some(off) = off {
-            println!(
-                "fsync {}, rate {}: TLS on/off applied throughput {:.2}x, p50 {:+.0} us, p99 {:+.0} us",
-                on.fsync.map_or("-", |f| if f { "on" } else { "off" }),
-                on.rate,
+            pairs.entry((on.fsync, &on.rate)).or_default().push((
                 on.applied_rate / off.applied_rate.max(1e-9),
                 us(on.p50) - us(off.p50),
                 us(on.p99) - us(off.p99),
-            );
+            ));
         }
+    }
+    for ((fsync, rate), v) in &pairs {
+        let median = |f: fn(&(f64, f64, f64)) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            (x[x.len() / 2], x[0], x[x.len() - 1])
+        };
+        let (t, t0, t1) = median(|p| p.0);
+        let (p50, p50a, p50b) = median(|p| p.1);
+        let (p99, _, _) = median(|p| p.2);
+        println!(
+            "fsync {}, rate {rate}: TLS on/off over {} rounds: applied throughput {t:.2}x ({t0:.2}..{t1:.2}x), p50 {p50:+.0} us ({p50a:+.0}..{p50b:+.0} us), p99 {p99:+.0} us",
+            fsync.map_or("-", |f| if f { "on" } else { "off" }),
+            v.len(),
+        );
     }
     println!(
         "floor p99: {:.0} us with fsync (fsync p99 + RTT p99), {:.0} us without (RTT p99); naive: {} captured updates lost to a full ring buffer",
