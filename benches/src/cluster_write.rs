@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
-use raftmap_bench::{fsync_floor, percentile, rtt_floor, us};
+use raftmap_bench::{fsync_floor, median_range, percentile, rtt_floor, us};
 use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::storage::MapSchema;
 
@@ -241,24 +241,17 @@ async fn main() -> Result<()> {
             continue;
         };
         // Round by round: the modes of one round ran next to each other.
-        let mut ratio: Vec<f64> = on
-            .iter()
-            .zip(off)
-            .map(|(a, b)| a.0 / b.0.max(1.0))
-            .collect();
-        let mut diff: Vec<f64> = on.iter().zip(off).map(|(a, b)| us(a.1) - us(b.1)).collect();
-        ratio.sort_by(f64::total_cmp);
-        diff.sort_by(f64::total_cmp);
-        let median = |v: &[f64]| v[v.len() / 2];
+        let (t, t0, t1) = median_range(
+            on.iter()
+                .zip(off)
+                .map(|(a, b)| a.0 / b.0.max(1.0))
+                .collect(),
+        );
+        let (d, d0, d1) =
+            median_range(on.iter().zip(off).map(|(a, b)| us(a.1) - us(b.1)).collect());
         println!(
-            "{w} writers, TLS on/off over {} rounds: throughput {:.2}x (rounds {:.2}..{:.2}x), p50 {:+.0} us (rounds {:+.0}..{:+.0} us)",
-            ratio.len(),
-            median(&ratio),
-            ratio[0],
-            ratio[ratio.len() - 1],
-            median(&diff),
-            diff[0],
-            diff[diff.len() - 1],
+            "{w} writers, TLS on/off over {} rounds: throughput {t:.2}x (rounds {t0:.2}..{t1:.2}x), p50 {d:+.0} us (rounds {d0:+.0}..{d1:+.0} us)",
+            on.len().min(off.len()),
         );
     }
     if let Some(path) = args.json {

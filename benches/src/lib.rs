@@ -17,6 +17,16 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The median of `v` and its range (smallest, largest); zeros when empty. For the
+/// differences between modes measured round by round.
+pub fn median_range(mut v: Vec<f64>) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
 /// Microseconds, for tables.
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6

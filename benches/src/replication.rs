@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use raftmap_bench::{monotonic_ns, percentile, tight_timer, us, Floor};
+use raftmap_bench::{median_range, monotonic_ns, percentile, tight_timer, us, Floor};
 use raftmap_ebpf_hooks::{Capture, HookError, KernelMap, MapKind, UpdateFlags};
 use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
 use raftmap_node::proto as pb;
@@ -639,8 +639,9 @@ async fn main() -> Result<()> {
     }
     println!();
     // TLS on against off, round by round (the two ran next to each other), then the median.
-    let mut pairs: std::collections::BTreeMap<(Option<bool>, &str), Vec<(f64, f64, f64)>> =
-        Default::default();
+    // (fsync, rate) -> each round's (throughput ratio, p50 difference, p99 difference).
+    type Diffs = Vec<(f64, f64, f64)>;
+    let mut pairs: std::collections::BTreeMap<(Option<bool>, &str), Diffs> = Default::default();
     for on in runs.iter().filter(|r| r.tls == Some(true)) {
         let off = runs.iter().find(|r| {
             r.tls == Some(false) && r.fsync == on.fsync && r.rate == on.rate && r.round == on.round
@@ -654,14 +655,9 @@ async fn main() -> Result<()> {
         }
     }
     for ((fsync, rate), v) in &pairs {
-        let median = |f: fn(&(f64, f64, f64)) -> f64| {
-            let mut x: Vec<f64> = v.iter().map(f).collect();
-            x.sort_by(f64::total_cmp);
-            (x[x.len() / 2], x[0], x[x.len() - 1])
-        };
-        let (t, t0, t1) = median(|p| p.0);
-        let (p50, p50a, p50b) = median(|p| p.1);
-        let (p99, _, _) = median(|p| p.2);
+        let (t, t0, t1) = median_range(v.iter().map(|p| p.0).collect());
+        let (p50, p50a, p50b) = median_range(v.iter().map(|p| p.1).collect());
+        let (p99, _, _) = median_range(v.iter().map(|p| p.2).collect());
         println!(
             "fsync {}, rate {rate}: TLS on/off over {} rounds: applied throughput {t:.2}x ({t0:.2}..{t1:.2}x), p50 {p50:+.0} us ({p50a:+.0}..{p50b:+.0} us), p99 {p99:+.0} us",
             fsync.map_or("-", |f| if f { "on" } else { "off" }),
