@@ -254,34 +254,18 @@ async fn every_peer_call_refused(
         Vote::new(term + 1, claimed),
         None,
     );
-    let e = p
-        .vote(pb::RaftPayload {
-            data: postcard::to_stdvec(&vote).unwrap(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "vote: {e:?}");
-    assert!(e.message().contains(why), "vote: {e:?}");
+    denied("vote", p.vote(payload(&vote)).await, Some(why));
     let append = openraft::raft::AppendEntriesRequest::<raftmap_node::storage::TypeConfig> {
         vote: Vote::new_committed(term + 1, claimed),
         prev_log_id: None,
         entries: vec![],
         leader_commit: None,
     };
-    let msg = pb::RaftPayload {
-        data: postcard::to_stdvec(&append).unwrap(),
-    };
-    let e = p
-        .append_entries(futures_util::stream::iter([msg]))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "append: {e:?}");
+    let stream = futures_util::stream::iter([payload(&append)]);
+    denied("append", p.append_entries(stream).await, None);
     let header = pb::RaftPayload { data: vec![0; 16] };
-    let e = p
-        .install_snapshot(futures_util::stream::iter([header]))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "snapshot: {e:?}");
+    let stream = futures_util::stream::iter([header]);
+    denied("snapshot", p.install_snapshot(stream).await, None);
     let proposal = raftmap_node::storage::Proposal {
         batches: vec![raftmap_node::storage::ClientBatch {
             origin: claimed,
@@ -295,28 +279,34 @@ async fn every_peer_call_refused(
         }],
         admin: vec![],
     };
-    let e = p
-        .propose(pb::RaftPayload {
-            data: postcard::to_stdvec(&proposal).unwrap(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "propose: {e:?}");
-    assert!(e.message().contains(why), "propose: {e:?}");
+    denied("propose", p.propose(payload(&proposal)).await, Some(why));
     // A leadership transfer to the node called would start an election there.
     let transfer = openraft::raft::TransferLeaderRequest::<raftmap_node::storage::TypeConfig>::new(
         Vote::new_committed(term, claimed),
         to,
         None,
     );
-    let e = p
-        .transfer_leader(pb::RaftPayload {
-            data: postcard::to_stdvec(&transfer).unwrap(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::PermissionDenied, "transfer: {e:?}");
-    assert!(e.message().contains(why), "transfer: {e:?}");
+    denied(
+        "transfer",
+        p.transfer_leader(payload(&transfer)).await,
+        Some(why),
+    );
+}
+
+/// A peer call refused with PERMISSION_DENIED (naming `why`, when given).
+fn denied<T: std::fmt::Debug>(what: &str, res: Result<T, tonic::Status>, why: Option<&str>) {
+    let e = res.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{what}: {e:?}");
+    if let Some(why) = why {
+        assert!(e.message().contains(why), "{what}: {e:?}");
+    }
+}
+
+/// A peer message as it goes on the wire (postcard).
+fn payload<T: serde::Serialize>(v: &T) -> pb::RaftPayload {
+    pb::RaftPayload {
+        data: postcard::to_stdvec(v).unwrap(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
