@@ -281,19 +281,26 @@ pub fn check(
             None => false,
         }
     };
-    // A node's own write that never entered the log is fine when a later write on the same
-    // node replaced it before it was captured (raftmap replicates states: changes to one key
+    // A node's own write that never entered the log is fine when a later (or concurrent)
+    // write on the same node replaced it before it was captured (raftmap replicates states: changes to one key
     // between two reads of the ring buffer coalesce), when the node was removed, or when a
     // later committed write superseded it; otherwise it is lost.
     for (&(node, key), ops) in &local {
-        for (i, &(_, t, f)) in ops.iter().enumerate() {
+        for (i, &(start, t, f)) in ops.iter().enumerate() {
             match f {
                 Func::Write(v) => {
                     r.writes += 1;
                     if committed_values.contains(v) {
                         continue;
                     }
-                    let replaced = i + 1 < ops.len();
+                    // Replaced: another write or delete of the key on the node may have reached
+                    // the map after this one, that is, it completed after this one was invoked
+                    // (two writers' calls that overlap reach the kernel in either order,
+                    // whichever returns first).
+                    let replaced = ops
+                        .iter()
+                        .enumerate()
+                        .any(|(j, &(_, end, _))| j != i && end > start);
                     let removed = removals.iter().any(|&(n, at)| n == node && at >= t);
                     if replaced || removed {
                         r.coalesced += 1;

@@ -138,6 +138,48 @@ fn a_write_missing_from_the_log_is_lost_unless_replaced_superseded_or_its_node_r
     assert!(r.out_of_order.is_empty(), "{r:?}");
 }
 
+fn event(process: u64, kind: EventType, f: Func, time: u64) -> crate::history::Event {
+    crate::history::Event {
+        process,
+        kind,
+        f,
+        key: 1,
+        time,
+        node: Some(1),
+    }
+}
+
+#[test]
+fn of_two_overlapping_writes_either_may_reach_the_map_last() {
+    // Writers 1 and 2 write key 1 on node 1 at the same time; 2's call returns first, 1's a
+    // little later, but 1's update reached the map first and 2's replaced it before capture:
+    // only 21 is committed.
+    let streams = [Stream {
+        changes: vec![(5, 1, Some(21), 14)],
+        ..Default::default()
+    }];
+    let mut samples = Samples::new();
+    samples.insert((1, 1), vec![(0, 0, None), (13, 13, Some(21))]);
+    let overlapping = vec![
+        event(1, EventType::Invoke, Func::Write(20), 10),
+        event(2, EventType::Invoke, Func::Write(21), 11),
+        event(2, EventType::Ok, Func::Write(21), 12),
+        event(1, EventType::Ok, Func::Write(20), 15),
+    ];
+    let r = check(&overlapping, &samples, &streams, &[], (vec![], 1));
+    assert!(r.valid(), "{r:?}");
+    assert_eq!(r.coalesced, 1);
+    // Invoked after 21's call returned, 20 came after it: never committed, it is lost.
+    let after = vec![
+        event(2, EventType::Invoke, Func::Write(21), 11),
+        event(2, EventType::Ok, Func::Write(21), 12),
+        event(1, EventType::Invoke, Func::Write(20), 13),
+        event(1, EventType::Ok, Func::Write(20), 15),
+    ];
+    let r = check(&after, &samples, &streams, &[], (vec![], 1));
+    assert_eq!(r.lost, vec![(1, 1, 20)]);
+}
+
 #[test]
 fn streams_that_disagree_on_an_index_are_reported() {
     let a = Stream {
