@@ -143,6 +143,9 @@ fn is_loopback(addr: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// How long a stopping leader waits for its successor (the agent gives shutdown 5 s).
+const STOP_HANDOVER: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
 #[derive(Debug)]
 pub struct RunningNode {
@@ -352,8 +355,25 @@ impl RunningNode {
         }
     }
 
-    /// Stops the servers and Raft.
+    /// Stops the servers and Raft. A leader first hands its leadership to another voter (up
+    /// to `STOP_HANDOVER`), so that a rolling restart costs the cluster no election timeout;
+    /// nothing leaves the membership.
     pub async fn shutdown(self) {
+        let leads = self
+            .shared
+            .raft
+            .metrics()
+            .borrow_watched()
+            .state
+            .is_leader();
+        if leads {
+            match self.shared.hand_over_leadership(STOP_HANDOVER).await {
+                Ok(to) => tracing::info!(to, "handed leadership on before stopping"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stopping as leader: could not hand leadership on")
+                }
+            }
+        }
         self.shutdown.send_replace(true);
         let _ = self.shared.raft.shutdown().await;
         for t in self.tasks {

@@ -18,9 +18,6 @@ use crate::lock::lock;
 use crate::metrics::Metrics;
 use crate::propose::{Batcher, Proposer};
 
-/// The longest a leader waits for its successor when it hands leadership on.
-const HANDOVER_WAIT: Duration = Duration::from_secs(10);
-
 /// State shared by the services of one node.
 pub struct NodeShared {
     pub(crate) id: NodeId,
@@ -131,10 +128,10 @@ impl NodeShared {
         )?))
     }
 
-    /// Hands this node's leadership to the voter whose log matches it furthest and waits
-    /// until another node leads (a leader removes itself only after this: it need not manage
-    /// a change that takes it out). Returns the new leader.
-    pub(crate) async fn hand_over_leadership(&self) -> Result<NodeId> {
+    /// Hands this node's leadership to the voter whose log matches it furthest and waits up to
+    /// `wait` until another node leads (before a leader removes itself, so that it need not
+    /// manage a change that takes it out, and before it stops). Returns the new leader.
+    pub(crate) async fn hand_over_leadership(&self, wait: Duration) -> Result<NodeId> {
         let target = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow_watched();
@@ -162,7 +159,7 @@ impl NodeShared {
         let me = self.id;
         let new = self
             .raft
-            .wait(Some(HANDOVER_WAIT))
+            .wait(Some(wait))
             .metrics(
                 |m| m.current_leader.is_some_and(|l| l != me),
                 "another node leads",
@@ -174,7 +171,7 @@ impl NodeShared {
                 Err(NodeError::Unavailable("raft has shut down".into()))
             }
             Err(openraft::metrics::WaitError::Timeout(..)) => Err(NodeError::Unavailable(format!(
-                "leadership did not pass to node {target} within {HANDOVER_WAIT:?}; retry"
+                "leadership did not pass to node {target} within {wait:?}; retry"
             ))),
         }
     }

@@ -714,3 +714,47 @@ async fn a_leader_removes_itself_with_tls() {
 async fn a_leader_removes_itself_in_plaintext() {
     a_leader_removes_itself(false).await;
 }
+
+/// SIGTERM on the leader (a rolling restart, a drain) hands leadership to another voter before
+/// the process exits, and removes nothing: the node comes back on its data dir as a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_over_and_stays_a_member() {
+    // With a 20 s election timeout a leader's silence is noticed after 50 s or more, so a new
+    // leader within 10 s can only come from the handover.
+    let mut c = LocalCluster::start(opts(&["--election-timeout-ms", "20000"]), 3, 0, T)
+        .await
+        .unwrap();
+    let client = c.client(1).await.unwrap();
+    client.declare(&schema()).await.unwrap();
+    client.put(MAP, key(1), key(1)).await.unwrap();
+    let leader = leader_of(&c, &[1, 2, 3]).await;
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
+
+    let status = c.terminate(leader, Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "the leader exited with {status}");
+    let log = std::fs::read_to_string(&c.node(leader).unwrap().log_path).unwrap();
+    assert!(
+        log.contains("handed leadership on before stopping"),
+        "{}",
+        c.log_tail(leader, 20)
+    );
+    c.wait_for(
+        rest[0],
+        Duration::from_secs(10),
+        "follow a new leader",
+        |s| s.has_leader && s.leader_id != leader,
+    )
+    .await
+    .unwrap();
+    let other = c.client(rest[0]).await.unwrap();
+    other.put(MAP, key(2), key(2)).await.unwrap();
+    let members = other.status().await.unwrap().members;
+    assert!(
+        members.iter().any(|m| m.node_id == leader && m.voter),
+        "SIGTERM removed node {leader}: {members:?}"
+    );
+
+    c.restart(leader).unwrap();
+    c.wait_ready(leader, T).await.unwrap();
+    assert_eq!(converged(&mut c, &[1, 2, 3]).await.len(), 2);
+}

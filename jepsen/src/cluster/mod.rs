@@ -26,6 +26,8 @@ pub enum HarnessError {
     Net(String),
     #[error("partitions need the nodes in network namespaces (netns)")]
     NoNetns,
+    #[error("node {id} did not exit within {timeout:?} of SIGTERM")]
+    Stuck { id: NodeId, timeout: Duration },
     #[error("signalling node {id}: {source}")]
     Signal {
         id: NodeId,
@@ -175,6 +177,25 @@ impl LocalCluster {
             .ok_or(LaunchError::NotRunning { id })?;
         let pid = nix::unistd::Pid::from_raw(pid as i32);
         nix::sys::signal::kill(pid, sig).map_err(|source| HarnessError::Signal { id, source })
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod, then waits up to `timeout` for the process to exit
+    /// (SIGKILL after that). Returns how it exited.
+    pub fn terminate(&mut self, id: NodeId, timeout: Duration) -> Result<std::process::ExitStatus> {
+        self.signal(id, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.launcher.node_mut(id)?.exit_status() {
+                // Stopped on purpose, as after a kill: not a node that died.
+                self.launcher.kill(id)?;
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                self.launcher.kill(id)?;
+                return Err(HarnessError::Stuck { id, timeout });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills every node (resuming paused ones first, so that they die at once).

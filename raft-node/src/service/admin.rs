@@ -63,6 +63,8 @@ fn membership_error(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> S
 
 /// How long a membership change waits for the leader to commit a change it inherited.
 const SETTLE_WAIT: Duration = Duration::from_secs(5);
+/// How long a leader removing itself waits for its successor.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long a membership change keeps following the leadership when it moves under it.
 const LEADER_CHANGE_WAIT: Duration = Duration::from_secs(10);
 
@@ -413,7 +415,7 @@ impl pb::admin_server::Admin for AdminService {
             // own change would manage a configuration it is no longer part of.
             let removing_self = req.get_ref().node_id == s.id;
             if removing_self && s.raft.metrics().borrow_watched().state.is_leader() {
-                let to = s.hand_over_leadership().await?;
+                let to = s.hand_over_leadership(HANDOVER_WAIT).await?;
                 tracing::info!(to, "handed leadership on before removing this node");
             }
             if let Some(mut leader) = s.leader_admin(&req).await? {
