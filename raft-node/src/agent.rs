@@ -26,7 +26,9 @@ pub(crate) struct AgentArgs {
     /// TOML file with the same settings (flags take precedence).
     #[arg(long)]
     pub(crate) config: Option<PathBuf>,
-    /// API address of a member: join its cluster on first start.
+    /// API addresses of members, comma-separated (a DNS name may stand for several, such as a
+    /// headless Service): join their cluster on first start, retrying with backoff until one
+    /// answers.
     #[arg(long)]
     pub(crate) join: Option<String>,
     /// With --join: stay a learner.

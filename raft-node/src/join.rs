@@ -1,17 +1,44 @@
 //! Joining a cluster on a node's first start: as a learner through any member, then promoted
-//! once caught up.
+//! once caught up. `--join` names members (a comma-separated list; a DNS name may stand for
+//! several, such as a headless Service); they are tried in turn, with backoff, for as long as
+//! it takes (the voters may not exist yet), and every failed round says why.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
 use raftmap_proto::admin_client::AdminClient;
+use tonic::transport::Channel;
 
-use crate::error::Result;
+use crate::error::{NodeError, Result};
 use crate::shared::NodeShared;
 use crate::tls::Expect;
 
+/// Backoff between rounds over every `--join` address: doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(300);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// The members named by a `--join` value: `host:port` entries, separated by commas.
+pub(crate) fn join_addresses(join: &str) -> Result<Vec<String>> {
+    let addrs: Vec<String> = join
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect();
+    if addrs.is_empty() {
+        return Err(NodeError::BadRequest(format!(
+            "--join {join:?} names no member: give host:port[,host:port...]"
+        )));
+    }
+    for a in &addrs {
+        crate::network::endpoint(a)?;
+    }
+    Ok(addrs)
+}
+
 /// First start with `--join`: become a learner through any member, then (unless `learner`) ask
-/// to be promoted once caught up. A restarted member skips all of it.
+/// to be promoted once caught up. A restarted member skips all of it; a retry of a join that
+/// already happened counts as done.
 pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool) -> Result<()> {
     let already = shared
         .raft
@@ -25,30 +52,39 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
         tracing::info!("already a member; not joining again");
         return Ok(());
     }
-    let ch = shared.security.channel(join, Expect::AnyNode)?;
-    let mut admin = AdminClient::new(ch);
+    let members = join_addresses(join)?
+        .into_iter()
+        .map(|a| Ok((shared.security.channel(&a, Expect::AnyNode)?, a)))
+        .collect::<Result<Vec<(Channel, String)>>>()?;
     let req = raftmap_proto::AddLearnerRequest {
         node_id: shared.id,
         raft_addr: shared.info.raft_addr.clone(),
         api_addr: shared.info.api_addr.clone(),
         cluster_id: shared.cluster_id(),
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match admin.add_learner(req.clone()).await {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => break,
-            Err(s) if retryable(&s) && Instant::now() < deadline => {
-                tracing::warn!(error = %s.message(), "add-learner not accepted yet; retrying");
-                tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut backoff = Backoff::default();
+    let via = 'joined: loop {
+        let mut why = Vec::new();
+        for (ch, addr) in &members {
+            match AdminClient::new(ch.clone()).add_learner(req.clone()).await {
+                Ok(_) => break 'joined ch.clone(),
+                Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => {
+                    break 'joined ch.clone()
+                }
+                Err(s) if retryable(&s) => why.push(format!("{addr}: {}", s.message())),
+                Err(s) => return Err(s.into()),
             }
-            Err(s) => return Err(s.into()),
         }
-    }
+        let wait = backoff.next();
+        tracing::warn!(reasons = %why.join("; "), retry_in = ?wait, "could not join yet; retrying");
+        tokio::time::sleep(wait).await;
+    };
     tracing::info!(node = shared.id, "joined as a learner");
     if learner {
         return Ok(());
     }
+    let mut admin = AdminClient::new(via);
+    let mut backoff = Backoff::default();
     loop {
         let req = raftmap_proto::PromoteRequest {
             node_id: shared.id,
@@ -61,18 +97,36 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
             }
             // NOT_FOUND: the leader's view of the membership may not show the learner yet.
             Err(s)
-                if (retryable(&s)
+                if retryable(&s)
                     || matches!(
                         s.code(),
                         tonic::Code::FailedPrecondition | tonic::Code::NotFound
-                    ))
-                    && Instant::now() < deadline =>
+                    ) =>
             {
-                tracing::info!(reason = %s.message(), "not promoted yet; retrying");
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                let wait = backoff.next();
+                tracing::info!(reason = %s.message(), retry_in = ?wait, "not promoted yet; retrying");
+                tokio::time::sleep(wait).await;
             }
             Err(s) => return Err(s.into()),
         }
+    }
+}
+
+/// Doubling delays from `RETRY_FIRST` up to `RETRY_MAX`.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(RETRY_FIRST)
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(RETRY_MAX);
+        now
     }
 }
 
@@ -86,4 +140,28 @@ fn retryable(s: &tonic::Status) -> bool {
 fn is_self(shared: &NodeShared, s: &tonic::Status) -> bool {
     // The leader names the member's addresses; a retry of our own earlier request matches.
     s.message().contains(&shared.info.raft_addr) && s.message().contains("already a member")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_takes_a_list_of_members_and_refuses_an_empty_one() {
+        assert_eq!(
+            join_addresses("a:1, b:2,,c.svc:3").unwrap(),
+            vec!["a:1", "b:2", "c.svc:3"]
+        );
+        let e = join_addresses(" , ").unwrap_err().to_string();
+        assert!(e.contains("names no member"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let mut b = Backoff::default();
+        let waits: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        assert_eq!(waits[0], RETRY_FIRST);
+        assert_eq!(waits[1], RETRY_FIRST * 2);
+        assert_eq!(*waits.last().unwrap(), RETRY_MAX);
+    }
 }

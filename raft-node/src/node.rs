@@ -43,7 +43,8 @@ pub struct NodeConfig {
     /// Prometheus `/metrics`, `/healthz`, `/readyz`; off when empty.
     pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
-    /// API address of any member: join that cluster on first start.
+    /// API addresses of members (comma-separated; a DNS name may stand for several): join
+    /// their cluster on first start, trying them in turn until one answers.
     pub join: Option<String>,
     /// When joining, stay a learner instead of asking to become a voter.
     pub learner: bool,
@@ -158,6 +159,9 @@ pub struct RunningNode {
 impl RunningNode {
     /// Opens the data dir, starts Raft and every server, and (with `join`) joins the cluster.
     pub async fn start(cfg: NodeConfig) -> Result<Self> {
+        if let Some(join) = &cfg.join {
+            crate::join::join_addresses(join)?;
+        }
         let security = cfg.security()?;
         let cert = security.identity();
         // A node certificate names the node: it gives a new data dir its id.

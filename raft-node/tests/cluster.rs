@@ -758,3 +758,49 @@ async fn a_leader_stopped_with_sigterm_hands_over_and_stays_a_member() {
     c.wait_ready(leader, T).await.unwrap();
     assert_eq!(converged(&mut c, &[1, 2, 3]).await.len(), 2);
 }
+
+/// `--join` takes several members and keeps trying them, with backoff, until one answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tries_every_member_it_is_given_until_one_answers() {
+    let mut c = LocalCluster::start(opts(&[]), 3, 0, T).await.unwrap();
+    let client = c.client(1).await.unwrap();
+    client.declare(&schema()).await.unwrap();
+    client.put(MAP, key(1), key(1)).await.unwrap();
+    let api = |c: &LocalCluster, id: u64| c.node(id).unwrap().api_addr.clone();
+
+    // The first member named is not there; the second is.
+    let join = format!("{},{}", free_addr(), api(&c, 1));
+    c.set_node_args(4, vec!["--join".into(), join, "--learner".into()]);
+    c.spawn(4, None, false).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+
+    // No member it names answers: it says why and keeps trying, and joins once one is back.
+    c.kill(3).unwrap();
+    let join = format!("{},{}", free_addr(), api(&c, 3));
+    c.set_node_args(5, vec!["--join".into(), join, "--learner".into()]);
+    c.spawn(5, None, false).unwrap();
+    let log = c.node(5).unwrap().log_path.clone();
+    let deadline = Instant::now() + T;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("could not join yet; retrying")
+    {
+        assert!(Instant::now() < deadline, "{}", c.log_tail(5, 20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.restart(3).unwrap();
+    c.wait_ready(5, T).await.unwrap();
+    let roles: Vec<(u64, bool)> = client
+        .status()
+        .await
+        .unwrap()
+        .members
+        .iter()
+        .map(|m| (m.node_id, m.voter))
+        .collect();
+    assert_eq!(
+        roles,
+        vec![(1, true), (2, true), (3, true), (4, false), (5, false)]
+    );
+    assert_eq!(converged(&mut c, &[1, 2, 3, 4, 5]).await.len(), 1);
+}
