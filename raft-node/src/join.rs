@@ -63,13 +63,13 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
         cluster_id: shared.cluster_id(),
     };
     let mut backoff = Backoff::default();
-    let via = 'joined: loop {
+    let mut via = 'joined: loop {
         let mut why = Vec::new();
-        for (ch, addr) in &members {
+        for (k, (ch, addr)) in members.iter().enumerate() {
             match AdminClient::new(ch.clone()).add_learner(req.clone()).await {
-                Ok(_) => break 'joined ch.clone(),
+                Ok(_) => break 'joined k,
                 Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => {
-                    break 'joined ch.clone()
+                    break 'joined k
                 }
                 Err(s) if retryable(&s) => why.push(format!("{addr}: {}", s.message())),
                 Err(s) => return Err(s.into()),
@@ -83,14 +83,14 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
     if learner {
         return Ok(());
     }
-    let mut admin = AdminClient::new(via);
     let mut backoff = Backoff::default();
     loop {
         let req = raftmap_proto::PromoteRequest {
             node_id: shared.id,
             max_lag: 0,
         };
-        match admin.promote(req).await {
+        let (ch, addr) = &members[via];
+        match AdminClient::new(ch.clone()).promote(req).await {
             Ok(_) => {
                 tracing::info!(node = shared.id, "promoted to voter");
                 return Ok(());
@@ -103,8 +103,12 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
                         tonic::Code::FailedPrecondition | tonic::Code::NotFound
                     ) =>
             {
+                // A member that is gone: ask the next one.
+                if retryable(&s) {
+                    via = (via + 1) % members.len();
+                }
                 let wait = backoff.next();
-                tracing::info!(reason = %s.message(), retry_in = ?wait, "not promoted yet; retrying");
+                tracing::info!(member = %addr, reason = %s.message(), retry_in = ?wait, "not promoted yet; retrying");
                 tokio::time::sleep(wait).await;
             }
             Err(s) => return Err(s.into()),

@@ -140,10 +140,17 @@ impl NodeShared {
                     .as_ref()
                     .and_then(|r| r.get(id).cloned().flatten())
             };
+            // Voters of the newest configuration only: mid-change, a voter of the old one may
+            // be on its way out.
+            let retired = self.view.cluster().retired;
             m.membership_config
                 .membership()
-                .voter_ids()
-                .filter(|id| *id != self.id)
+                .get_joint_config()
+                .last()
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|id| *id != self.id && !retired.contains(id))
                 .max_by_key(matched)
         };
         let Some(target) = target else {

@@ -672,6 +672,26 @@ async fn a_leader_removes_itself(tls: bool) {
     let client = c.client(1).await.unwrap();
     client.declare(&schema()).await.unwrap();
     client.put(MAP, key(1), key(1)).await.unwrap();
+    // With three voters the removal is refused before anything happens: the leader keeps
+    // leading, in the same term.
+    let leader = leader_of(&c, &[1, 2, 3]).await;
+    let before = c.client(leader).await.unwrap().status().await.unwrap();
+    let err = c
+        .client(leader)
+        .await
+        .unwrap()
+        .admin()
+        .remove(pb::RemoveRequest {
+            node_id: leader,
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("would leave 2 voters"), "{err}");
+    let after = c.client(leader).await.unwrap().status().await.unwrap();
+    assert_eq!((after.role.as_str(), after.term), ("leader", before.term));
+
     c.spawn(4, Some(1), false).unwrap();
     c.wait_ready(4, T).await.unwrap();
     let leader = leader_of(&c, &[1, 2, 3, 4]).await;

@@ -293,14 +293,20 @@ pub fn check(
                     if committed_values.contains(v) {
                         continue;
                     }
-                    // Replaced: another write or delete of the key on the node may have reached
-                    // the map after this one, that is, it completed after this one was invoked
-                    // (two writers' calls that overlap reach the kernel in either order,
-                    // whichever returns first).
-                    let replaced = ops
-                        .iter()
-                        .enumerate()
-                        .any(|(j, &(_, end, _))| j != i && end > start);
+                    // Replaced: another write or delete of the key on the node completed after
+                    // this one, or overlapped it and took effect (its value, or a delete of the
+                    // key, committed after this write began): two calls that overlap reach the
+                    // kernel in either order, whichever returns first.
+                    let took_effect = |g: &Func| match g {
+                        Func::Write(w) => committed_values.contains(w),
+                        Func::Delete => deleted_at
+                            .range((key, 0)..=(key, u64::MAX))
+                            .any(|(_, &c)| c > start),
+                        _ => false,
+                    };
+                    let replaced = ops.iter().enumerate().any(|(j, &(_, end, g))| {
+                        j != i && (end > t || (end > start && took_effect(g)))
+                    });
                     let removed = removals.iter().any(|&(n, at)| n == node && at >= t);
                     if replaced || removed {
                         r.coalesced += 1;

@@ -178,6 +178,13 @@ fn of_two_overlapping_writes_either_may_reach_the_map_last() {
     ];
     let r = check(&after, &samples, &streams, &[], (vec![], 1));
     assert_eq!(r.lost, vec![(1, 1, 20)]);
+    // Overlapping, and neither committed: they do not excuse each other; the one that returned
+    // last is lost.
+    let neither = [Stream::default()];
+    let mut none_seen = Samples::new();
+    none_seen.insert((1, 1), vec![(0, 0, None)]);
+    let r = check(&overlapping, &none_seen, &neither, &[], (vec![], 1));
+    assert_eq!(r.lost, vec![(1, 1, 20)], "{r:?}");
 }
 
 #[test]

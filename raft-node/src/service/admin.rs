@@ -137,6 +137,31 @@ async fn retry_change(
     false
 }
 
+/// The membership change that removes `r.node_id`, or why it is refused (checked before a
+/// leader removing itself hands leadership on, so a refusal changes nothing).
+fn removal(
+    s: &NodeShared,
+    r: &pb::RemoveRequest,
+) -> Result<ChangeMembers<NodeId, NodeInfo>, Status> {
+    let (nodes, _) = members(&s.raft);
+    let voters = nodes.values().filter(|(_, v)| *v).count();
+    let id = r.node_id;
+    match nodes.get(&id) {
+        None => Err(Status::not_found(format!("node {id} is not a member"))),
+        Some((_, true)) if voters == 1 => Err(Status::failed_precondition(format!(
+            "node {id} is the only voter; removing it would leave no cluster"
+        ))),
+        Some((_, true)) if voters - 1 < MIN_VOTERS && !r.force => {
+            Err(Status::failed_precondition(format!(
+                "removing voter {id} would leave {} voters, and a cluster needs {MIN_VOTERS} to survive the loss of one; add a voter first, or remove it anyway with --force",
+                voters - 1
+            )))
+        }
+        Some((_, true)) => Ok(ChangeMembers::RemoveVoters(BTreeSet::from([id]))),
+        Some((_, false)) => Ok(ChangeMembers::RemoveNodes(BTreeSet::from([id]))),
+    }
+}
+
 impl AdminService {
     /// Promotes a learner on this node, the leader.
     async fn promote_here(
@@ -190,34 +215,7 @@ impl AdminService {
         r: &pb::RemoveRequest,
     ) -> Result<Response<pb::MembersResponse>, Change> {
         let s = &self.shared;
-        let (nodes, _) = members(&s.raft);
-        let voters = nodes.values().filter(|(_, v)| *v).count();
-        let change = match nodes.get(&r.node_id) {
-            None => {
-                return Err(Status::not_found(format!(
-                    "node {} is not a member",
-                    r.node_id
-                ))
-                .into())
-            }
-            Some((_, true)) if voters == 1 => {
-                return Err(Status::failed_precondition(format!(
-                    "node {} is the only voter; removing it would leave no cluster",
-                    r.node_id
-                ))
-                .into())
-            }
-            Some((_, true)) if voters - 1 < MIN_VOTERS && !r.force => {
-                return Err(Status::failed_precondition(format!(
-                    "removing voter {} would leave {} voters, and a cluster needs {MIN_VOTERS} to survive the loss of one; add a voter first, or remove it anyway with --force",
-                    r.node_id,
-                    voters - 1
-                ))
-                .into())
-            }
-            Some((_, true)) => ChangeMembers::RemoveVoters(BTreeSet::from([r.node_id])),
-            Some((_, false)) => ChangeMembers::RemoveNodes(BTreeSet::from([r.node_id])),
-        };
+        let change = removal(s, r)?;
         change_membership(s, change).await?;
         // Record the id as retired so it is never reused. Goes through the log like any write
         // (forwarded if leadership moved in the meantime).
@@ -415,6 +413,7 @@ impl pb::admin_server::Admin for AdminService {
             // own change would manage a configuration it is no longer part of.
             let removing_self = req.get_ref().node_id == s.id;
             if removing_self && s.raft.metrics().borrow_watched().state.is_leader() {
+                removal(s, req.get_ref())?;
                 let to = s.hand_over_leadership(HANDOVER_WAIT).await?;
                 tracing::info!(to, "handed leadership on before removing this node");
             }
