@@ -270,6 +270,8 @@ pub enum AdminOp {
     InitCluster { cluster_id: String },
     /// A node left the membership; its id may never be used again.
     RetireNode { node_id: NodeId },
+    /// The name of the host a member runs on (`raftmap members` shows it next to the id).
+    NameNode { node_id: NodeId, name: String },
 }
 
 /// The application payload of one log entry: everything group commit coalesced.
@@ -334,6 +336,13 @@ impl Proposal {
         if bytes > MAX_PROPOSAL_BYTES {
             return too_large("bytes in one entry", bytes, MAX_PROPOSAL_BYTES);
         }
+        for a in &self.admin {
+            if let AdminOp::NameNode { name, .. } = a {
+                if name.len() > MAX_NODE_NAME {
+                    return too_large("bytes in a node name", name.len(), MAX_NODE_NAME);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -366,6 +375,39 @@ pub struct ClusterInfo {
     pub cluster_id: Option<String>,
     /// Node ids that were removed and must never be reused.
     pub retired: Vec<NodeId>,
+    /// The name each member runs on (a Kubernetes node name, a host name), as it joined. Not
+    /// part of the derived encoding: it travels after everything else (see
+    /// [`ClusterInfo::encode`]), so that data written before names existed reads unchanged.
+    #[serde(skip)]
+    pub names: BTreeMap<NodeId, String>,
+}
+
+/// Longest node name a member may record (a DNS name's limit, as a Kubernetes node name's).
+pub const MAX_NODE_NAME: usize = 253;
+
+impl ClusterInfo {
+    /// The stored form: the derived encoding, then the names. A reader that predates names
+    /// stops after the first part (postcard ignores trailing bytes).
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        let mut bytes = postcard::to_stdvec(self)?;
+        if !self.names.is_empty() {
+            bytes.extend(postcard::to_stdvec(&self.names)?);
+        }
+        Ok(bytes)
+    }
+
+    /// Reads [`ClusterInfo::encode`]'s bytes, with or without names; returns what follows.
+    pub(crate) fn take(bytes: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+        let (mut info, rest): (Self, &[u8]) = postcard::take_from_bytes(bytes)?;
+        let rest = if rest.is_empty() {
+            rest
+        } else {
+            let (names, rest) = postcard::take_from_bytes(rest)?;
+            info.names = names;
+            rest
+        };
+        Ok((info, rest))
+    }
 }
 
 /// Read-only view of the schemas and entry counts used to validate a batch.

@@ -76,7 +76,12 @@ fn bad(what: &str, reason: impl Into<String>) -> StorageError {
 
 /// Encodes a payload as snapshot data, with its checksum.
 pub(crate) fn encode_data(payload: &SnapshotPayload) -> Result<Vec<u8>> {
-    let body = encode(payload, "snapshot payload")?;
+    let mut body = encode(payload, "snapshot payload")?;
+    // Node names follow the payload (see `ClusterInfo::encode`): a reader without them
+    // ignores the trailing bytes.
+    if !payload.cluster.names.is_empty() {
+        body.extend(encode(&payload.cluster.names, "node names")?);
+    }
     let mut data = Vec::with_capacity(MAGIC.len() + 4 + body.len());
     data.extend_from_slice(MAGIC);
     data.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
@@ -111,7 +116,25 @@ pub(crate) fn verify_checksum(data: &[u8], what: &str) -> Result<()> {
 /// schemas, at most `MAX_MAPS` of them, every entry in a declared map with the schema's key
 /// and value sizes, keys sorted and unique, no map over its entry limit.
 pub(crate) fn decode_data(data: &[u8], what: &str) -> Result<SnapshotPayload> {
-    let payload: SnapshotPayload = decode(body(data, what)?, || what.to_string())?;
+    let (mut payload, rest): (SnapshotPayload, &[u8]) =
+        postcard::take_from_bytes(body(data, what)?).map_err(|source| StorageError::Decode {
+            what: what.to_string(),
+            source,
+        })?;
+    if !rest.is_empty() {
+        payload.cluster.names = decode(rest, || format!("{what}: node names"))?;
+    }
+    if let Some((id, n)) = payload
+        .cluster
+        .names
+        .iter()
+        .find(|(_, n)| n.len() > crate::model::MAX_NODE_NAME)
+    {
+        return Err(bad(
+            what,
+            format!("node {id}'s name is {} bytes long", n.len()),
+        ));
+    }
     if payload.schemas.len() > MAX_MAPS {
         return Err(bad(
             what,
@@ -213,6 +236,35 @@ mod tests {
                 (data_key("m", &[0, 2]), vec![2, 2]),
             ],
         }
+    }
+
+    #[test]
+    fn node_names_travel_after_the_payload_and_older_readers_skip_them() {
+        let mut p = payload();
+        p.cluster.cluster_id = Some("c".into());
+        p.cluster.names.insert(7, "worker-7.example".into());
+        let data = encode_data(&p).unwrap();
+        let back = decode_data(&data, "s").unwrap();
+        assert_eq!(back.cluster, p.cluster);
+        assert_eq!(back.entries, p.entries);
+        // What a reader from before names decodes: everything but them.
+        let old: SnapshotPayload = decode(body(&data, "s").unwrap(), || "old".into()).unwrap();
+        assert_eq!(old.cluster.cluster_id.as_deref(), Some("c"));
+        assert!(old.cluster.names.is_empty());
+        assert_eq!(old.entries, p.entries);
+        // And data from before names reads with none.
+        let mut unnamed = payload();
+        unnamed.cluster.cluster_id = Some("c".into());
+        let legacy = encode_data(&unnamed).unwrap();
+        assert!(decode_data(&legacy, "s").unwrap().cluster.names.is_empty());
+        // A name longer than a DNS name is refused.
+        p.cluster
+            .names
+            .insert(8, "x".repeat(crate::model::MAX_NODE_NAME + 1));
+        let e = decode_data(&encode_data(&p).unwrap(), "s")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node 8's name"), "{e}");
     }
 
     #[test]

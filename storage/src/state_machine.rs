@@ -247,6 +247,12 @@ impl StateMachine {
                                 if !work.cluster.retired.contains(node_id) {
                                     work.cluster.retired.push(*node_id);
                                 }
+                                work.cluster.names.remove(node_id);
+                            }
+                            AdminOp::NameNode { node_id, name } => {
+                                if !work.cluster.retired.contains(node_id) {
+                                    work.cluster.names.insert(*node_id, name.clone());
+                                }
                             }
                         }
                     }
@@ -344,7 +350,7 @@ impl StateMachine {
             );
         }
         if cluster_changed {
-            batch.put_cf(meta_cf, KEY_CLUSTER, encode(&work.cluster, "cluster")?);
+            batch.put_cf(meta_cf, KEY_CLUSTER, encode_cluster(&work.cluster)?);
         }
         batch.put_cf(meta_cf, KEY_APPLIED, encode(&work.applied, "applied")?);
         batch.put_cf(meta_cf, KEY_DIGEST, work.digest.to_be_bytes());
@@ -425,7 +431,7 @@ impl StateMachine {
             KEY_MEMBERSHIP,
             encode(&cache.membership, "membership")?,
         );
-        batch.put_cf(meta_cf, KEY_CLUSTER, encode(&cache.cluster, "cluster")?);
+        batch.put_cf(meta_cf, KEY_CLUSTER, encode_cluster(&cache.cluster)?);
         db.write(batch, true)?;
         snapshot::write_file(
             &self.snapshot_path,
@@ -702,11 +708,28 @@ impl Shared {
     }
 }
 
+fn encode_cluster(c: &ClusterInfo) -> Result<Vec<u8>> {
+    c.encode().map_err(|source| StorageError::Encode {
+        what: "cluster",
+        source,
+    })
+}
+
 fn load_cache(db: &Db) -> Result<Cache> {
     let mut cache = Cache {
         applied: db.get::<Option<LogId>>(CF_SM_META, KEY_APPLIED)?.flatten(),
         membership: db.get(CF_SM_META, KEY_MEMBERSHIP)?.unwrap_or_default(),
-        cluster: db.get(CF_SM_META, KEY_CLUSTER)?.unwrap_or_default(),
+        cluster: match db.db.get_pinned_cf(db.cf(CF_SM_META)?, KEY_CLUSTER)? {
+            Some(bytes) => {
+                ClusterInfo::take(&bytes)
+                    .map_err(|source| StorageError::Decode {
+                        what: "sm_meta/cluster".into(),
+                        source,
+                    })?
+                    .0
+            }
+            None => ClusterInfo::default(),
+        },
         ..Cache::default()
     };
     let cf = db.cf(CF_SM_META)?;
