@@ -9,15 +9,26 @@ use raftmap_node::{NodeConfig, RunningNode};
 
 #[derive(Args, Debug)]
 pub(crate) struct AgentArgs {
-    /// This node's id (required for a new data dir, then stored in it).
+    /// This node's id for a new data dir, stored in it: a number, or `auto` for a random one
+    /// (with a node certificate, the certificate's id).
     #[arg(long)]
-    pub(crate) node_id: Option<u64>,
+    pub(crate) node_id: Option<raftmap_node::NodeIdSetting>,
+    /// The host this node runs on, recorded with its membership (`raftmap members` shows it).
+    #[arg(long, env = "NODE_NAME")]
+    pub(crate) node_name: Option<String>,
     /// Peer (Raft) address, to listen on and advertise.
     #[arg(long)]
     pub(crate) raft_addr: Option<String>,
     /// Client and admin API address.
     #[arg(long)]
     pub(crate) api_addr: Option<String>,
+    /// The peer address other nodes dial, when not --raft-addr (a stable DNS name, such as a
+    /// StatefulSet pod's).
+    #[arg(long)]
+    pub(crate) advertise_raft_addr: Option<String>,
+    /// The API address other nodes and clients are told, when not --api-addr.
+    #[arg(long)]
+    pub(crate) advertise_api_addr: Option<String>,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long)]
     pub(crate) metrics_addr: Option<String>,
@@ -34,6 +45,10 @@ pub(crate) struct AgentArgs {
     /// With --join: stay a learner.
     #[arg(long)]
     pub(crate) learner: bool,
+    /// With --join (the voters' addresses): found the cluster once N fresh voters see each
+    /// other, or join it when it exists. Every voter of a new cluster gets the same N.
+    #[arg(long, value_name = "N")]
+    pub(crate) bootstrap_expect: Option<usize>,
     /// Acknowledge writes before the log is fsynced (faster; loses the tail on power loss).
     #[arg(long)]
     pub(crate) no_sync: bool,
@@ -74,6 +89,15 @@ pub(crate) struct AgentArgs {
     /// from the certificate.
     #[arg(long, env = "RAFTMAP_TLS_DIR")]
     pub(crate) tls_dir: Option<PathBuf>,
+    /// The cluster CA's directory (ca.crt and ca.key, or a cert-manager CA Secret): the node
+    /// issues its own certificate (into <data dir>/tls) and signs those of new nodes. For the
+    /// voters.
+    #[arg(long, env = "RAFTMAP_CA_DIR")]
+    pub(crate) ca_dir: Option<PathBuf>,
+    /// An enrollment credential (`raftmap certs enroll`): the node has a --join member that
+    /// holds the CA key sign its certificate (into <data dir>/tls). For the agents.
+    #[arg(long, env = "RAFTMAP_ENROLL_DIR")]
+    pub(crate) enroll_dir: Option<PathBuf>,
     /// Serve without TLS on addresses other than loopback: anyone who reaches them can write
     /// every node's maps and change the membership.
     #[arg(long)]
@@ -114,11 +138,20 @@ pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
     if a.node_id.is_some() {
         cfg.node_id = a.node_id;
     }
+    if a.node_name.is_some() {
+        cfg.node_name = a.node_name;
+    }
     if let Some(v) = a.raft_addr {
         cfg.raft_addr = v;
     }
     if let Some(v) = a.api_addr {
         cfg.api_addr = v;
+    }
+    if a.advertise_raft_addr.is_some() {
+        cfg.advertise_raft_addr = a.advertise_raft_addr;
+    }
+    if a.advertise_api_addr.is_some() {
+        cfg.advertise_api_addr = a.advertise_api_addr;
     }
     if a.metrics_addr.is_some() {
         cfg.metrics_addr = a.metrics_addr;
@@ -130,6 +163,9 @@ pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
         cfg.join = a.join;
     }
     cfg.learner |= a.learner;
+    if a.bootstrap_expect.is_some() {
+        cfg.bootstrap_expect = a.bootstrap_expect;
+    }
     cfg.sync &= !a.no_sync;
     if let Some(v) = a.snapshot_logs {
         cfg.snapshot_logs = v;
@@ -168,11 +204,17 @@ pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
     if a.tls_dir.is_some() {
         cfg.tls_dir = a.tls_dir;
     }
+    if a.ca_dir.is_some() {
+        cfg.ca_dir = a.ca_dir;
+    }
+    if a.enroll_dir.is_some() {
+        cfg.enroll_dir = a.enroll_dir;
+    }
     cfg.insecure |= a.insecure;
     if let Some(why) = cfg.insecure_exposure() {
         return Err(Refused(why).into());
     }
-    if cfg.tls_dir.is_none() {
+    if cfg.tls_dir.is_none() && cfg.ca_dir.is_none() && cfg.enroll_dir.is_none() {
         tracing::warn!("no TLS: peers and clients are not authenticated (--tls-dir turns it on)");
     }
     let mut node = RunningNode::start(cfg).await?;

@@ -68,6 +68,23 @@ pub(crate) enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Issue the credential new nodes share to obtain their node certificates (`raftmap agent
+    /// --enroll-dir`) from a node holding the CA key (`--ca-dir`); it may do nothing else.
+    Enroll {
+        #[arg(long)]
+        ca: PathBuf,
+        /// The credential's name (shown in logs), for example the DaemonSet's.
+        #[arg(long, default_value = "agents")]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        #[arg(long)]
+        also_trust: Vec<PathBuf>,
+        #[arg(long)]
+        force: bool,
+    },
     /// Print what a certificate file, or an identity directory, holds and whether it is usable.
     Show { path: PathBuf },
 }
@@ -119,6 +136,20 @@ pub(crate) fn run(cmd: CertsCmd) -> Result<()> {
             raftmap_node::tls::check_name("client name", &name).map_err(anyhow::Error::msg)?;
             let (_, _, cluster) = issue::read_ca(&ca)?;
             let who = Principal::client(&cluster, role, &name);
+            let cert = issue::issue(&ca, &who, Validity::days(days), &[], &[])?;
+            write(&ca, &out, &also_trust, &cert, force, &who)?;
+        }
+        CertsCmd::Enroll {
+            ca,
+            name,
+            out,
+            days,
+            also_trust,
+            force,
+        } => {
+            raftmap_node::tls::check_name("enrollment name", &name).map_err(anyhow::Error::msg)?;
+            let (_, _, cluster) = issue::read_ca(&ca)?;
+            let who = Principal::enroller(&cluster, &name);
             let cert = issue::issue(&ca, &who, Validity::days(days), &[], &[])?;
             write(&ca, &out, &also_trust, &cert, force, &who)?;
         }

@@ -20,38 +20,37 @@ pub(crate) fn print(output: Output, j: serde_json::Value, table: impl FnOnce() -
 }
 
 pub(crate) fn print_members(output: Output, r: &pb::MembersResponse) {
+    let role = |m: &pb::Member| if m.voter { "voter" } else { "learner" };
+    let leads = |m: &pb::Member| r.has_leader && r.leader_id == m.node_id;
     let rows: Vec<_> = r
         .members
         .iter()
         .map(|m| {
-            json!({"node_id": m.node_id, "raft_addr": m.raft_addr, "api_addr": m.api_addr,
-                   "role": if m.voter { "voter" } else { "learner" },
-                   "leader": r.has_leader && r.leader_id == m.node_id})
+            json!({"node_id": m.node_id, "name": m.node_name, "raft_addr": m.raft_addr,
+                   "api_addr": m.api_addr, "role": role(m), "leader": leads(m)})
         })
         .collect();
     print(
         output,
         json!({"cluster_id": r.cluster_id, "members": rows}),
         || {
-            let mut s = format!(
-                "{:<6} {:<8} {:<7} {:<22} {:<22}\n",
-                "ID", "ROLE", "LEADER", "RAFT", "API"
-            );
-            for m in &r.members {
-                s.push_str(&format!(
-                    "{:<6} {:<8} {:<7} {:<22} {:<22}\n",
-                    m.node_id,
-                    if m.voter { "voter" } else { "learner" },
-                    if r.has_leader && r.leader_id == m.node_id {
-                        "*"
-                    } else {
-                        ""
-                    },
-                    m.raft_addr,
-                    m.api_addr
-                ));
-            }
-            s.trim_end().to_string()
+            let head = ["ID", "NAME", "ROLE", "LEADER", "RAFT", "API"].map(String::from);
+            crate::table::columns(
+                std::iter::once(head.to_vec()).chain(r.members.iter().map(|m| {
+                    vec![
+                        m.node_id.to_string(),
+                        if m.node_name.is_empty() {
+                            "-".into()
+                        } else {
+                            m.node_name.clone()
+                        },
+                        role(m).into(),
+                        if leads(m) { "*" } else { "" }.into(),
+                        m.raft_addr.clone(),
+                        m.api_addr.clone(),
+                    ]
+                })),
+            )
         },
     );
 }

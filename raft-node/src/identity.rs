@@ -29,6 +29,56 @@ impl Identity {
     }
 }
 
+/// How a new data dir gets its node id: the one given, or (`auto`) a random one.
+///
+/// Automatic ids are random in `1..2^63` and persisted before the node joins: never derived
+/// from a host name, an address or a machine id, which are reused and cloned. Two nodes
+/// drawing the same id is a chance of about n²/2^64 for n nodes over a cluster's life; the
+/// leader refuses the second, which then draws again ([`forget_unjoined`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeIdSetting {
+    Fixed(NodeId),
+    Auto,
+}
+
+impl NodeIdSetting {
+    fn pick(self) -> NodeId {
+        match self {
+            NodeIdSetting::Fixed(id) => id,
+            // Never 0 (reserved): the top bit is cleared and the lowest set.
+            NodeIdSetting::Auto => (rand::random::<u64>() >> 1) | 1,
+        }
+    }
+}
+
+impl std::str::FromStr for NodeIdSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            return Ok(NodeIdSetting::Auto);
+        }
+        s.parse()
+            .map(NodeIdSetting::Fixed)
+            .map_err(|_| format!("node id {s:?}: expected a number from 1 up, or \"auto\""))
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeIdSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Id(NodeId),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Id(id) => Ok(NodeIdSetting::Fixed(id)),
+            Raw::Word(w) => w.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 /// Opens the data dir at `dir`, or prepares a new one for node `requested` (required for a new
 /// dir). Returns the identity and whether the dir is new; a new identity is written with
 /// [`Identity::persist`] once the database has been created, so that an identity file always
@@ -37,7 +87,7 @@ impl Identity {
 /// Refuses a dir that holds something other than a raftmap data dir, an identity file that
 /// cannot be read, an identity without its database, and a node id that differs from the one
 /// the dir was created for.
-pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity, bool)> {
+pub fn load_or_create(dir: &Path, requested: Option<NodeIdSetting>) -> Result<(Identity, bool)> {
     let path = dir.join(IDENTITY_FILE);
     let err = |problem: String| NodeError::DataDir {
         dir: dir.to_path_buf(),
@@ -45,7 +95,11 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity
     };
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let id = parse(&bytes, dir, requested)?;
+            let fixed = match requested {
+                Some(NodeIdSetting::Fixed(id)) => Some(id),
+                _ => None,
+            };
+            let id = parse(&bytes, dir, fixed)?;
             if !dir.join("db").join("CURRENT").exists() {
                 return Err(err(format!(
                     "{} has an identity but no database (db/CURRENT is missing): the data dir is damaged",
@@ -55,12 +109,14 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity
             Ok((id, false))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let node_id = requested.ok_or_else(|| {
-                err(format!(
-                    "{} is a new data dir: pass --node-id to give this node its identity",
-                    dir.display()
-                ))
-            })?;
+            let node_id = requested
+                .ok_or_else(|| {
+                    err(format!(
+                        "{} is a new data dir: pass --node-id (a number, or auto) to give this node its identity",
+                        dir.display()
+                    ))
+                })?
+                .pick();
             if node_id == 0 {
                 return Err(err("node id 0 is reserved; use 1 or more".into()));
             }
@@ -71,7 +127,11 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeId>) -> Result<(Identity
                 && std::fs::read_dir(dir)
                     .map_err(|e| io(dir, e))?
                     .filter_map(|e| e.ok())
-                    .any(|e| e.file_name() != "db" && e.path() != leftover);
+                    .any(|e| {
+                        e.file_name() != "db"
+                            && e.file_name() != crate::provision::TLS_SUBDIR
+                            && e.path() != leftover
+                    });
             if foreign {
                 return Err(err(format!(
                     "{} is not empty and is not a raftmap data dir (no {IDENTITY_FILE}); refusing to use it",
@@ -130,6 +190,22 @@ pub(crate) fn parse(bytes: &[u8], dir: &Path, requested: Option<NodeId>) -> Resu
     Ok(id)
 }
 
+/// Removes the identity of a node that has never been a member (the leader refused its id as
+/// taken), so that its next start draws a new one. The database stays: it holds nothing yet,
+/// and an identity-less `db` is what a new data dir may hold.
+pub(crate) fn forget_unjoined(dir: &Path) -> Result<()> {
+    let path = dir.join(IDENTITY_FILE);
+    std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+    // A certificate obtained for the refused id names it: it goes too.
+    let tls = dir.join(crate::provision::TLS_SUBDIR);
+    if tls.exists() {
+        std::fs::remove_dir_all(&tls).map_err(|e| io(&tls, e))?;
+    }
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(dir, e))
+}
+
 fn io(path: &Path, e: std::io::Error) -> NodeError {
     NodeError::DataDir {
         dir: path.parent().unwrap_or(path).to_path_buf(),
@@ -163,7 +239,7 @@ mod tests {
         let dir = t.path().join("n1");
         let e = load_or_create(&dir, None).unwrap_err().to_string();
         assert!(e.contains("pass --node-id"), "{e}");
-        let (id, fresh) = load_or_create(&dir, Some(7)).unwrap();
+        let (id, fresh) = load_or_create(&dir, Some(NodeIdSetting::Fixed(7))).unwrap();
         assert!(fresh);
         assert_eq!(id.node_id, 7);
         id.persist(&dir).unwrap();
@@ -171,9 +247,46 @@ mod tests {
         assert!(e.contains("no database"), "{e}");
         std::fs::create_dir_all(dir.join("db")).unwrap();
         std::fs::write(dir.join("db/CURRENT"), "x").unwrap();
-        assert_eq!(load_or_create(&dir, None).unwrap(), (id, false));
-        let e = load_or_create(&dir, Some(8)).unwrap_err().to_string();
+        assert_eq!(load_or_create(&dir, None).unwrap(), (id.clone(), false));
+        let e = load_or_create(&dir, Some(NodeIdSetting::Fixed(8)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("belongs to node 7, not node 8"), "{e}");
+        // auto keeps whatever the dir was created with.
+        let again = load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap();
+        assert_eq!(again, (id, false));
+    }
+
+    #[test]
+    fn auto_ids_are_drawn_once_kept_and_drawn_again_after_a_refused_join() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("n");
+        let (id, fresh) = load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap();
+        assert!(fresh);
+        assert!(id.node_id > 0 && id.node_id < 1 << 63, "{}", id.node_id);
+        id.persist(&dir).unwrap();
+        std::fs::create_dir_all(dir.join("db")).unwrap();
+        std::fs::write(dir.join("db/CURRENT"), "x").unwrap();
+        assert_eq!(
+            load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap(),
+            (id.clone(), false)
+        );
+        forget_unjoined(&dir).unwrap();
+        let (next, fresh) = load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap();
+        assert!(fresh);
+        assert_ne!(next.node_id, id.node_id);
+        assert_eq!("auto".parse(), Ok(NodeIdSetting::Auto));
+        assert_eq!("12".parse(), Ok(NodeIdSetting::Fixed(12)));
+        let e = "twelve".parse::<NodeIdSetting>().unwrap_err();
+        assert!(e.contains("\"twelve\"") && e.contains("auto"), "{e}");
+        #[derive(Deserialize)]
+        struct C {
+            node_id: NodeIdSetting,
+        }
+        let c: C = toml::from_str("node_id = \"auto\"").unwrap();
+        assert_eq!(c.node_id, NodeIdSetting::Auto);
+        let c: C = toml::from_str("node_id = 4").unwrap();
+        assert_eq!(c.node_id, NodeIdSetting::Fixed(4));
     }
 
     #[test]
@@ -182,7 +295,7 @@ mod tests {
         let dir = t.path().join("n1");
         std::fs::create_dir_all(dir.join("db")).unwrap();
         std::fs::write(dir.join("identity.tmp"), "{\"format\":1,\"no").unwrap();
-        let (id, fresh) = load_or_create(&dir, Some(3)).unwrap();
+        let (id, fresh) = load_or_create(&dir, Some(NodeIdSetting::Fixed(3))).unwrap();
         assert!(fresh);
         id.persist(&dir).unwrap();
         assert!(!dir.join("identity.tmp").exists());
@@ -212,10 +325,14 @@ mod tests {
     fn foreign_and_corrupt_dirs_are_refused() {
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("somefile"), "hello").unwrap();
-        let e = load_or_create(t.path(), Some(1)).unwrap_err().to_string();
+        let e = load_or_create(t.path(), Some(NodeIdSetting::Fixed(1)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a raftmap data dir"), "{e}");
         std::fs::write(t.path().join(IDENTITY_FILE), "{not json").unwrap();
-        let e = load_or_create(t.path(), Some(1)).unwrap_err().to_string();
+        let e = load_or_create(t.path(), Some(NodeIdSetting::Fixed(1)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("corrupt"), "{e}");
     }
 }

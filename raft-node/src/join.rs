@@ -71,6 +71,15 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
                 Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => {
                     break 'joined k
                 }
+                // Another node holds (or held) the id this node drew: draw again.
+                Err(s) if s.code() == tonic::Code::AlreadyExists && shared.auto_id => {
+                    crate::identity::forget_unjoined(&shared.data_dir)?;
+                    return Err(NodeError::FailedPrecondition(format!(
+                        "the cluster refused this node's automatic id {} ({}); a new one is drawn at the next start",
+                        shared.id,
+                        s.message()
+                    )));
+                }
                 Err(s) if retryable(&s) => why.push(format!("{addr}: {}", s.message())),
                 Err(s) => return Err(s.into()),
             }
@@ -118,7 +127,7 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
 
 /// Doubling delays from `RETRY_FIRST` up to `RETRY_MAX`.
 #[derive(Debug)]
-struct Backoff(Duration);
+pub(crate) struct Backoff(Duration);
 
 impl Default for Backoff {
     fn default() -> Self {
@@ -127,7 +136,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let now = self.0;
         self.0 = (self.0 * 2).min(RETRY_MAX);
         now

@@ -12,6 +12,7 @@
 //! (talk to a cluster), [`tls`] (the certificates a process connects and serves with, and
 //! making them) and [`launcher`] (run several nodes as processes on loopback).
 
+mod bootstrap;
 mod client;
 mod consistency;
 mod error;
@@ -29,6 +30,7 @@ mod node;
 mod peer_check;
 mod pool;
 mod propose;
+mod provision;
 mod service;
 mod shared;
 pub mod tls;
@@ -36,6 +38,7 @@ mod wire;
 
 pub use client::{put, Client};
 pub use error::{NodeError, Result};
+pub use identity::NodeIdSetting;
 pub use kernel::WatchSpec;
 pub use network::endpoint;
 pub use node::{NodeConfig, RunningNode};

@@ -17,13 +17,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::{NodeError, Result};
-use crate::identity;
+use crate::identity::{self, NodeIdSetting};
 use crate::join::join_cluster;
 use crate::kernel::{KernelSync, WatchSpec};
 use crate::metrics::Metrics;
 use crate::network::{Network, MAX_PEER_MESSAGE};
 use crate::pool::{ClusterId, PeerPool};
 use crate::propose::{BatchConfig, Batcher, Proposer};
+use crate::provision::Provision;
 use crate::service::{AdminService, AuthzLayer, KvService, PeerService, Port};
 use crate::shared::NodeShared;
 use crate::tls::{Principal, Security};
@@ -34,12 +35,19 @@ use crate::wire::MAX_CLIENT_MESSAGE;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Required for a new data dir; afterwards read from it.
-    pub node_id: Option<NodeId>,
+    /// Required for a new data dir (a number, or `auto`); afterwards read from it.
+    pub node_id: Option<NodeIdSetting>,
+    /// The host this node runs on (a Kubernetes node name), recorded with its membership.
+    pub node_name: Option<String>,
     /// Peer (Raft) listen and advertised address.
     pub raft_addr: String,
     /// Client and admin API listen and advertised address.
     pub api_addr: String,
+    /// The peer address other nodes dial, when it is not `raft_addr` (a name that stays when
+    /// the IP changes, as a StatefulSet pod's `voter-0.voters.ns.svc:7400`).
+    pub advertise_raft_addr: Option<String>,
+    /// The API address other nodes and clients are told, when it is not `api_addr`.
+    pub advertise_api_addr: Option<String>,
     /// Prometheus `/metrics`, `/healthz`, `/readyz`; off when empty.
     pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
@@ -48,6 +56,9 @@ pub struct NodeConfig {
     pub join: Option<String>,
     /// When joining, stay a learner instead of asking to become a voter.
     pub learner: bool,
+    /// Voters only: found the cluster once this many fresh voters among `join` see each other
+    /// (every address answering); join it instead when one of them is already a member.
+    pub bootstrap_expect: Option<usize>,
     /// fsync the log before acknowledging writes.
     pub sync: bool,
     /// Build a snapshot (and purge the log) every this many entries.
@@ -74,6 +85,12 @@ pub struct NodeConfig {
     /// Identity directory (`ca.crt`, `tls.crt`, `tls.key`): mutual TLS on the peer and API
     /// ports, reloaded when the files change.
     pub tls_dir: Option<PathBuf>,
+    /// The cluster CA (`ca.crt` and `ca.key`, or a cert-manager CA Secret): the node issues
+    /// its own certificate into `<data_dir>/tls` and signs those of new nodes.
+    pub ca_dir: Option<PathBuf>,
+    /// An enrollment credential (`raftmap certs enroll`): the node has its certificate signed
+    /// by a `join` member that holds the CA key, into `<data_dir>/tls`.
+    pub enroll_dir: Option<PathBuf>,
     /// Listen without TLS on addresses other than loopback.
     pub insecure: bool,
     #[serde(skip)]
@@ -84,12 +101,16 @@ impl Default for NodeConfig {
     fn default() -> Self {
         Self {
             node_id: None,
+            node_name: None,
             raft_addr: "127.0.0.1:7400".into(),
             api_addr: "127.0.0.1:7401".into(),
+            advertise_raft_addr: None,
+            advertise_api_addr: None,
             metrics_addr: None,
             data_dir: PathBuf::from("raftmap-data"),
             join: None,
             learner: false,
+            bootstrap_expect: None,
             sync: true,
             snapshot_logs: 10_000,
             heartbeat_ms: 100,
@@ -103,6 +124,8 @@ impl Default for NodeConfig {
             disk_check_ms: 600_000,
             unsafe_local_reads: false,
             tls_dir: None,
+            ca_dir: None,
+            enroll_dir: None,
             insecure: false,
             batch: BatchConfig::default(),
         }
@@ -113,7 +136,11 @@ impl NodeConfig {
     /// Why this configuration would expose a node without TLS: it listens beyond loopback with
     /// no `tls_dir`, and `insecure` was not asked for.
     pub fn insecure_exposure(&self) -> Option<String> {
-        if self.tls_dir.is_some() || self.insecure {
+        if self.tls_dir.is_some()
+            || self.ca_dir.is_some()
+            || self.enroll_dir.is_some()
+            || self.insecure
+        {
             return None;
         }
         let exposed = [("raft", &self.raft_addr), ("api", &self.api_addr)]
@@ -123,6 +150,21 @@ impl NodeConfig {
             "refusing to serve the {} address {} without TLS: pass --tls-dir (certificates from `raftmap certs`), or --insecure to accept that anyone who reaches it can write every node's maps",
             exposed.0, exposed.1
         ))
+    }
+
+    /// Where the node's certificate comes from when it obtains it itself.
+    fn provision(&self) -> Result<Option<Provision>> {
+        match (&self.tls_dir, &self.ca_dir, &self.enroll_dir) {
+            (_, Some(_), Some(_)) => Err(NodeError::BadRequest(
+                "--ca-dir and --enroll-dir both given: a node with the CA key issues its own certificate".into(),
+            )),
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(NodeError::BadRequest(
+                "--tls-dir with --ca-dir or --enroll-dir: a node that obtains its certificate keeps it in <data dir>/tls".into(),
+            )),
+            (_, Some(ca), None) => Ok(Some(Provision::Ca(ca.clone()))),
+            (_, None, Some(e)) => Ok(Some(Provision::Enroll(e.clone()))),
+            (_, None, None) => Ok(None),
+        }
     }
 
     /// The node's certificates: from `tls_dir`, or none.
@@ -162,21 +204,63 @@ impl RunningNode {
         if let Some(join) = &cfg.join {
             crate::join::join_addresses(join)?;
         }
-        let security = cfg.security()?;
-        let cert = security.identity();
-        // A node certificate names the node: it gives a new data dir its id.
-        let cert_id = cert.as_ref().and_then(Principal::node_id);
-        if security.is_tls() && cert_id.is_none() {
-            return Err(NodeError::BadRequest(format!(
-                "{} holds no node certificate ({}); a node needs one (`raftmap certs node`)",
-                cfg.tls_dir
-                    .as_deref()
-                    .unwrap_or(std::path::Path::new(""))
-                    .display(),
-                cert.map_or_else(|| "only a CA".to_string(), |c| c.to_string())
-            )));
+        match (cfg.bootstrap_expect, &cfg.join) {
+            (Some(0), _) => {
+                return Err(NodeError::BadRequest(
+                    "--bootstrap-expect 0: the cluster needs at least one voter".into(),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(NodeError::BadRequest(
+                    "--bootstrap-expect needs --join: the addresses of the voters that found the cluster together".into(),
+                ))
+            }
+            (Some(_), Some(_)) if cfg.learner => {
+                return Err(NodeError::BadRequest(
+                    "--bootstrap-expect is for voters; a --learner joins an existing cluster".into(),
+                ))
+            }
+            _ => {}
         }
-        let (ident, fresh) = identity::load_or_create(&cfg.data_dir, cfg.node_id.or(cert_id))?;
+        if let Some(n) = &cfg.node_name {
+            crate::wire::check_node_name(n)?;
+        }
+        let provision = cfg.provision()?;
+        // The id a certificate names wins over --node-id auto; a fixed --node-id must match it.
+        let requested = |cert_id: Option<NodeId>| match (cfg.node_id, cert_id) {
+            (Some(NodeIdSetting::Fixed(n)), _) => Some(NodeIdSetting::Fixed(n)),
+            (_, Some(c)) => Some(NodeIdSetting::Fixed(c)),
+            (auto, None) => auto,
+        };
+        let (security, ident, fresh) = match &provision {
+            // The node makes or asks for its certificate: its id comes first.
+            Some(p) => {
+                let dir = Provision::tls_dir(&cfg.data_dir);
+                let (ident, fresh) = identity::load_or_create(
+                    &cfg.data_dir,
+                    requested(Provision::existing_id(&dir)),
+                )?;
+                p.ensure(&dir, ident.node_id, cfg.join.as_deref()).await?;
+                (Security::from_dir(&dir)?, ident, fresh)
+            }
+            None => {
+                let security = cfg.security()?;
+                // A node certificate names the node: it gives a new data dir its id.
+                let cert = security.identity();
+                let cert_id = cert.as_ref().and_then(Principal::node_id);
+                if security.is_tls() && cert_id.is_none() {
+                    return Err(NodeError::BadRequest(format!(
+                        "{} holds no node certificate ({}); a node needs one (`raftmap certs node`, or --ca-dir / --enroll-dir to obtain one)",
+                        security.dir().unwrap_or(std::path::Path::new("")).display(),
+                        cert.map_or_else(|| "only a CA".to_string(), |c| c.to_string())
+                    )));
+                }
+                let (ident, fresh) = identity::load_or_create(&cfg.data_dir, requested(cert_id))?;
+                (security, ident, fresh)
+            }
+        };
+        let cert = security.identity();
+        let cert_id = cert.as_ref().and_then(Principal::node_id);
         let id = ident.node_id;
         if let Some(c) = cert_id.filter(|c| *c != id) {
             return Err(NodeError::BadRequest(format!(
@@ -207,9 +291,17 @@ impl RunningNode {
             }
         }
         let info = NodeInfo {
-            raft_addr: cfg.raft_addr.clone(),
-            api_addr: cfg.api_addr.clone(),
+            raft_addr: cfg
+                .advertise_raft_addr
+                .clone()
+                .unwrap_or_else(|| cfg.raft_addr.clone()),
+            api_addr: cfg
+                .advertise_api_addr
+                .clone()
+                .unwrap_or_else(|| cfg.api_addr.clone()),
         };
+        crate::wire::check_member_addr(&info.raft_addr)?;
+        crate::wire::check_member_addr(&info.api_addr)?;
 
         let raft_config = openraft::Config {
             cluster_name: "raftmap".into(),
@@ -264,6 +356,12 @@ impl RunningNode {
             fatal: fatal_tx,
             id,
             info,
+            node_name: cfg.node_name.clone().filter(|n| !n.is_empty()),
+            auto_id: cfg.node_id == Some(NodeIdSetting::Auto),
+            ca_dir: match &provision {
+                Some(Provision::Ca(d)) => Some(d.clone()),
+                _ => None,
+            },
             raft,
             view,
             log,
@@ -323,16 +421,31 @@ impl RunningNode {
         if security.is_tls() {
             tasks.push(tokio::spawn(reload_certs(shared.clone())));
         }
+        if let Some(p) = provision {
+            tasks.push(tokio::spawn(crate::provision::maintain(
+                shared.clone(),
+                p,
+                cfg.join.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(crate::consistency::run(
             shared.clone(),
             Duration::from_millis(cfg.consistency_check_ms.max(100)),
             Duration::from_millis(cfg.disk_check_ms.max(100)),
         )));
+        if shared.node_name.is_some() {
+            tasks.push(tokio::spawn(record_name(shared.clone())));
+        }
         if let Some(join) = cfg.join.clone() {
             let s = shared.clone();
             let learner = cfg.learner;
+            let expect = cfg.bootstrap_expect;
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = join_cluster(&s, &join, learner).await {
+                let res = match expect {
+                    Some(n) => crate::bootstrap::bootstrap_expect(&s, &join, n).await,
+                    None => join_cluster(&s, &join, learner).await,
+                };
+                if let Err(e) = res {
                     tracing::error!(error = %e, "joining the cluster failed");
                     s.fatal
                         .send_replace(Some(format!("joining the cluster through {join}: {e}")));
@@ -383,6 +496,42 @@ impl RunningNode {
         for t in self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Records this node's name with its membership once it is a member and there is a leader,
+/// and again whenever the name recorded differs (a voter whose volume moved to another host).
+async fn record_name(shared: Arc<NodeShared>) {
+    let Some(name) = shared.node_name.clone() else {
+        return;
+    };
+    let mut metrics = shared.raft.metrics();
+    loop {
+        let member = {
+            let m = metrics.borrow_watched();
+            m.current_leader.is_some()
+                && m.membership_config
+                    .membership()
+                    .get_node(&shared.id)
+                    .is_some()
+        };
+        if member && shared.view.cluster().names.get(&shared.id) != Some(&name) {
+            let proposal = raftmap_storage::Proposal {
+                batches: vec![],
+                admin: vec![raftmap_storage::AdminOp::NameNode {
+                    node_id: shared.id,
+                    name: name.clone(),
+                }],
+            };
+            match shared.proposer.propose(proposal).await {
+                Ok(_) => {
+                    tracing::info!(name = %name, "recorded this node's name with its membership")
+                }
+                Err(e) => tracing::debug!(error = %e, "recording this node's name; retrying"),
+            }
+        }
+        // A change of leader or membership, or a second, whichever comes first.
+        let _ = tokio::time::timeout(Duration::from_secs(1), metrics.changed()).await;
     }
 }
 

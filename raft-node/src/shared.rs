@@ -22,6 +22,13 @@ use crate::propose::{Batcher, Proposer};
 pub struct NodeShared {
     pub(crate) id: NodeId,
     pub(crate) info: NodeInfo,
+    /// The cluster CA's directory (`--ca-dir`): this node issues node certificates.
+    pub(crate) ca_dir: Option<std::path::PathBuf>,
+    /// Whether the node id was drawn at random (`--node-id auto`), so that a join refused for
+    /// it may draw another.
+    pub(crate) auto_id: bool,
+    /// The host this node runs on, recorded with its membership (`--node-name`).
+    pub(crate) node_name: Option<String>,
     pub(crate) raft: Raft,
     pub(crate) view: StateView,
     pub(crate) log: LogStore,

@@ -2,43 +2,56 @@
 
 use raftmap_node::proto as pb;
 
+/// Rows aligned in columns (two spaces apart, as kubectl's tables).
+pub fn columns<R, C>(rows: R) -> String
+where
+    R: IntoIterator<Item = C>,
+    C: IntoIterator<Item = String>,
+{
+    use std::io::Write;
+    let mut tw = tabwriter::TabWriter::new(Vec::new()).padding(2);
+    for row in rows {
+        let cells: Vec<String> = row.into_iter().collect();
+        // Writing into memory does not fail.
+        let _ = writeln!(tw, "{}", cells.join("\t"));
+    }
+    let bytes = tw.into_inner().unwrap_or_default();
+    String::from_utf8_lossy(&bytes).trim_end().to_string()
+}
+
+fn header(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
 /// The `raftmap status` table.
 pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, String>)]) -> String {
-    let mut s = format!(
-        "{:<22} {:<5} {:<9} {:<7} {:>5} {:>9} {:>9} {:>9} {:>9} {:<5}\n",
-        "ENDPOINT",
-        "ID",
-        "ROLE",
-        "LEADER",
-        "TERM",
-        "LAST LOG",
-        "COMMIT",
-        "APPLIED",
-        "SNAPSHOT",
-        "READY"
-    );
+    let mut nodes = vec![header(&[
+        "ENDPOINT", "ID", "ROLE", "LEADER", "TERM", "LAST LOG", "COMMIT", "APPLIED", "SNAPSHOT",
+        "READY",
+    ])];
     for (ep, r) in rows {
-        match r {
-            Ok(st) => s.push_str(&format!(
-                "{:<22} {:<5} {:<9} {:<7} {:>5} {:>9} {:>9} {:>9} {:>9} {:<5}\n",
-                ep,
-                st.node_id,
-                st.role,
+        nodes.push(match r {
+            Ok(st) => vec![
+                ep.clone(),
+                st.node_id.to_string(),
+                st.role.clone(),
                 if st.has_leader {
                     st.leader_id.to_string()
                 } else {
                     "-".into()
                 },
-                st.term,
-                st.last_log_index,
-                st.committed_index,
-                st.applied_index,
-                st.snapshot_index,
-                st.ready
-            )),
-            Err(e) => s.push_str(&format!("{ep:<22} error: {e}\n")),
-        }
+                st.term.to_string(),
+                st.last_log_index.to_string(),
+                st.committed_index.to_string(),
+                st.applied_index.to_string(),
+                st.snapshot_index.to_string(),
+                st.ready.to_string(),
+            ],
+            Err(e) => vec![ep.clone(), format!("error: {e}")],
+        });
     }
+    let mut s = columns(nodes);
+    s.push('\n');
     for (_, st) in rows
         .iter()
         .filter_map(|(ep, r)| Some((ep, r.as_ref().ok()?)))
@@ -56,25 +69,29 @@ pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, Str
     let answered: Vec<&pb::StatusResponse> =
         rows.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
     if !answered.is_empty() {
-        s.push_str(&format!(
-            "\n{:<5} {:<40} {:<22} {}\n",
-            "NODE", "TLS IDENTITY", "CERT EXPIRES", "CA EXPIRES"
-        ));
+        let mut tls = vec![header(&[
+            "NODE",
+            "TLS IDENTITY",
+            "CERT EXPIRES",
+            "CA EXPIRES",
+        ])];
         for st in answered {
-            match &st.tls {
-                Some(t) => s.push_str(&format!(
-                    "{:<5} {:<40} {:<22} {}\n",
-                    st.node_id,
-                    t.identity,
+            tls.push(match &st.tls {
+                Some(t) => vec![
+                    st.node_id.to_string(),
+                    t.identity.clone(),
                     expiry(t.expires_unix),
-                    expiry(t.ca_expires_unix)
-                )),
-                None => s.push_str(&format!(
-                    "{:<5} none: plaintext, unauthenticated (--insecure or loopback)\n",
-                    st.node_id
-                )),
-            }
+                    expiry(t.ca_expires_unix),
+                ],
+                None => vec![
+                    st.node_id.to_string(),
+                    "none: plaintext, unauthenticated (--insecure or loopback)".into(),
+                ],
+            });
         }
+        s.push('\n');
+        s.push_str(&columns(tls));
+        s.push('\n');
     }
     let watched: Vec<(u64, &pb::WatchedMap)> = rows
         .iter()
@@ -82,22 +99,30 @@ pub fn status_table(rows: &[(String, std::result::Result<pb::StatusResponse, Str
         .flat_map(|st| st.watched.iter().map(move |w| (st.node_id, w)))
         .collect();
     if !watched.is_empty() {
-        s.push_str(&format!(
-            "\n{:<5} {:<16} {:<8} {:>9}  {:<40} STATE\n",
-            "NODE", "MAP", "BACKEND", "ENTRIES", "LOCATION"
-        ));
+        let mut maps = vec![header(&[
+            "NODE", "MAP", "BACKEND", "ENTRIES", "LOCATION", "STATE",
+        ])];
+        let mut refusals = String::new();
         for (node, w) in watched {
-            s.push_str(&format!(
-                "{node:<5} {:<16} {:<8} {:>9}  {:<40} {}\n",
-                w.map, w.backend, w.entries, w.location, w.state
-            ));
+            maps.push(vec![
+                node.to_string(),
+                w.map.clone(),
+                w.backend.clone(),
+                w.entries.to_string(),
+                w.location.clone(),
+                w.state.clone(),
+            ]);
             if w.refused_changes > 0 {
-                s.push_str(&format!(
-                    "      {} local changes refused by the cluster and undone; the last: {}\n",
-                    w.refused_changes, w.last_refusal
+                refusals.push_str(&format!(
+                    "node {node} map {}: {} local changes refused by the cluster and undone; the last: {}\n",
+                    w.map, w.refused_changes, w.last_refusal
                 ));
             }
         }
+        s.push('\n');
+        s.push_str(&columns(maps));
+        s.push('\n');
+        s.push_str(&refusals);
     }
     s.trim_end().to_string()
 }

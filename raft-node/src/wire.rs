@@ -4,8 +4,6 @@
 use raftmap_proto as pb;
 use raftmap_storage::{MapSchema, MapType, Op, ValidationError};
 
-use std::net::SocketAddr;
-
 use crate::error::{NodeError, Result};
 
 /// Largest client request or response message.
@@ -73,8 +71,85 @@ pub(crate) fn op_from_pb(op: pb::Op) -> Result<Op, NodeError> {
     })
 }
 
-/// Parses `host:port` for listening.
-pub fn parse_addr(addr: &str) -> Result<SocketAddr> {
-    addr.parse()
-        .map_err(|e| NodeError::BadRequest(format!("invalid address {addr:?}: {e}")))
+/// A node name as a member may record it: a host or Kubernetes node name (at most 253 bytes of
+/// letters, digits, `-`, `.` and `_`).
+pub fn check_node_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= raftmap_storage::MAX_NODE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(NodeError::BadRequest(format!(
+            "node name {name:?}: expected 1 to {} letters, digits, '-', '.' or '_' (a host name)",
+            raftmap_storage::MAX_NODE_NAME
+        )))
+    }
+}
+
+/// A member's advertised address: `host:port`, the host an IP address or a DNS name (a
+/// StatefulSet pod's stable name, say).
+pub fn check_member_addr(addr: &str) -> Result<()> {
+    let bad = |why: &str| NodeError::BadRequest(format!("invalid address {addr:?}: {why}"));
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected host:port"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?;
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if ip.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let dns = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if dns {
+        Ok(())
+    } else {
+        Err(bad("the host is neither an IP address nor a DNS name"))
+    }
+}
+
+#[cfg(test)]
+mod member_addr_tests {
+    use super::*;
+
+    #[test]
+    fn member_addresses_are_ips_or_dns_names_with_a_port() {
+        for ok in [
+            "10.0.0.1:7400",
+            "[fd00::1]:7400",
+            "raftmap-voter-0.raftmap-voter.raftmap.svc:7400",
+            "localhost:1",
+        ] {
+            check_member_addr(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, why) in [
+            ("10.0.0.1", "host:port"),
+            ("host:0", "port"),
+            ("host:http", "port"),
+            (":7400", "neither"),
+            ("a..b:1", "neither"),
+            ("-a.b:1", "neither"),
+            ("a b:1", "neither"),
+        ] {
+            let e = check_member_addr(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 }

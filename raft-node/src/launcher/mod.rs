@@ -74,6 +74,9 @@ pub struct LocalNode {
     pub log_path: PathBuf,
     /// What the agent's command line is run under (`ip netns exec NS`), if anything.
     prefix: Vec<String>,
+    /// Started with `--node-id auto`: `id` is the launcher's name for it, not its node id,
+    /// and its certificate flags are its own arguments.
+    auto: bool,
     child: Option<Child>,
 }
 
@@ -208,6 +211,15 @@ impl Pki {
         self.dir.join("ca")
     }
 
+    /// An enrollment credential (`raftmap certs enroll`) for new nodes.
+    pub fn enroll_dir(&self) -> Result<PathBuf> {
+        self.issue(
+            "enroll",
+            &Principal::enroller(&self.cluster, "agents"),
+            Validity::days(30),
+        )
+    }
+
     pub fn cluster(&self) -> &str {
         &self.cluster
     }
@@ -313,24 +325,44 @@ impl Launcher {
         self.nodes.values().map(|n| n.api_addr.clone()).collect()
     }
 
+    /// Gives node `id` its addresses, data dir and log without starting it (so that other
+    /// nodes' command lines can name it first).
+    pub fn place(&mut self, id: NodeId) -> Result<&LocalNode> {
+        if !self.nodes.contains_key(&id) {
+            let placed = self.placement.place(id)?;
+            let node = LocalNode {
+                id,
+                raft_addr: placed.raft_addr,
+                api_addr: placed.api_addr,
+                metrics_addr: placed.metrics_addr,
+                data_dir: self.dir.path().join(format!("node-{id}")),
+                log_path: self.dir.path().join(format!("node-{id}.log")),
+                prefix: placed.prefix,
+                auto: false,
+                child: None,
+            };
+            self.nodes.insert(id, node);
+        }
+        self.node(id)
+    }
+
+    /// Starts node `slot` (placed if it is not yet) as Kubernetes starts a pod: `--node-id
+    /// auto` and `args` (its `--join`, `--bootstrap-expect`, `--ca-dir` or `--enroll-dir`),
+    /// on every start. Its node id is whatever it draws; the launcher knows it as `slot`.
+    pub fn spawn_auto(&mut self, slot: NodeId, args: Vec<String>) -> Result<()> {
+        self.place(slot)?;
+        self.node_mut(slot)?.auto = true;
+        self.opts.node_args.insert(slot, args);
+        self.start_process(slot, &[])
+    }
+
     /// Starts a new node. With `join`, it joins through that node (as a learner when `learner`).
     pub fn spawn(&mut self, id: NodeId, join: Option<NodeId>, learner: bool) -> Result<()> {
         let join_addr = match join {
             Some(j) => Some(self.node(j)?.api_addr.clone()),
             None => None,
         };
-        let placed = self.placement.place(id)?;
-        let node = LocalNode {
-            id,
-            raft_addr: placed.raft_addr,
-            api_addr: placed.api_addr,
-            metrics_addr: placed.metrics_addr,
-            data_dir: self.dir.path().join(format!("node-{id}")),
-            log_path: self.dir.path().join(format!("node-{id}.log")),
-            prefix: placed.prefix,
-            child: None,
-        };
-        self.nodes.insert(id, node);
+        self.place(id)?;
         if let Some(pki) = &self.pki {
             pki.issue(
                 &format!("node-{id}"),
@@ -356,10 +388,13 @@ impl Launcher {
 
     fn start_process(&mut self, id: NodeId, extra: &[String]) -> Result<()> {
         let opts = self.opts.clone();
+        let auto = self.node(id)?.auto;
         let security: Vec<String> = match self.tls_dir(id) {
+            _ if auto && self.pki.is_some() => vec![],
             Some(d) => vec!["--tls-dir".into(), d.display().to_string()],
             None => vec!["--insecure".into()],
         };
+        let node_id = if auto { "auto".into() } else { id.to_string() };
         let node = self.node_mut(id)?;
         let log_path = node.log_path.display().to_string();
         let log = File::options()
@@ -382,7 +417,7 @@ impl Launcher {
         cmd.args(["--pdeathsig", "KILL", "--"]).arg(&opts.bin);
         let child = cmd
             .arg("agent")
-            .args(["--node-id", &id.to_string()])
+            .args(["--node-id", &node_id])
             .args(["--raft-addr", &node.raft_addr])
             .args(["--api-addr", &node.api_addr])
             .args(["--metrics-addr", &node.metrics_addr])

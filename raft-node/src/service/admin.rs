@@ -19,6 +19,7 @@ use crate::shared::{members, NodeShared};
 
 fn member_list(shared: &NodeShared) -> pb::MembersResponse {
     let (nodes, leader) = members(&shared.raft);
+    let names = shared.view.cluster().names;
     pb::MembersResponse {
         members: nodes
             .into_iter()
@@ -27,6 +28,7 @@ fn member_list(shared: &NodeShared) -> pb::MembersResponse {
                 raft_addr: n.raft_addr,
                 api_addr: n.api_addr,
                 voter,
+                node_name: names.get(&id).cloned().unwrap_or_default(),
             })
             .collect(),
         leader_id: leader.unwrap_or(0),
@@ -232,6 +234,67 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
+    async fn issue_node_certificate(
+        &self,
+        req: Request<pb::IssueNodeCertificateRequest>,
+    ) -> GrpcResult<pb::IssueNodeCertificateResponse> {
+        use crate::tls::issue::{self, Validity, NODE_CERT_DAYS};
+        use crate::tls::{Principal, Subject};
+        let s = &self.shared;
+        let Some(ca_dir) = &s.ca_dir else {
+            return Err(Status::failed_precondition(format!(
+                "node {} holds no CA key (--ca-dir): node certificates come from the nodes that do",
+                s.id
+            )));
+        };
+        let caller = req
+            .extensions()
+            .get::<super::Granted>()
+            .and_then(super::Granted::principal)
+            .cloned();
+        let r = req.into_inner();
+        if r.node_id == 0 {
+            return Err(Status::invalid_argument(
+                "node id 0 is reserved; use 1 or more",
+            ));
+        }
+        let renewal = match caller.as_ref().map(|p| &p.subject) {
+            Some(Subject::Node(id)) if *id == r.node_id => true,
+            Some(Subject::Node(id)) => {
+                return Err(Status::permission_denied(format!(
+                    "node {id} may renew only its own certificate, not node {}'s",
+                    r.node_id
+                )))
+            }
+            _ => false,
+        };
+        if !renewal {
+            let (nodes, _) = members(&s.raft);
+            if nodes.contains_key(&r.node_id) || s.view.cluster().retired.contains(&r.node_id) {
+                return Err(Status::already_exists(format!(
+                    "node id {} is or was a member of this cluster; a new node needs an id never used",
+                    r.node_id
+                )));
+            }
+        }
+        let (_, _, cluster) =
+            issue::read_ca(ca_dir).map_err(|e| Status::internal(e.to_string()))?;
+        let who = Principal::node(&cluster, r.node_id);
+        let cert_pem =
+            issue::sign_request(ca_dir, &who, Validity::days(NODE_CERT_DAYS), &r.csr_pem)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(
+            node = r.node_id,
+            renewal,
+            caller = %caller.map_or_else(|| "anyone (no TLS)".to_string(), |p| p.to_string()),
+            "issued a node certificate"
+        );
+        Ok(Response::new(pb::IssueNodeCertificateResponse {
+            cert_pem,
+            cluster_id: cluster,
+        }))
+    }
+
     async fn init(&self, _req: Request<pb::InitRequest>) -> GrpcResult<pb::InitResponse> {
         let s = &self.shared;
         let initialized = s
@@ -247,26 +310,8 @@ impl pb::admin_server::Admin for AdminService {
                 if id.is_empty() { String::new() } else { format!(" ({id})") }
             )));
         }
-        let mut nodes = std::collections::BTreeMap::new();
-        nodes.insert(s.id, s.info.clone());
-        s.raft
-            .initialize(nodes)
-            .await
-            .map_err(|e| Status::failed_precondition(format!("init refused: {e}")))?;
-        // With TLS the cluster is the one its certificates were made for.
-        let cluster_id = s
-            .security
-            .identity()
-            .map_or_else(|| format!("{:016x}", rand::random::<u64>()), |p| p.cluster);
-        s.proposer
-            .propose(Proposal {
-                batches: vec![],
-                admin: vec![AdminOp::InitCluster {
-                    cluster_id: cluster_id.clone(),
-                }],
-            })
-            .await?;
-        tracing::info!(cluster = %cluster_id, node = s.id, "initialised a new cluster");
+        let nodes = std::collections::BTreeMap::from([(s.id, s.info.clone())]);
+        crate::bootstrap::found_cluster(s, nodes).await?;
         Ok(Response::new(pb::InitResponse {
             cluster_id: s.cluster_id(),
             node_id: s.id,
@@ -288,8 +333,8 @@ impl pb::admin_server::Admin for AdminService {
                 "node id 0 is reserved; use 1 or more",
             ));
         }
-        crate::wire::parse_addr(&r.raft_addr)?;
-        crate::wire::parse_addr(&r.api_addr)?;
+        crate::wire::check_member_addr(&r.raft_addr)?;
+        crate::wire::check_member_addr(&r.api_addr)?;
         let ours = s.cluster_id();
         if !r.cluster_id.is_empty() && r.cluster_id != ours {
             return Err(Status::failed_precondition(format!(
@@ -449,6 +494,7 @@ impl pb::admin_server::Admin for AdminService {
         let readiness = s.readiness();
         Ok(Response::new(pb::StatusResponse {
             node_id: s.id,
+            node_name: s.node_name.clone().unwrap_or_default(),
             cluster_id: list.cluster_id.clone(),
             role: role.into(),
             has_leader: m.current_leader.is_some(),

@@ -45,13 +45,16 @@ impl PeerService {
 
     /// A proposal another node forwards: within the log entry limits, and with no
     /// administrative record but the retirement of a node no longer in the membership (a
-    /// removal whose leader lost its leadership before it recorded the retirement).
-    fn check_forwarded(&self, p: &Proposal) -> Result<(), String> {
+    /// removal whose leader lost its leadership before it recorded the retirement) and a
+    /// member's own name.
+    fn check_forwarded(&self, p: &Proposal, from: Option<NodeId>) -> Result<(), String> {
         p.check_size().map_err(|e| e.to_string())?;
         let (nodes, _) = members(&self.shared.raft);
         for a in &p.admin {
             match a {
                 AdminOp::RetireNode { node_id } if !nodes.contains_key(node_id) => {}
+                AdminOp::NameNode { node_id, .. }
+                    if from == Some(*node_id) && nodes.contains_key(node_id) => {}
                 other => {
                     return Err(format!(
                         "a forwarded proposal may not carry the administrative record {other:?}"
@@ -315,11 +318,12 @@ impl pb::peer_server::Peer for PeerService {
     }
 
     async fn propose(&self, req: Request<pb::RaftPayload>) -> GrpcResult<pb::RaftPayload> {
+        let from = sender(&req);
         let proposal: Proposal = decode(&req.into_inner().data)?;
         refuse_peer(
             &self.shared.metrics,
             "forwarded proposal",
-            self.check_forwarded(&proposal),
+            self.check_forwarded(&proposal, from),
         )?;
         let res: Result<_, ProposeError> = self.shared.proposer.append_local(proposal).await;
         payload(&res)

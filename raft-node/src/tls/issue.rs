@@ -71,14 +71,20 @@ pub fn new_ca(cluster: &str, validity: Validity) -> Result<Issued, TlsError> {
     })
 }
 
-/// Reads the CA in `ca_dir` (`ca.crt`, `ca.key`): its certificate's PEM and its cluster.
+/// Reads the CA in `ca_dir`: its certificate's PEM, its key's and its cluster. The directory
+/// is `raftmap certs ca`'s (`ca.crt`, `ca.key`) or a cert-manager CA Secret's (`tls.crt` the
+/// CA, `tls.key` its key).
 pub fn read_ca(ca_dir: &Path) -> Result<(String, String, String), TlsError> {
     let read = |name: &str| {
         let path = ca_dir.join(name);
         std::fs::read_to_string(&path).map_err(|source| TlsError::Io { path, source })
     };
-    let (cert, key) = (read(CA_FILE)?, read(CA_KEY_FILE)?);
-    let path = ca_dir.join(CA_FILE);
+    let (cert_file, key_file) = match ca_dir.join(CA_KEY_FILE).exists() {
+        false if ca_dir.join(CA_KEY_FILE_ALT).exists() => (CERT_FILE, CA_KEY_FILE_ALT),
+        _ => (CA_FILE, CA_KEY_FILE),
+    };
+    let (cert, key) = (read(cert_file)?, read(key_file)?);
+    let path = ca_dir.join(cert_file);
     let der = parse_certs(&path, cert.as_bytes())?;
     let facts = CertFacts::of(&der[0]).map_err(|problem| TlsError::Files {
         path: path.clone(),
@@ -97,6 +103,13 @@ pub fn read_ca(ca_dir: &Path) -> Result<(String, String, String), TlsError> {
     Ok((cert, key, p.cluster))
 }
 
+/// The CA key's file in cert-manager's layout (a CA Certificate's Secret: `tls.crt` is the CA,
+/// `tls.key` its key).
+const CA_KEY_FILE_ALT: &str = KEY_FILE;
+
+/// How long the node certificates a node issues (`--ca-dir`, enrollment) are valid.
+pub const NODE_CERT_DAYS: u32 = 90;
+
 /// A certificate for `who`, signed by the CA in `ca_dir`. Node certificates serve and connect
 /// (server and client use); client certificates only connect. `dns` and `ips` add names for
 /// tools that check addresses; raftmap itself checks the identity.
@@ -107,6 +120,46 @@ pub fn issue(
     dns: &[String],
     ips: &[IpAddr],
 ) -> Result<Issued, TlsError> {
+    let key = KeyPair::generate().map_err(err)?;
+    let cert_pem = sign(ca_dir, who, validity, dns, ips, &key)?;
+    Ok(Issued {
+        cert_pem,
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// A new key and a certificate signing request for `who` (a node asking to be enrolled).
+pub fn request(who: &Principal) -> Result<(String, String), TlsError> {
+    let key = KeyPair::generate().map_err(err)?;
+    // What the certificate will say is the signer's to decide; the request carries the key
+    // and, for the logs, the identity asked for.
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![uri_san(who)?];
+    let csr = params.serialize_request(&key).map_err(err)?;
+    Ok((csr.pem().map_err(err)?, key.serialize_pem()))
+}
+
+/// A certificate for `who` over the public key of the signing request `csr_pem`. Only the key
+/// is taken from the request: what the certificate says comes from `who`.
+pub fn sign_request(
+    ca_dir: &Path,
+    who: &Principal,
+    validity: Validity,
+    csr_pem: &str,
+) -> Result<String, TlsError> {
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| TlsError::Issue(format!("the certificate signing request: {e}")))?;
+    sign(ca_dir, who, validity, &[], &[], &csr.public_key)
+}
+
+fn sign(
+    ca_dir: &Path,
+    who: &Principal,
+    validity: Validity,
+    dns: &[String],
+    ips: &[IpAddr],
+    key: &impl rcgen::PublicKeyData,
+) -> Result<String, TlsError> {
     let (ca_pem, ca_key_pem, cluster) = read_ca(ca_dir)?;
     if who.cluster != cluster {
         return Err(TlsError::Identity(format!(
@@ -117,7 +170,18 @@ pub fn issue(
     }
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(err)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(err)?;
-    let key = KeyPair::generate().map_err(err)?;
+    let cert = params(who, validity, dns, ips)?
+        .signed_by(key, &issuer)
+        .map_err(err)?;
+    Ok(cert.pem())
+}
+
+fn params(
+    who: &Principal,
+    validity: Validity,
+    dns: &[String],
+    ips: &[IpAddr],
+) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let (cn, ekus) = match &who.subject {
@@ -130,6 +194,10 @@ pub fn issue(
         ),
         Subject::Client { role, name } => (
             format!("{name} ({role})"),
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        ),
+        Subject::Enroller { name } => (
+            format!("{name} (enrollment)"),
             vec![ExtendedKeyUsagePurpose::ClientAuth],
         ),
         Subject::Authority => {
@@ -156,11 +224,7 @@ pub fn issue(
         .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params.not_before = validity.not_before;
     params.not_after = validity.not_after;
-    let cert = params.signed_by(&key, &issuer).map_err(err)?;
-    Ok(Issued {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(params)
 }
 
 /// Writes a file whole (through a temporary file and a rename, so a reader never sees half of

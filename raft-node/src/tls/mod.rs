@@ -215,3 +215,10 @@ impl Security {
         })
     }
 }
+
+/// When the first certificate of a PEM file becomes valid and expires (Unix seconds).
+pub(crate) fn validity_of(pem: &[u8]) -> Option<(i64, i64)> {
+    let der = material::parse_certs(Path::new("tls.crt"), pem).ok()?;
+    let facts = material::CertFacts::of(der.first()?).ok()?;
+    Some((facts.not_before, facts.not_after))
+}

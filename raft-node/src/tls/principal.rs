@@ -4,6 +4,7 @@
 //! ```text
 //! spiffe://raftmap/<cluster>/node/<id>
 //! spiffe://raftmap/<cluster>/client/<role>/<name>
+//! spiffe://raftmap/<cluster>/enroll/<name>        (may only obtain node certificates)
 //! spiffe://raftmap/<cluster>                      (the cluster's CA)
 //! ```
 
@@ -66,6 +67,11 @@ pub enum Subject {
         role: Role,
         name: String,
     },
+    /// A credential new nodes share to obtain their own node certificates from a node that
+    /// holds the CA key (an agent DaemonSet's bootstrap Secret); it may do nothing else.
+    Enroller {
+        name: String,
+    },
     /// The cluster's certificate authority.
     Authority,
 }
@@ -95,6 +101,13 @@ impl Principal {
         }
     }
 
+    pub fn enroller(cluster: &str, name: &str) -> Self {
+        Self {
+            cluster: cluster.into(),
+            subject: Subject::Enroller { name: name.into() },
+        }
+    }
+
     pub fn authority(cluster: &str) -> Self {
         Self {
             cluster: cluster.into(),
@@ -117,6 +130,7 @@ impl Principal {
             Subject::Client { role, name } => {
                 format!("{PREFIX}{}/client/{role}/{name}", self.cluster)
             }
+            Subject::Enroller { name } => format!("{PREFIX}{}/enroll/{name}", self.cluster),
             Subject::Authority => format!("{PREFIX}{}", self.cluster),
         }
     }
@@ -146,7 +160,15 @@ impl Principal {
                     name: name.into(),
                 }
             }
-            _ => return Err(bad("expected .../node/<id> or .../client/<role>/<name>")),
+            ["enroll", name] => {
+                check_name("enrollment name", name).map_err(|e| bad(&e))?;
+                Subject::Enroller { name: name.into() }
+            }
+            _ => {
+                return Err(bad(
+                    "expected .../node/<id>, .../client/<role>/<name> or .../enroll/<name>",
+                ))
+            }
         };
         Ok(Self {
             cluster: cluster.into(),
@@ -161,6 +183,13 @@ impl fmt::Display for Principal {
             Subject::Node(id) => write!(f, "node {id} of cluster {}", self.cluster),
             Subject::Client { role, name } => {
                 write!(f, "client {name} ({role}) of cluster {}", self.cluster)
+            }
+            Subject::Enroller { name } => {
+                write!(
+                    f,
+                    "enrollment credential {name} of cluster {}",
+                    self.cluster
+                )
             }
             Subject::Authority => write!(f, "the CA of cluster {}", self.cluster),
         }
@@ -191,6 +220,7 @@ mod tests {
         for p in [
             Principal::node("prod-eu", 7),
             Principal::client("prod-eu", Role::Writer, "lb-controller"),
+            Principal::enroller("prod-eu", "agents"),
             Principal::authority("prod-eu"),
         ] {
             assert_eq!(Principal::parse(&p.uri()).unwrap(), p);

@@ -8,7 +8,8 @@
 //! | client `writer`             | the above and Kv.Write (put, delete, CAS, declare)             |
 //! | client `admin`              | the above and Admin: Init, AddLearner, Promote, Remove, DropMap|
 //! | node, on the peer port      | every Peer call, as itself, if it is a member (or this node has none yet) |
-//! | node, on the API port       | AddLearner and Promote of itself (joining), Status, Members    |
+//! | node, on the API port       | AddLearner and Promote of itself (joining), IssueNodeCertificate of itself (renewal), Status, Members |
+//! | enrollment credential       | IssueNodeCertificate for a new node id, nothing else           |
 //! | member node, forwarding     | what the caller it forwards for may call (`raftmap-forwarded-for`) |
 //!
 //! Authorization happens on the node a client reached, as in etcd, where members forward
@@ -57,9 +58,10 @@ fn need(path: &str) -> Option<Need> {
         ("Kv", "Write") => Need::Role(Role::Writer),
         ("Kv", "Get" | "Dump" | "ListMaps" | "Watch") => Need::Role(Role::Reader),
         ("Admin", "Status" | "Members") => Need::Role(Role::Reader),
-        ("Admin", "Init" | "AddLearner" | "Promote" | "Remove" | "DropMap") => {
-            Need::Role(Role::Admin)
-        }
+        (
+            "Admin",
+            "Init" | "AddLearner" | "Promote" | "Remove" | "DropMap" | "IssueNodeCertificate",
+        ) => Need::Role(Role::Admin),
         _ => return None,
     })
 }
@@ -70,10 +72,14 @@ fn node_may(method: &str) -> bool {
         method,
         "/raftmap.v1.Admin/AddLearner"
             | "/raftmap.v1.Admin/Promote"
+            | "/raftmap.v1.Admin/IssueNodeCertificate"
             | "/raftmap.v1.Admin/Status"
             | "/raftmap.v1.Admin/Members"
     )
 }
+
+/// The one method an enrollment credential may call.
+const ENROLL_METHOD: &str = "/raftmap.v1.Admin/IssueNodeCertificate";
 
 /// Who a call was granted to (a request extension for the handlers).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +253,10 @@ fn api(
             Subject::Node(_) if node_may(path) => Ok(()),
             Subject::Node(_) => Err(Status::permission_denied(format!(
                 "a node's certificate may join and read status, not call {path} (it needs the {role} role)"
+            ))),
+            Subject::Enroller { .. } if path == ENROLL_METHOD => Ok(()),
+            Subject::Enroller { .. } => Err(Status::permission_denied(format!(
+                "{who} may only obtain node certificates, not call {path}"
             ))),
             Subject::Authority => Err(Status::permission_denied("a CA certificate is not a caller")),
         }

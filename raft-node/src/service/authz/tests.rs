@@ -3,10 +3,11 @@
 use super::*;
 
 const KV: [&str; 5] = ["Write", "Get", "Dump", "ListMaps", "Watch"];
-const ADMIN: [&str; 7] = [
+const ADMIN: [&str; 8] = [
     "Init",
     "AddLearner",
     "Promote",
+    "IssueNodeCertificate",
     "Remove",
     "Members",
     "Status",
@@ -60,7 +61,9 @@ fn decide_api(auth: &Auth, path: &str, md: &HeaderMap) -> Result<Decision, Statu
 fn needed(path: &str) -> Role {
     match path.rsplit('/').next().unwrap() {
         "Write" => Role::Writer,
-        "Init" | "AddLearner" | "Promote" | "Remove" | "DropMap" => Role::Admin,
+        "Init" | "AddLearner" | "Promote" | "Remove" | "DropMap" | "IssueNodeCertificate" => {
+            Role::Admin
+        }
         _ => Role::Reader,
     }
 }
@@ -259,6 +262,47 @@ fn a_node_adds_and_promotes_only_itself() {
     let admin = Granted::Direct(Principal::client("prod", Role::Admin, "ops"));
     assert!(check_self(Some(&admin), 6).is_ok());
     assert!(check_self(Some(&Granted::Anyone), 6).is_ok());
+}
+
+#[test]
+fn an_enrollment_credential_may_only_obtain_node_certificates() {
+    let md = HeaderMap::new();
+    let enroller = Principal::enroller("prod", "agents");
+    let auth = Auth::Verified(enroller.clone());
+    for path in api_calls() {
+        let r = decide_api(&auth, &path, &md);
+        if path.ends_with("/IssueNodeCertificate") {
+            assert_eq!(r.unwrap().granted, Granted::Direct(enroller.clone()));
+        } else {
+            let e = r.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{path}");
+            assert!(
+                e.message().contains("may only obtain node certificates"),
+                "{e:?}"
+            );
+        }
+    }
+    for m in PEER {
+        let e = decide(
+            Port::Peer,
+            &format!("/raftmap.v1.Peer/{m}"),
+            &auth,
+            &peer_md("prod", 2, 1),
+            &local(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{m}");
+    }
+    // Nor may a member forward for it.
+    let mut fwd = HeaderMap::new();
+    fwd.insert(FORWARDED_FOR_HEADER, value(&enroller.uri()));
+    let e = decide_api(
+        &Auth::Verified(Principal::node("prod", 2)),
+        "/raftmap.v1.Kv/Get",
+        &fwd,
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
 }
 
 #[test]

@@ -1,0 +1,250 @@
+//! Clusters that start themselves, as on Kubernetes: voters with automatic ids and the CA key
+//! found the cluster once they see each other (`--bootstrap-expect`), agents with automatic
+//! ids obtain their certificates with a shared enrollment credential and join, names are
+//! recorded with the members, restarts keep ids, and a voter whose disk is wiped comes back as
+//! a new node of the same cluster instead of founding another.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use raftmap_jepsen::cluster::{ClusterOptions, LaunchOptions, LocalCluster};
+use raftmap_node::proto as pb;
+use raftmap_node::storage::MapSchema;
+use raftmap_node::tls::{Expect, Security};
+use raftmap_node::Client;
+
+const T: Duration = Duration::from_secs(60);
+
+fn opts() -> ClusterOptions {
+    ClusterOptions {
+        launch: LaunchOptions::new(env!("CARGO_BIN_EXE_raftmap")),
+        netns: false,
+    }
+}
+
+async fn status(c: &LocalCluster, slot: u64) -> pb::StatusResponse {
+    c.client(slot).await.unwrap().status().await.unwrap()
+}
+
+/// Waits until `slot`'s view of the members satisfies `cond`; returns it.
+async fn members_until(
+    c: &LocalCluster,
+    slot: u64,
+    what: &str,
+    cond: impl Fn(&[pb::Member]) -> bool,
+) -> Vec<pb::Member> {
+    let deadline = Instant::now() + T;
+    loop {
+        let m = c.client(slot).await.unwrap().members().await.unwrap();
+        if cond(&m.members) {
+            return m.members;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: members are {:?}",
+            m.members
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn dump(c: &LocalCluster, slot: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    c.client(slot)
+        .await
+        .unwrap()
+        .dump("flows", false)
+        .await
+        .map(|(_, _, entries)| entries)
+        .unwrap_or_default()
+}
+
+async fn converged(c: &LocalCluster, slots: &[u64], want: usize) {
+    let deadline = Instant::now() + T;
+    loop {
+        let mut dumps = Vec::new();
+        for &s in slots {
+            dumps.push(dump(c, s).await);
+        }
+        if dumps[0].len() == want && dumps.iter().all(|d| *d == dumps[0]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not converged: {:?}",
+            dumps.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_found_one_cluster_agents_enroll_and_a_wiped_voter_rejoins_as_a_new_node() {
+    let mut c = LocalCluster::new(opts()).unwrap();
+    let (ca, enroll) = {
+        let pki = c.pki().unwrap();
+        (pki.ca_dir(), pki.enroll_dir().unwrap())
+    };
+    let join = (1..=3)
+        .map(|s| c.place(s).unwrap().api_addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let voter_args = |slot: u64| -> Vec<String> {
+        [
+            "--bootstrap-expect",
+            "3",
+            "--join",
+            &join,
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--node-name",
+            &format!("host-{slot}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    for slot in 1..=3 {
+        c.spawn_auto(slot, voter_args(slot)).unwrap();
+    }
+    for slot in 1..=3 {
+        c.wait_ready(slot, T).await.unwrap();
+    }
+
+    // One cluster, named after the CA, of three voters with ids they drew and certificates
+    // they issued themselves for exactly those ids.
+    let mut ids = Vec::new();
+    for slot in 1..=3 {
+        let st = status(&c, slot).await;
+        assert_eq!(st.cluster_id, "local");
+        let tls = st.tls.expect("the voters run TLS");
+        assert_eq!(
+            tls.identity,
+            format!("spiffe://raftmap/local/node/{}", st.node_id)
+        );
+        assert_eq!(st.node_name, format!("host-{slot}"));
+        ids.push(st.node_id);
+    }
+    let mut distinct = ids.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{ids:?}");
+    let members = members_until(&c, 1, "three named voters", |m| {
+        m.len() == 3
+            && m.iter()
+                .all(|m| m.voter && m.node_name.starts_with("host-"))
+    })
+    .await;
+    for (slot, id) in (1..=3).zip(&ids) {
+        let m = members.iter().find(|m| m.node_id == *id).unwrap();
+        assert_eq!(m.node_name, format!("host-{slot}"));
+    }
+
+    // An agent with an automatic id enrolls through the voters and joins as a learner.
+    let agent_args = [
+        "--join",
+        &join,
+        "--learner",
+        "--enroll-dir",
+        enroll.to_str().unwrap(),
+        "--node-name",
+        "worker-a",
+    ]
+    .map(String::from)
+    .to_vec();
+    c.spawn_auto(4, agent_args).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    let agent = status(&c, 4).await;
+    assert!(!ids.contains(&agent.node_id));
+    assert_eq!(
+        agent.tls.unwrap().identity,
+        format!("spiffe://raftmap/local/node/{}", agent.node_id)
+    );
+    members_until(&c, 2, "the agent, named, as a learner", |m| {
+        m.iter()
+            .any(|m| m.node_id == agent.node_id && !m.voter && m.node_name == "worker-a")
+    })
+    .await;
+
+    // Writes through the agent reach everyone.
+    let client = c.client(4).await.unwrap();
+    client
+        .declare(&MapSchema::hash("flows", 8, 8, 1024))
+        .await
+        .unwrap();
+    for k in 0..20u64 {
+        client
+            .put(
+                "flows",
+                k.to_be_bytes().to_vec(),
+                (k * 3).to_be_bytes().to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    converged(&c, &[1, 2, 3, 4], 20).await;
+
+    // The enrollment credential obtains node certificates and nothing else: no reads, no
+    // writes, and no certificate for an id a member holds.
+    let credential = Security::from_dir(&enroll).unwrap();
+    let ch = credential
+        .connect(&c.node(1).unwrap().api_addr, Expect::AnyNode)
+        .await
+        .unwrap();
+    let e = pb::kv_client::KvClient::new(ch.clone())
+        .get(pb::GetRequest {
+            map: "flows".into(),
+            key: vec![0; 8],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = pb::admin_client::AdminClient::new(ch)
+        .issue_node_certificate(pb::IssueNodeCertificateRequest {
+            node_id: ids[0],
+            csr_pem: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+
+    // A restarted agent keeps its id and its certificate: no new member.
+    c.kill(4).unwrap();
+    c.restart(4).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    assert_eq!(status(&c, 4).await.node_id, agent.node_id);
+    assert_eq!(
+        c.client(1)
+            .await
+            .unwrap()
+            .members()
+            .await
+            .unwrap()
+            .members
+            .len(),
+        4
+    );
+
+    // Voter 3 loses its disk: it comes back with a new id, joins the same cluster (it never
+    // founds a second one: the others answer as members), and is promoted.
+    c.kill(3).unwrap();
+    std::fs::remove_dir_all(&c.node(3).unwrap().data_dir).unwrap();
+    c.restart(3).unwrap();
+    c.wait_ready(3, T).await.unwrap();
+    let reborn = status(&c, 3).await;
+    assert!(!ids.contains(&reborn.node_id) && reborn.node_id != agent.node_id);
+    assert_eq!(reborn.cluster_id, "local");
+    members_until(&c, 1, "the new voter", |m| {
+        m.iter()
+            .any(|m| m.node_id == reborn.node_id && m.voter && m.node_name == "host-3")
+    })
+    .await;
+    let reborn_client = Client::connect(&[c.node(3).unwrap().api_addr.clone()], &c.security())
+        .await
+        .unwrap();
+    reborn_client
+        .put("flows", 99u64.to_be_bytes().to_vec(), vec![9; 8])
+        .await
+        .unwrap();
+    converged(&c, &[1, 2, 3, 4], 21).await;
+}
