@@ -49,6 +49,16 @@ pub(crate) struct AgentArgs {
     /// other, or join it when it exists. Every voter of a new cluster gets the same N.
     #[arg(long, value_name = "N")]
     pub(crate) bootstrap_expect: Option<usize>,
+    /// As leader, remove a learner not heard from for this long, such as an agent whose host
+    /// is gone (default 30m; 0: never). Its id is retired; a node that comes back with an
+    /// automatic id joins again under a new one.
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) reap_learners_after: Option<raftmap_node::Silence>,
+    /// As leader, while there are more voters than --bootstrap-expect (a replacement with a
+    /// new id was promoted), remove a voter not heard from for this long (default 1m; 0: only
+    /// one whose address a newer voter answers at). Never below --bootstrap-expect voters.
+    #[arg(long, value_name = "DURATION")]
+    pub(crate) reap_voters_after: Option<raftmap_node::Silence>,
     /// Acknowledge writes before the log is fsynced (faster; loses the tail on power loss).
     #[arg(long)]
     pub(crate) no_sync: bool,
@@ -165,6 +175,12 @@ pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
     cfg.learner |= a.learner;
     if a.bootstrap_expect.is_some() {
         cfg.bootstrap_expect = a.bootstrap_expect;
+    }
+    if let Some(v) = a.reap_learners_after {
+        cfg.reap_learners_after = v;
+    }
+    if let Some(v) = a.reap_voters_after {
+        cfg.reap_voters_after = v;
     }
     cfg.sync &= !a.no_sync;
     if let Some(v) = a.snapshot_logs {

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use raftmap_proto::admin_client::AdminClient;
 use raftmap_storage::{AdminOp, NodeId, NodeInfo, Proposal};
 
@@ -75,8 +76,21 @@ pub(crate) async fn bootstrap_expect(shared: &NodeShared, join: &str, n: usize) 
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
         {
-            tracing::info!("part of a cluster; bootstrap done");
-            return Ok(());
+            let listed = shared
+                .raft
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .get_node(&shared.id)
+                .is_some();
+            if listed {
+                tracing::info!("part of a cluster; bootstrap done");
+                return Ok(());
+            }
+            // The log of a cluster this node was removed from, kept under a new id: join it.
+            tracing::info!("holding the log of a cluster that does not list this node: joining it as a new node");
+            return crate::join::join_cluster(shared, join, false).await;
         }
         match look(shared, &addrs, n).await {
             Seen::Fresh(nodes) if nodes.keys().next() == Some(&shared.id) => {

@@ -34,7 +34,7 @@ impl Identity {
 /// Automatic ids are random in `1..2^63` and persisted before the node joins: never derived
 /// from a host name, an address or a machine id, which are reused and cloned. Two nodes
 /// drawing the same id is a chance of about n²/2^64 for n nodes over a cluster's life; the
-/// leader refuses the second, which then draws again ([`forget_unjoined`]).
+/// leader refuses the second, which then draws again ([`forget_id`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeIdSetting {
     Fixed(NodeId),
@@ -190,10 +190,13 @@ pub(crate) fn parse(bytes: &[u8], dir: &Path, requested: Option<NodeId>) -> Resu
     Ok(id)
 }
 
-/// Removes the identity of a node that has never been a member (the leader refused its id as
-/// taken), so that its next start draws a new one. The database stays: it holds nothing yet,
-/// and an identity-less `db` is what a new data dir may hold.
-pub(crate) fn forget_unjoined(dir: &Path) -> Result<()> {
+/// Removes the identity of a node with an automatic id that the cluster refused (another
+/// node holds or held it), or that was removed while it was away, so that its next start
+/// draws a new one. The database stays: for a node that never joined it holds nothing yet, and
+/// for a removed one it is the cluster's state as last applied here, the base against which
+/// its kernel maps are merged when it joins again (what changed in them since is proposed;
+/// the rest follows the cluster). Openraft treats the log it holds as any follower's.
+pub(crate) fn forget_id(dir: &Path) -> Result<()> {
     let path = dir.join(IDENTITY_FILE);
     std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
     // A certificate obtained for the refused id names it: it goes too.
@@ -271,7 +274,7 @@ mod tests {
             load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap(),
             (id.clone(), false)
         );
-        forget_unjoined(&dir).unwrap();
+        forget_id(&dir).unwrap();
         let (next, fresh) = load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap();
         assert!(fresh);
         assert_ne!(next.node_id, id.node_id);

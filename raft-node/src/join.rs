@@ -73,7 +73,7 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
                 }
                 // Another node holds (or held) the id this node drew: draw again.
                 Err(s) if s.code() == tonic::Code::AlreadyExists && shared.auto_id => {
-                    crate::identity::forget_unjoined(&shared.data_dir)?;
+                    crate::identity::forget_id(&shared.data_dir)?;
                     return Err(NodeError::FailedPrecondition(format!(
                         "the cluster refused this node's automatic id {} ({}); a new one is drawn at the next start",
                         shared.id,
@@ -141,6 +141,90 @@ impl Backoff {
         self.0 = (self.0 * 2).min(RETRY_MAX);
         now
     }
+}
+
+/// How long a member may go without hearing from a leader before it asks the `--join`
+/// members whether it is still one.
+const ASK_AFTER: Duration = Duration::from_secs(10);
+
+/// Watches for this node's removal: a member that stops hearing from any leader may have been
+/// removed while it was away (an agent reaped after its host was drained). It asks the `--join`
+/// members by asking to join again: for a member that is a no-op, for a node whose join was
+/// lost it is the join, and for a removed node the answer is that its id is retired. Then a
+/// node with an automatic id forgets it (its data stays: the base its kernel maps are merged
+/// against) and stops, to join as a new node at its next start; a node with a fixed id stops
+/// with the reason. Returns only with that reason.
+pub(crate) async fn watch_removal(shared: &NodeShared, join: &str) -> NodeError {
+    let members = match join_addresses(join).and_then(|addrs| {
+        addrs
+            .into_iter()
+            .map(|a| Ok((shared.security.channel(&a, Expect::AnyNode)?, a)))
+            .collect::<Result<Vec<(Channel, String)>>>()
+    }) {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    loop {
+        tokio::time::sleep(ASK_AFTER / 5).await;
+        let (member, leads) = {
+            let m = shared.raft.metrics().borrow_watched().clone();
+            (
+                m.membership_config
+                    .membership()
+                    .get_node(&shared.id)
+                    .is_some(),
+                m.state.is_leader(),
+            )
+        };
+        if !member || leads || shared.heard.ago() < ASK_AFTER {
+            continue;
+        }
+        let req = raftmap_proto::AddLearnerRequest {
+            node_id: shared.id,
+            raft_addr: shared.info.raft_addr.clone(),
+            api_addr: shared.info.api_addr.clone(),
+            cluster_id: shared.cluster_id(),
+        };
+        for (ch, addr) in &members {
+            let mut admin = AdminClient::new(ch.clone());
+            let answer = admin.add_learner(req.clone());
+            match tokio::time::timeout(Duration::from_secs(5), answer).await {
+                Ok(Ok(_)) => {
+                    tracing::warn!(via = %addr, "no leader was heard from and the cluster did not list this node: joined again");
+                    break;
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => {
+                    tracing::info!(via = %addr, silent = ?shared.heard.ago(), "no leader heard from, but the cluster lists this node");
+                    break;
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
+                    return removed(shared, s.message());
+                }
+                Ok(Err(s)) => {
+                    tracing::debug!(via = %addr, reason = %s.message(), "asking whether this node is still a member")
+                }
+                Err(_) => {
+                    tracing::debug!(via = %addr, "asking whether this node is still a member: no answer")
+                }
+            }
+        }
+    }
+}
+
+/// The reason a removed node stops; with an automatic id it forgets the id first.
+fn removed(shared: &NodeShared, answer: &str) -> NodeError {
+    let id = shared.id;
+    if !shared.auto_id {
+        return NodeError::FailedPrecondition(format!(
+            "node {id} is no longer a member of the cluster ({answer}): node ids are never reused; start this node with a new data dir and id"
+        ));
+    }
+    if let Err(e) = crate::identity::forget_id(&shared.data_dir) {
+        return e;
+    }
+    NodeError::FailedPrecondition(format!(
+        "node {id} was removed from the cluster while it was away ({answer}): it joins again as a new node, with a new automatic id, at its next start"
+    ))
 }
 
 fn retryable(s: &tonic::Status) -> bool {

@@ -12,6 +12,7 @@
 //! (talk to a cluster), [`tls`] (the certificates a process connects and serves with, and
 //! making them) and [`launcher`] (run several nodes as processes on loopback).
 
+mod autopilot;
 mod bootstrap;
 mod client;
 mod consistency;
@@ -36,6 +37,7 @@ mod shared;
 pub mod tls;
 mod wire;
 
+pub use autopilot::Silence;
 pub use client::{put, Client};
 pub use error::{NodeError, Result};
 pub use identity::NodeIdSetting;

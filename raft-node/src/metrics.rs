@@ -25,6 +25,7 @@ pub struct Metrics {
     pub refused_peer_messages: Counter,
     pub refused_calls: Counter,
     pub cert_reloads: Counter,
+    pub autopilot_removals: Counter,
     /// Seconds until the certificate (`cert="tls"`) and the first trusted CA (`cert="ca"`)
     /// expire.
     pub cert_expiry: Family<Vec<(String, String)>, Gauge>,
@@ -50,6 +51,7 @@ impl Metrics {
             refused_peer_messages: Counter::default(),
             refused_calls: Counter::default(),
             cert_reloads: Counter::default(),
+            autopilot_removals: Counter::default(),
             cert_expiry: Family::default(),
             corrupt: Gauge::default(),
             batch_ops: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
@@ -111,6 +113,11 @@ impl Metrics {
             "cert_reloads",
             "Times new certificate files were loaded (a rotation)",
             m.cert_reloads.clone(),
+        );
+        registry.register(
+            "autopilot_removals",
+            "Members this node removed as leader because they were gone (a silent learner, a replaced or surplus voter)",
+            m.autopilot_removals.clone(),
         );
         registry.register(
             "cert_expiry_seconds",

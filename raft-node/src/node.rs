@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::autopilot::Silence;
 use crate::error::{NodeError, Result};
 use crate::identity::{self, NodeIdSetting};
 use crate::join::join_cluster;
@@ -93,6 +94,11 @@ pub struct NodeConfig {
     pub enroll_dir: Option<PathBuf>,
     /// Listen without TLS on addresses other than loopback.
     pub insecure: bool,
+    /// As leader: remove a learner not heard from for this long (`0`: never).
+    pub reap_learners_after: Silence,
+    /// As leader, while there are more voters than `bootstrap_expect` (a replacement was
+    /// promoted): remove a voter not heard from for this long (`0`: never).
+    pub reap_voters_after: Silence,
     #[serde(skip)]
     pub batch: BatchConfig,
 }
@@ -127,6 +133,8 @@ impl Default for NodeConfig {
             ca_dir: None,
             enroll_dir: None,
             insecure: false,
+            reap_learners_after: Silence(Duration::from_secs(30 * 60)),
+            reap_voters_after: Silence(Duration::from_secs(60)),
             batch: BatchConfig::default(),
         }
     }
@@ -380,6 +388,7 @@ impl RunningNode {
             unknown: std::sync::Mutex::new(BTreeMap::new()),
             unsafe_local_reads: cfg.unsafe_local_reads,
             security: security.clone(),
+            heard: Default::default(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -436,6 +445,14 @@ impl RunningNode {
         if shared.node_name.is_some() {
             tasks.push(tokio::spawn(record_name(shared.clone())));
         }
+        tasks.push(tokio::spawn(crate::autopilot::run(
+            shared.clone(),
+            crate::autopilot::Policy {
+                learners_after: cfg.reap_learners_after.limit(),
+                voters: cfg.bootstrap_expect,
+                voters_after: cfg.reap_voters_after.limit(),
+            },
+        )));
         if let Some(join) = cfg.join.clone() {
             let s = shared.clone();
             let learner = cfg.learner;
@@ -449,7 +466,11 @@ impl RunningNode {
                     tracing::error!(error = %e, "joining the cluster failed");
                     s.fatal
                         .send_replace(Some(format!("joining the cluster through {join}: {e}")));
+                    return;
                 }
+                let e = crate::join::watch_removal(&s, &join).await;
+                tracing::error!(error = %e, "stopping");
+                s.fatal.send_replace(Some(e.to_string()));
             }));
         }
         tracing::info!(node = id, raft = %cfg.raft_addr, api = %cfg.api_addr, data_dir = %cfg.data_dir.display(), "raftmap node started");

@@ -59,6 +59,38 @@ pub struct NodeShared {
     pub(crate) unsafe_local_reads: bool,
     /// This node's certificates (or none: `--insecure`, loopback).
     pub(crate) security: crate::tls::Security,
+    /// When an append (a heartbeat, at least) from a leader last arrived.
+    pub(crate) heard: Heard,
+}
+
+/// When something last happened, cheap to note from a hot path.
+#[derive(Debug)]
+pub(crate) struct Heard {
+    base: Instant,
+    /// Milliseconds after `base`.
+    at: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Heard {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            at: Default::default(),
+        }
+    }
+}
+
+impl Heard {
+    pub(crate) fn note(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.at.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long ago it was noted (or the struct made).
+    pub(crate) fn ago(&self) -> Duration {
+        let at = Duration::from_millis(self.at.load(std::sync::atomic::Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(at)
+    }
 }
 
 impl std::fmt::Debug for NodeShared {

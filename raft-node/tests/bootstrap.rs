@@ -1,8 +1,10 @@
 //! Clusters that start themselves, as on Kubernetes: voters with automatic ids and the CA key
 //! found the cluster once they see each other (`--bootstrap-expect`), agents with automatic
 //! ids obtain their certificates with a shared enrollment credential and join, names are
-//! recorded with the members, restarts keep ids, and a voter whose disk is wiped comes back as
-//! a new node of the same cluster instead of founding another.
+//! recorded with the members, restarts keep ids, a voter whose disk is wiped comes back as a
+//! new node of the same cluster instead of founding another (and its old id is removed once
+//! the new one is a voter), and a learner gone longer than the limit is removed and comes back
+//! as a new node.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -234,11 +236,15 @@ async fn voters_found_one_cluster_agents_enroll_and_a_wiped_voter_rejoins_as_a_n
     let reborn = status(&c, 3).await;
     assert!(!ids.contains(&reborn.node_id) && reborn.node_id != agent.node_id);
     assert_eq!(reborn.cluster_id, "local");
-    members_until(&c, 1, "the new voter", |m| {
+    // It is promoted, and then (not before) the id it replaced is removed: three voters again.
+    let old = ids[2];
+    let members = members_until(&c, 1, "the new voter, and the old id removed", |m| {
         m.iter()
             .any(|m| m.node_id == reborn.node_id && m.voter && m.node_name == "host-3")
+            && !m.iter().any(|m| m.node_id == old)
     })
     .await;
+    assert_eq!(members.iter().filter(|m| m.voter).count(), 3, "{members:?}");
     let reborn_client = Client::connect(&[c.node(3).unwrap().api_addr.clone()], &c.security())
         .await
         .unwrap();
@@ -247,4 +253,115 @@ async fn voters_found_one_cluster_agents_enroll_and_a_wiped_voter_rejoins_as_a_n
         .await
         .unwrap();
     converged(&c, &[1, 2, 3, 4], 21).await;
+}
+
+/// Starts three voters founding a cluster by themselves (with `extra` arguments) and waits
+/// until they are ready; returns the `--join` list.
+async fn three_voters(c: &mut LocalCluster, extra: &[&str]) -> String {
+    let ca = c.pki().unwrap().ca_dir();
+    let join = (1..=3)
+        .map(|s| c.place(s).unwrap().api_addr.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    for slot in 1..=3 {
+        let mut args: Vec<String> = [
+            "--bootstrap-expect",
+            "3",
+            "--join",
+            &join,
+            "--ca-dir",
+            ca.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        c.spawn_auto(slot, args).unwrap();
+    }
+    for slot in 1..=3 {
+        c.wait_ready(slot, T).await.unwrap();
+    }
+    join
+}
+
+/// Waits until `slot`'s process has exited; returns its log.
+fn exited(c: &mut LocalCluster, slot: u64) -> String {
+    let deadline = Instant::now() + T;
+    while c.node_mut(slot).unwrap().exit_status().is_none() {
+        assert!(Instant::now() < deadline, "node {slot} is still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::read_to_string(&c.node(slot).unwrap().log_path).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_gone_longer_than_the_limit_is_removed_and_comes_back_as_a_new_node() {
+    let mut c = LocalCluster::new(opts()).unwrap();
+    let join = three_voters(&mut c, &["--reap-learners-after", "2s"]).await;
+    let enroll = c.pki().unwrap().enroll_dir().unwrap();
+    let agent_args = [
+        "--join",
+        &join,
+        "--learner",
+        "--enroll-dir",
+        enroll.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    c.spawn_auto(4, agent_args).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    let first = status(&c, 4).await.node_id;
+    let client = c.client(1).await.unwrap();
+    client
+        .declare(&MapSchema::hash("flows", 8, 8, 1024))
+        .await
+        .unwrap();
+    client.put("flows", vec![1; 8], vec![1; 8]).await.unwrap();
+    converged(&c, &[1, 4], 1).await;
+
+    // A learner that restarts within the limit stays.
+    c.kill(4).unwrap();
+    c.restart(4).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    assert_eq!(status(&c, 4).await.node_id, first);
+
+    // Gone for longer than the limit: removed, its id retired. The cluster goes on writing.
+    c.kill(4).unwrap();
+    members_until(&c, 1, "the silent learner removed", |m| {
+        m.len() == 3 && m.iter().all(|m| m.voter)
+    })
+    .await;
+    client.put("flows", vec![2; 8], vec![2; 8]).await.unwrap();
+
+    // Back on its data dir: it learns that it was removed, forgets its id and stops; started
+    // again (as Kubernetes restarts a container), it joins as a new node and catches up.
+    c.restart(4).unwrap();
+    let log = exited(&mut c, 4);
+    assert!(
+        log.contains(&format!("node {first} was removed from the cluster")),
+        "{log}"
+    );
+    c.restart(4).unwrap();
+    c.wait_ready(4, T).await.unwrap();
+    let second = status(&c, 4).await.node_id;
+    assert_ne!(second, first);
+    members_until(&c, 2, "the agent back as a new learner", |m| {
+        m.iter().any(|m| m.node_id == second && !m.voter) && !m.iter().any(|m| m.node_id == first)
+    })
+    .await;
+    converged(&c, &[1, 2, 3, 4], 2).await;
+    // Its old id stays retired.
+    let e = c
+        .client(1)
+        .await
+        .unwrap()
+        .admin()
+        .add_learner(pb::AddLearnerRequest {
+            node_id: first,
+            raft_addr: "127.0.0.1:1".into(),
+            api_addr: "127.0.0.1:2".into(),
+            cluster_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("cannot be reused"), "{e:?}");
 }

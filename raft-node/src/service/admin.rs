@@ -217,19 +217,35 @@ impl AdminService {
         r: &pb::RemoveRequest,
     ) -> Result<Response<pb::MembersResponse>, Change> {
         let s = &self.shared;
-        let change = removal(s, r)?;
-        change_membership(s, change).await?;
-        // Record the id as retired so it is never reused. Goes through the log like any write
-        // (forwarded if leadership moved in the meantime).
-        s.proposer
-            .propose(Proposal {
-                batches: vec![],
-                admin: vec![AdminOp::RetireNode { node_id: r.node_id }],
-            })
-            .await?;
+        remove_checked(s, r).await?;
         tracing::info!(node = r.node_id, "removed node");
         Ok(Response::new(member_list(s)))
     }
+}
+
+/// Removes a member (on the leader, never itself) and retires its id.
+async fn remove_checked(s: &NodeShared, r: &pb::RemoveRequest) -> Result<(), Change> {
+    let change = removal(s, r)?;
+    change_membership(s, change).await?;
+    // Record the id as retired so it is never reused. Goes through the log like any write
+    // (forwarded if leadership moved in the meantime).
+    s.proposer
+        .propose(Proposal {
+            batches: vec![],
+            admin: vec![AdminOp::RetireNode { node_id: r.node_id }],
+        })
+        .await?;
+    Ok(())
+}
+
+/// Removes member `node_id` and retires its id, on this node, the leader: the automatic
+/// removals of `autopilot.rs`, which decide themselves how many voters must stay.
+pub(crate) async fn remove_member(s: &NodeShared, node_id: NodeId) -> Result<(), Status> {
+    let r = pb::RemoveRequest {
+        node_id,
+        force: true,
+    };
+    remove_checked(s, &r).await.map_err(Status::from)
 }
 
 #[tonic::async_trait]

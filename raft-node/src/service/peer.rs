@@ -241,7 +241,10 @@ impl pb::peer_server::Peer for PeerService {
                                 Err(e) => Err(e),
                             };
                             match checked {
-                                Ok(()) => Some(rpc),
+                                Ok(()) => {
+                                    shared.heard.note();
+                                    Some(rpc)
+                                }
                                 Err(e) => {
                                     shared.metrics.refused_peer_messages.inc();
                                     tracing::warn!(reason = %e, "refused an append; closing the stream");
