@@ -68,6 +68,7 @@ impl WatchSpec {
 /// such file or directory`).
 pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
+    let mut refused = false;
     let mut cur = e.source();
     while let Some(s) = cur {
         let text = s.to_string();
@@ -75,10 +76,20 @@ pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
             out.push_str(": ");
             out.push_str(&text);
         }
+        refused |= s
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|errno| errno == nix::errno::Errno::EPERM as i32);
         cur = s.source();
+    }
+    if refused {
+        out.push_str(PERMISSION_HINT);
     }
     out
 }
+
+/// What a refused bpf(2) usually means in a container.
+const PERMISSION_HINT: &str = " (the kernel refused bpf(2): the agent needs CAP_BPF and CAP_PERFMON, and a seccomp profile that allows bpf; in a container, the runtime's default profile blocks it: see deploy/README.md)";
 
 /// The replicated schema a kernel map of this layout implies.
 pub(super) fn schema_of(name: &str, l: &MapLayout) -> MapSchema {
