@@ -67,15 +67,17 @@ pub struct NodeShared {
 #[derive(Debug)]
 pub(crate) struct Heard {
     base: Instant,
-    /// Milliseconds after `base`.
+    /// Milliseconds after `base`; `NEVER` until noted.
     at: std::sync::atomic::AtomicU64,
 }
+
+const NEVER: u64 = u64::MAX;
 
 impl Default for Heard {
     fn default() -> Self {
         Self {
             base: Instant::now(),
-            at: Default::default(),
+            at: std::sync::atomic::AtomicU64::new(NEVER),
         }
     }
 }
@@ -86,12 +88,28 @@ impl Heard {
         self.at.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// How long ago it was noted (or the struct made).
+    /// How long ago it was last noted; `None` if never since the process started.
+    pub(crate) fn last(&self) -> Option<Duration> {
+        match self.at.load(std::sync::atomic::Ordering::Relaxed) {
+            NEVER => None,
+            ms => Some(
+                self.base
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms)),
+            ),
+        }
+    }
+
+    /// How long ago it was last noted, or the struct made.
     pub(crate) fn ago(&self) -> Duration {
-        let at = Duration::from_millis(self.at.load(std::sync::atomic::Ordering::Relaxed));
-        self.base.elapsed().saturating_sub(at)
+        self.last().unwrap_or_else(|| self.base.elapsed())
     }
 }
+
+/// How long a node that does not lead may go without an append from the leader and still
+/// count as ready: its maps may be stale past that (a partition, or a removal it does not know
+/// of yet). Heartbeats come every 100 ms by default.
+const READY_SILENCE: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for NodeShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,6 +148,24 @@ impl NodeShared {
         }
         if m.current_leader.is_none() {
             return Err("no leader known".into());
+        }
+        // The committed index below is the one this node knows: it is the cluster's only once
+        // the leader has spoken to this process (after a restart, say).
+        if m.current_leader != Some(self.id) {
+            match self.heard.last() {
+                None => {
+                    return Err(
+                        "waiting for the leader's first append since this node started".into(),
+                    )
+                }
+                Some(ago) if ago > READY_SILENCE => {
+                    return Err(format!(
+                        "no append from the leader for {:.1}s",
+                        ago.as_secs_f64()
+                    ))
+                }
+                Some(_) => {}
+            }
         }
         let applied = m.last_applied.map_or(0, |l| l.index);
         let committed = self.log.committed_index().unwrap_or(0);
