@@ -52,10 +52,7 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
         tracing::info!("already a member; not joining again");
         return Ok(());
     }
-    let members = join_addresses(join)?
-        .into_iter()
-        .map(|a| Ok((shared.security.channel(&a, Expect::AnyNode)?, a)))
-        .collect::<Result<Vec<(Channel, String)>>>()?;
+    let addrs = join_addresses(join)?;
     let req = raftmap_proto::AddLearnerRequest {
         node_id: shared.id,
         raft_addr: shared.info.raft_addr.clone(),
@@ -63,13 +60,14 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
         cluster_id: shared.cluster_id(),
     };
     let mut backoff = Backoff::default();
-    let mut via = 'joined: loop {
+    let mut members = 'joined: loop {
         let mut why = Vec::new();
+        let members = channels(shared, &addrs).await?;
         for (k, (ch, addr)) in members.iter().enumerate() {
             match AdminClient::new(ch.clone()).add_learner(req.clone()).await {
-                Ok(_) => break 'joined k,
+                Ok(_) => break 'joined rotate(members, k),
                 Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => {
-                    break 'joined k
+                    break 'joined rotate(members, k)
                 }
                 // Another node holds (or held) the id this node drew: draw again.
                 Err(s) if s.code() == tonic::Code::AlreadyExists && shared.auto_id => {
@@ -98,7 +96,7 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
             node_id: shared.id,
             max_lag: 0,
         };
-        let (ch, addr) = &members[via];
+        let (ch, addr) = &members[0];
         match AdminClient::new(ch.clone()).promote(req).await {
             Ok(_) => {
                 tracing::info!(node = shared.id, "promoted to voter");
@@ -112,17 +110,43 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
                         tonic::Code::FailedPrecondition | tonic::Code::NotFound
                     ) =>
             {
-                // A member that is gone: ask the next one.
-                if retryable(&s) {
-                    via = (via + 1) % members.len();
-                }
                 let wait = backoff.next();
                 tracing::info!(member = %addr, reason = %s.message(), retry_in = ?wait, "not promoted yet; retrying");
+                // A member that is gone: ask the next one.
+                if retryable(&s) {
+                    members.rotate_left(1);
+                }
                 tokio::time::sleep(wait).await;
             }
             Err(s) => return Err(s.into()),
         }
     }
+}
+
+/// A channel to every endpoint behind the `--join` addresses, resolved now: a DNS name (a
+/// headless Service) stands for every address it resolves to, and the set changes as pods
+/// come and go. This node may be among them; it knows no leader before it has joined, so it
+/// answers UNAVAILABLE like any member that cannot help, and the next one is asked. A name
+/// that does not resolve is kept, for its error to be reported.
+async fn channels(shared: &NodeShared, addrs: &[String]) -> Result<Vec<(Channel, String)>> {
+    let mut out = Vec::new();
+    for addr in addrs {
+        let resolved: Vec<String> = match tokio::net::lookup_host(addr.as_str()).await {
+            Ok(found) => found.map(|a| a.to_string()).collect(),
+            Err(_) => vec![addr.clone()],
+        };
+        for ep in resolved {
+            if !out.iter().any(|(_, e)| *e == ep) {
+                out.push((shared.security.channel(&ep, Expect::AnyNode)?, ep));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn rotate<T>(mut v: Vec<T>, first: usize) -> Vec<T> {
+    v.rotate_left(first);
+    v
 }
 
 /// Doubling delays from `RETRY_FIRST` up to `RETRY_MAX`.
@@ -155,13 +179,8 @@ const ASK_AFTER: Duration = Duration::from_secs(10);
 /// against) and stops, to join as a new node at its next start; a node with a fixed id stops
 /// with the reason. Returns only with that reason.
 pub(crate) async fn watch_removal(shared: &NodeShared, join: &str) -> NodeError {
-    let members = match join_addresses(join).and_then(|addrs| {
-        addrs
-            .into_iter()
-            .map(|a| Ok((shared.security.channel(&a, Expect::AnyNode)?, a)))
-            .collect::<Result<Vec<(Channel, String)>>>()
-    }) {
-        Ok(m) => m,
+    let addrs = match join_addresses(join) {
+        Ok(a) => a,
         Err(e) => return e,
     };
     loop {
@@ -184,6 +203,10 @@ pub(crate) async fn watch_removal(shared: &NodeShared, join: &str) -> NodeError 
             raft_addr: shared.info.raft_addr.clone(),
             api_addr: shared.info.api_addr.clone(),
             cluster_id: shared.cluster_id(),
+        };
+        let members = match channels(shared, &addrs).await {
+            Ok(m) => m,
+            Err(e) => return e,
         };
         for (ch, addr) in &members {
             let mut admin = AdminClient::new(ch.clone());
