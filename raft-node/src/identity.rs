@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{NodeError, Result};
 
 const IDENTITY_FILE: &str = "identity.json";
+/// The ids a data dir held before [`forget_id`]; it marks a raftmap data dir that has no
+/// identity now and draws a new one, keeping its data.
+const FORGOTTEN_FILE: &str = "identity.forgotten";
 const FORMAT: u32 = 1;
 
 /// What `identity.json` holds.
@@ -124,6 +127,7 @@ pub fn load_or_create(dir: &Path, requested: Option<NodeIdSetting>) -> Result<(I
             // start leaves; it has never served.
             let leftover = dir.join(IDENTITY_FILE).with_extension("tmp");
             let foreign = dir.exists()
+                && !dir.join(FORGOTTEN_FILE).exists()
                 && std::fs::read_dir(dir)
                     .map_err(|e| io(dir, e))?
                     .filter_map(|e| e.ok())
@@ -198,6 +202,13 @@ pub(crate) fn parse(bytes: &[u8], dir: &Path, requested: Option<NodeId>) -> Resu
 /// the rest follows the cluster). Openraft treats the log it holds as any follower's.
 pub(crate) fn forget_id(dir: &Path) -> Result<()> {
     let path = dir.join(IDENTITY_FILE);
+    // The ids the dir had, one per line: the record that it is a raftmap data dir whose
+    // identity was given up, written before the identity goes.
+    let forgotten = dir.join(FORGOTTEN_FILE);
+    let id = parse(&std::fs::read(&path).map_err(|e| io(&path, e))?, dir, None)?.node_id;
+    let mut record = std::fs::read_to_string(&forgotten).unwrap_or_default();
+    record.push_str(&format!("{id}\n"));
+    write_atomic(&forgotten, record.as_bytes())?;
     std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
     // A certificate obtained for the refused id names it: it goes too.
     let tls = dir.join(crate::provision::TLS_SUBDIR);
@@ -274,10 +285,17 @@ mod tests {
             load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap(),
             (id.clone(), false)
         );
+        // A member's dir holds more than its database; all of it stays.
+        std::fs::write(dir.join("kernel-maps.json"), "{}").unwrap();
         forget_id(&dir).unwrap();
         let (next, fresh) = load_or_create(&dir, Some(NodeIdSetting::Auto)).unwrap();
         assert!(fresh);
         assert_ne!(next.node_id, id.node_id);
+        assert!(dir.join("kernel-maps.json").exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join(FORGOTTEN_FILE)).unwrap(),
+            format!("{}\n", id.node_id)
+        );
         assert_eq!("auto".parse(), Ok(NodeIdSetting::Auto));
         assert_eq!("12".parse(), Ok(NodeIdSetting::Fixed(12)));
         let e = "twelve".parse::<NodeIdSetting>().unwrap_err();
