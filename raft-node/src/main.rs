@@ -62,7 +62,11 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        // Colours only for a person at a terminal: not in files, journals or container logs.
+        .with_ansi(
+            std::env::var_os("NO_COLOR").is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
         .with_writer(std::io::stderr)
         .init();
 }
