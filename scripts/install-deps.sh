@@ -6,12 +6,16 @@
 #   clang-19 libbpf-dev  the BPF programs in ebpf-hooks/bpf (compiled by ebpf-hooks/build.rs)
 #   bpftool            to look at kernel maps (the demo shows a dump)
 #   qemu-system-x86 busybox-static cpio  scripts/vm-run.sh, a QEMU guest on Debian's 6.1 kernel (fexit)
+#   python3-venv       the manifest checkers of deploy/ (kubernetes-validate, checkov), from PyPI
+#                      into RAFTMAP_TOOLS (/var/cache/raftmap-tools); kubectl renders them
+#   podman runc debootstrap  deploy/image/build.sh builds the image from a Debian rootfs, and
+#                      raft-node/tests/kubernetes.rs runs the rendered manifests in containers
 # all without Recommends (qemu's are ~150 GUI packages); mounts bpffs at /sys/fs/bpf when it is
 # missing, and caches the guest kernel for scripts/vm-run.sh.
 set -euo pipefail
 
 packages=(librocksdb-dev libclang-dev protobuf-compiler pkg-config clang-19 libbpf-dev bpftool
-  qemu-system-x86 busybox-static cpio nftables)
+  qemu-system-x86 busybox-static cpio nftables python3-venv podman runc debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -56,3 +60,18 @@ if [ ! -e "$vm_dir/vmlinuz" ]; then
   $sudo install -m 644 "$kernel_tmp"/boot/vmlinuz-* "$vm_dir/vmlinuz"
   $sudo rm -f "$vm_dir/$kernel_pkg"_*.deb
 fi
+
+# The checkers of deploy/'s manifests, pinned, in a virtualenv of their own (checkov brings many
+# dependencies). tests/deploy.rs runs them; kubectl (which renders the overlays) comes with the
+# machine image.
+tools=${RAFTMAP_TOOLS:-/var/cache/raftmap-tools}
+tool_versions="kubernetes-validate==1.37.0 checkov==3.3.30"
+if [ "$(cat "$tools/versions" 2>/dev/null)" != "$tool_versions" ]; then
+  echo "installing into $tools: $tool_versions"
+  rm -rf "$tools"
+  python3 -m venv "$tools"
+  # shellcheck disable=SC2086 # one argument per package
+  "$tools/bin/pip" install -q --disable-pip-version-check $tool_versions
+  echo "$tool_versions" >"$tools/versions"
+fi
+command -v kubectl >/dev/null || echo "note: kubectl is missing: the deploy/ manifest tests need it (kubectl kustomize)" >&2

@@ -15,7 +15,8 @@ use raftmap_node::launcher::Launcher;
 pub use raftmap_node::launcher::{http_get, scrape_counter, LaunchError, LaunchOptions, LocalNode};
 use raftmap_node::storage::NodeId;
 
-use netns::{InNamespaces, Netns};
+use netns::InNamespaces;
+pub use netns::Netns;
 
 /// What can go wrong running a local cluster.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +114,11 @@ impl LocalCluster {
     /// bridges): creates and removes a throwaway bridge to find out.
     pub fn netns_available() -> bool {
         Netns::new().is_ok()
+    }
+
+    /// The test network, when the nodes run in network namespaces.
+    pub fn netns(&self) -> Option<&Netns> {
+        self.net.as_deref()
     }
 
     /// Whether the nodes run in network namespaces (partitions possible).

@@ -15,7 +15,9 @@ use raftmap_node::storage::NodeId;
 use super::{HarnessError, Result};
 use crate::lock::lock;
 
-/// The test network: a bridge in the caller's namespace, one namespace per node.
+/// The test network: a bridge in the caller's namespace, one namespace per node. The caller
+/// reaches every node's address through the bridge; a node's namespace is at
+/// [`Netns::path`], for programs that join it themselves (a container runtime).
 ///
 /// Names and subnets are unique for the life of the machine: a random tag checked to be free
 /// (no link, namespace or registry entry uses it), and a /24 no interface holds an address in.
@@ -23,7 +25,7 @@ use crate::lock::lock;
 /// [`REGISTRY`] with its creator's pid: a network whose creator died without cleaning up (a
 /// SIGKILLed harness) is removed by the next one that starts.
 #[derive(Debug)]
-pub(super) struct Netns {
+pub struct Netns {
     /// Unique prefix for interface and namespace names: `rm` and 8 hex digits, so that the
     /// longest interface name (`{tag}h{id}`, ids below 10,000) fits in 15 bytes.
     tag: String,
@@ -123,7 +125,8 @@ fn remove_network(tag: &str) {
 }
 
 impl Netns {
-    pub(super) fn new() -> Result<Self> {
+    /// A new network with its bridge (root, `ip`, veth and bridges).
+    pub fn new() -> Result<Self> {
         use rand::Rng;
         std::fs::create_dir_all(REGISTRY).map_err(|e| net_error(format!("{REGISTRY}: {e}")))?;
         let lock = File::create(Path::new(REGISTRY).join(".lock"))
@@ -207,15 +210,29 @@ impl Netns {
         format!("{}b", self.tag)
     }
 
-    pub(super) fn ns(&self, id: NodeId) -> String {
+    /// Node `id`'s namespace name.
+    pub fn ns(&self, id: NodeId) -> String {
         format!("{}-{id}", self.tag)
     }
 
-    pub(super) fn ip(&self, id: NodeId) -> String {
+    /// Where node `id`'s namespace is mounted (`ip netns`).
+    pub fn path(&self, id: NodeId) -> std::path::PathBuf {
+        Path::new("/run/netns").join(self.ns(id))
+    }
+
+    /// Node `id`'s address.
+    pub fn ip(&self, id: NodeId) -> String {
         format!("{}.{}", self.prefix(), 10 + id)
     }
 
-    pub(super) fn add_node(&self, id: NodeId) -> Result<()> {
+    /// The bridge side of node `id`'s veth pair, in the caller's namespace: what it receives
+    /// is what the node sent (`/sys/class/net/LINK/statistics/rx_bytes`).
+    pub fn host_link(&self, id: NodeId) -> String {
+        format!("{}h{id}", self.tag)
+    }
+
+    /// Makes node `id`'s namespace, joined to the bridge, with its address and loopback up.
+    pub fn add_node(&self, id: NodeId) -> Result<()> {
         if id >= 240 {
             return Err(net_error(format!(
                 "node id {id}: test networks hold node ids below 240"
@@ -223,7 +240,7 @@ impl Netns {
         }
         let (ns, host, inner) = (
             self.ns(id),
-            format!("{}h{id}", self.tag),
+            self.host_link(id),
             format!("{}n{id}", self.tag),
         );
         run_ip(&["netns", "add", &ns])?;
