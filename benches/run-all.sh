@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${CARGO_TARGET_DIR:-target}/bench-results}
 mkdir -p "$out"
 cargo build --release --locked --bin raftmap --bin cluster-write --bin kernel-replication \
-  --bin capture-overhead --bin cluster-ops --bin greedy-clients
+  --bin capture-overhead --bin cluster-ops --bin greedy-clients --bin fanout
 bin=${CARGO_TARGET_DIR:-target}/release
 echo "## Capture overhead (syscall backend)"
 "$bin/capture-overhead" --json "$out/capture-overhead.json"
@@ -28,5 +28,8 @@ echo "## Failover with shorter timeouts (heartbeat 50 ms, election timeout 300 m
 echo
 echo "## Greedy clients: 1,000 watchers that never read and a frozen one; failing CAS over 64 KiB values"
 "$bin/greedy-clients" --seconds 5 --json "$out/greedy-clients.json"
+echo
+echo "## The ceiling of one leader: learners under a fixed write rate"
+"$bin/fanout" --learners 0,1,2,4,8,16 --rate 2000 --seconds 5 --json "$out/fanout.json"
 echo
 echo "JSON in $out"
