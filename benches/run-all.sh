@@ -30,6 +30,7 @@ echo "## Greedy clients: 1,000 watchers that never read and a frozen one; failin
 "$bin/greedy-clients" --seconds 5 --json "$out/greedy-clients.json"
 echo
 echo "## The ceiling of one leader: learners under a fixed write rate"
-"$bin/fanout" --learners 0,1,2,4,8,16 --rate 2000 --seconds 5 --json "$out/fanout.json"
+"$bin/fanout" --learners 0,1,2,4,8 --rate 100 --ops-per-write 10 --seconds 5 --json "$out/fanout-10.json"
+"$bin/fanout" --learners 0,1,2,4,8 --rate 100 --ops-per-write 100 --seconds 5 --json "$out/fanout-100.json"
 echo
 echo "JSON in $out"

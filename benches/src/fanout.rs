@@ -1,14 +1,17 @@
 //! The ceiling of one leader: every learner is one more AppendEntries stream from the leader.
 //! Three voters in network namespaces take a fixed write rate through the API while learners
 //! are added (1, 2, 4, 8, ...); for each count the bench reports what the leader spends: CPU
-//! (user + system time of its process) and bytes sent (its veth, so TLS, HTTP/2, TCP and IP
-//! included), the marginal cost of one learner against the run with none (measured in the same
-//! run), and that cost per replicated write. `deploy/README.md` turns these into learners per
-//! leader at a given write rate and NIC.
+//! (user + system time of its process) and bytes sent (its veth: TLS, HTTP/2, TCP and IP
+//! included). Requests are paced (an open loop) and each carries `--ops-per-write` puts, so
+//! that the log's entries per second stay the same across counts (the table shows them); the
+//! marginal cost of one learner is the slope of a least-squares line over the counts, per
+//! entry and per operation. Learners run without fsync: it is not the leader's cost, and the
+//! host's two cores are shared by every process. `deploy/README.md` turns the figures into
+//! learners per leader at a given write rate and NIC.
 //!
 //! ```text
 //! cargo build --release --bin raftmap --bin fanout
-//! target/release/fanout --learners 0,1,2,4,8,16 --rate 2000 --seconds 5
+//! target/release/fanout --learners 0,1,2,4,8 --rate 100 --ops-per-write 10 --seconds 5
 //! ```
 
 use std::path::PathBuf;
@@ -21,12 +24,15 @@ use raftmap_node::storage::{MapSchema, NodeId};
 
 #[derive(Parser, Debug)]
 struct Args {
-    /// Learner counts to measure, ascending (0 is the baseline the others are compared with).
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2,4,8,16")]
+    /// Learner counts to measure, ascending.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,4,8")]
     learners: Vec<usize>,
-    /// Writes per second offered to the cluster (one put each).
-    #[arg(long, default_value_t = 2000)]
+    /// Write requests per second offered to the cluster.
+    #[arg(long, default_value_t = 100)]
     rate: u64,
+    /// Puts per write request.
+    #[arg(long, default_value_t = 10)]
+    ops_per_write: u64,
     /// Value size of each put (the key is 16 bytes).
     #[arg(long, default_value_t = 64)]
     value_size: usize,
@@ -70,13 +76,14 @@ fn sent_bytes(cluster: &LocalCluster, id: NodeId) -> Result<u64> {
 struct Sample {
     learners: usize,
     writes_per_sec: f64,
+    entries_per_sec: f64,
     cpu: f64,
     egress: f64,
     p50: Duration,
 }
 
-/// Offers `rate` writes per second for `secs` through a client of the leader; measures the
-/// leader's CPU and egress meanwhile.
+/// Offers `rate` write requests per second for `secs` through a client of the leader;
+/// measures the leader's CPU, egress and log entries meanwhile.
 async fn measure(
     cluster: &LocalCluster,
     leader: NodeId,
@@ -84,25 +91,32 @@ async fn measure(
     learners: usize,
     round: u64,
 ) -> Result<Sample> {
-    let pid = cluster.node(leader)?.pid().context("the leader runs")?;
+    let node = cluster.node(leader)?;
+    let pid = node.pid().context("the leader runs")?;
+    let metrics = [node.metrics_addr.clone()];
+    let entries = || raftmap_bench::scrape_counter(&metrics, "raftmap_proposals_total");
     let client = cluster.client(leader).await?;
-    let (cpu0, tx0) = (cpu_time(pid)?, sent_bytes(cluster, leader)?);
+    let (cpu0, tx0, e0) = (cpu_time(pid)?, sent_bytes(cluster, leader)?, entries()?);
     let start = Instant::now();
     let every = Duration::from_secs_f64(1.0 / args.rate as f64);
     let total = args.rate * args.seconds;
     let mut tasks = tokio::task::JoinSet::new();
-    let value = vec![0x5a; args.value_size];
     for i in 0..total {
         // Paced by the clock, not by the answers: an open loop, as kernel writes are.
         let due = start + every * i as u32;
         tokio::time::sleep_until(due.into()).await;
-        let (c, value) = (client.clone(), value.clone());
-        let mut key = vec![0u8; 16];
-        key[..8].copy_from_slice(&round.to_be_bytes());
-        key[8..].copy_from_slice(&i.to_be_bytes());
+        let c = client.clone();
+        let ops = (0..args.ops_per_write)
+            .map(|j| {
+                let mut key = vec![0u8; 16];
+                key[..8].copy_from_slice(&round.to_be_bytes());
+                key[8..].copy_from_slice(&(i * args.ops_per_write + j).to_be_bytes());
+                raftmap_node::put("fanout", key, vec![0x5a; args.value_size])
+            })
+            .collect();
         tasks.spawn(async move {
             let t = Instant::now();
-            c.put("fanout", key, value).await.map(|_| t.elapsed())
+            c.write(ops).await.map(|_| t.elapsed())
         });
     }
     let mut lat = Vec::new();
@@ -112,15 +126,30 @@ async fn measure(
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let (cpu, tx) = (cpu_time(pid)? - cpu0, sent_bytes(cluster, leader)? - tx0);
+    let cpu = cpu_time(pid)? - cpu0;
+    let tx = sent_bytes(cluster, leader)? - tx0;
+    let e = entries()? - e0;
     lat.sort();
     Ok(Sample {
         learners,
         writes_per_sec: lat.len() as f64 / secs,
+        entries_per_sec: e / secs,
         cpu: cpu.as_secs_f64() / secs,
         egress: tx as f64 / secs,
         p50: raftmap_bench::percentile(&lat, 0.5),
     })
+}
+
+/// The least-squares slope of `y` over `x`.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let cov: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let var: f64 = points.iter().map(|(x, _)| (x - mx).powi(2)).sum();
+    cov / var
 }
 
 #[tokio::main]
@@ -156,17 +185,20 @@ async fn main() -> Result<()> {
         ))
         .await?;
     println!(
-        "3 voters with mutual TLS in network namespaces; {} writes/s of a 16 B key and {} B value offered; {} s per count",
-        args.rate, args.value_size, args.seconds
+        "3 voters with mutual TLS in network namespaces; {} write requests/s of {} puts (16 B key, {} B value) offered; {} s per count",
+        args.rate, args.ops_per_write, args.value_size, args.seconds
     );
     println!();
-    println!("| learners | writes/s | p50 | leader CPU (cores) | leader egress (MB/s) | per learner: CPU (cores) | per learner: egress (KB/s) | per learner and write: CPU | per learner and write: bytes |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| learners | writes/s | entries/s | p50 | leader CPU (cores) | leader egress (KB/s) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
     let mut samples: Vec<Sample> = Vec::new();
     let mut json = Vec::new();
     let mut next_id = 4;
     for (round, &n) in args.learners.iter().enumerate() {
         while (next_id - 4) < n as u64 {
+            cluster.set_node_args(next_id, vec!["--no-sync".into()]);
             cluster.spawn(next_id, Some(1), true)?;
             cluster.wait_ready(next_id, Duration::from_secs(60)).await?;
             next_id += 1;
@@ -176,53 +208,49 @@ async fn main() -> Result<()> {
             .await
             .context("no voter says it leads")?;
         let s = measure(&cluster, leader, &args, n, round as u64).await?;
-        let base = samples.first().filter(|b| b.learners == 0);
-        let (cpu_each, egress_each) = match base {
-            Some(b) if n > 0 => ((s.cpu - b.cpu) / n as f64, (s.egress - b.egress) / n as f64),
-            _ => (f64::NAN, f64::NAN),
-        };
-        let rate = s.writes_per_sec.max(1.0);
         println!(
-            "| {n} | {:.0} | {:.1} ms | {:.3} | {:.2} | {:.4} | {:.1} | {:.1} us | {:.0} B |",
+            "| {n} | {:.0} | {:.0} | {:.1} ms | {:.3} | {:.0} |",
             s.writes_per_sec,
+            s.entries_per_sec,
             s.p50.as_secs_f64() * 1e3,
             s.cpu,
-            s.egress / 1e6,
-            cpu_each,
-            egress_each / 1e3,
-            cpu_each / rate * 1e6,
-            egress_each / rate,
+            s.egress / 1e3,
         );
         json.push(serde_json::json!({
-            "learners": n, "writes_per_sec": s.writes_per_sec, "p50_us": raftmap_bench::us(s.p50),
-            "leader_cpu_cores": s.cpu, "leader_egress_bytes_per_sec": s.egress,
-            "per_learner_cpu_cores": cpu_each, "per_learner_egress_bytes_per_sec": egress_each,
-            "per_learner_write_cpu_us": cpu_each / rate * 1e6, "per_learner_write_bytes": egress_each / rate,
+            "learners": n, "writes_per_sec": s.writes_per_sec, "entries_per_sec": s.entries_per_sec,
+            "p50_us": raftmap_bench::us(s.p50), "leader_cpu_cores": s.cpu,
+            "leader_egress_bytes_per_sec": s.egress,
         }));
         samples.push(s);
     }
-    if let (Some(b), Some(last)) = (samples.first(), samples.last()) {
-        if b.learners == 0 && last.learners > 0 {
-            let n = last.learners as f64;
-            let rate = last.writes_per_sec.max(1.0);
-            let cpu_w = (last.cpu - b.cpu) / n / rate;
-            let bytes_w = (last.egress - b.egress) / n / rate;
-            println!();
-            println!(
-                "one learner costs the leader {:.1} us of CPU and {:.0} bytes on the wire per replicated write (marginal, over {} learners)",
-                cpu_w * 1e6,
-                bytes_w,
-                last.learners
-            );
-            for (rate, nic) in [(10_000.0, 1.25e9), (100_000.0, 1.25e9), (10_000.0, 3.125e9)] {
-                println!(
-                    "  at {rate:.0} writes/s: a {:.0} Gb/s NIC carries {:.0} learners; one core of leader CPU serves {:.0}",
-                    nic * 8.0 / 1e9,
-                    nic / (bytes_w * rate),
-                    1.0 / (cpu_w * rate)
-                );
-            }
-        }
+    if samples.len() >= 2 {
+        let points = |f: fn(&Sample) -> f64| -> Vec<(f64, f64)> {
+            samples.iter().map(|s| (s.learners as f64, f(s))).collect()
+        };
+        let cpu = slope(&points(|s| s.cpu));
+        let egress = slope(&points(|s| s.egress));
+        let entries = samples.iter().map(|s| s.entries_per_sec).sum::<f64>() / samples.len() as f64;
+        let ops = samples.iter().map(|s| s.writes_per_sec).sum::<f64>() / samples.len() as f64
+            * args.ops_per_write as f64;
+        println!();
+        println!(
+            "one learner (slope over {} counts) costs the leader {:.4} cores and {:.1} KB/s at {:.0} entries/s ({:.0} ops/s): {:.1} us of CPU and {:.0} bytes on the wire per entry, {:.0} bytes per operation",
+            samples.len(),
+            cpu,
+            egress / 1e3,
+            entries,
+            ops,
+            cpu / entries.max(1.0) * 1e6,
+            egress / entries.max(1.0),
+            egress / ops.max(1.0),
+        );
+        json.push(serde_json::json!({
+            "per_learner_cpu_cores": cpu, "per_learner_egress_bytes_per_sec": egress,
+            "entries_per_sec": entries, "ops_per_sec": ops,
+            "per_learner_cpu_us_per_entry": cpu / entries.max(1.0) * 1e6,
+            "per_learner_bytes_per_entry": egress / entries.max(1.0),
+            "per_learner_bytes_per_op": egress / ops.max(1.0),
+        }));
     }
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;

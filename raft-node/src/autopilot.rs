@@ -142,53 +142,66 @@ fn round(d: Duration) -> Duration {
 
 /// Runs on every node; acts while it leads.
 pub(crate) async fn run(shared: Arc<NodeShared>, policy: Policy) {
-    let mut leading_since: Option<(u64, Instant)> = None;
+    // This leadership's term, when it began, and when each member was first seen in it (a
+    // member that joined later has acknowledged nothing yet: its silence counts from then).
+    let mut term = None;
+    let mut first_seen: BTreeMap<NodeId, Instant> = BTreeMap::new();
     loop {
         tokio::time::sleep(EVERY).await;
         let seen = {
             let metrics = shared.raft.metrics();
             let m = metrics.borrow_watched();
             if !m.state.is_leader() {
-                leading_since = None;
+                term = None;
                 continue;
             }
             let now = Instant::now();
-            let since = match leading_since {
-                Some((term, at)) if term == m.current_term => at,
-                _ => {
-                    leading_since = Some((m.current_term, now));
-                    now
-                }
-            };
+            if term != Some(m.current_term) {
+                term = Some(m.current_term);
+                first_seen.clear();
+            }
+            // Only from a settled configuration: a change under way decides the next one.
+            let membership = m.membership_config.membership();
+            let joint = membership.get_joint_config();
+            if joint.len() != 1
+                || m.membership_config.log_id() != m.committed_membership_config.log_id()
+            {
+                continue;
+            }
             let heard: BTreeMap<NodeId, Duration> = m
                 .heartbeat
                 .iter()
                 .flatten()
                 .filter_map(|(id, at)| Some((*id, openraft::Instant::elapsed(&**at.as_ref()?))))
                 .collect();
-            let leading = now.saturating_duration_since(since);
-            let membership = m.membership_config.membership();
-            let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
-            // This node counts among the voters, never silent.
+            let voters = &joint[0];
+            first_seen.retain(|id, _| membership.get_node(id).is_some());
             membership
                 .nodes()
-                .map(|(id, info)| Seen {
-                    id: *id,
-                    voter: voters.contains(id),
-                    raft_addr: info.raft_addr.clone(),
-                    silent: match *id == shared.id {
-                        true => Duration::ZERO,
-                        false => heard.get(id).map_or(leading, |ago| (*ago).min(leading)),
-                    },
+                .map(|(id, info)| {
+                    let since = *first_seen.entry(*id).or_insert(now);
+                    let unheard = now.saturating_duration_since(since);
+                    Seen {
+                        id: *id,
+                        voter: voters.contains(id),
+                        raft_addr: info.raft_addr.clone(),
+                        // This node counts among the voters, never silent.
+                        silent: match *id == shared.id {
+                            true => Duration::ZERO,
+                            false => heard.get(id).map_or(unheard, |ago| (*ago).min(unheard)),
+                        },
+                    }
                 })
                 .collect::<Vec<_>>()
         };
         let Some((id, why)) = next_removal(&seen, &policy) else {
             continue;
         };
+        let voter = seen.iter().any(|m| m.id == id && m.voter);
         let name = shared.view.cluster().names.get(&id).cloned();
         tracing::warn!(node = id, name = name.as_deref().unwrap_or(""), reason = %why, "removing a member that is gone");
-        match crate::service::remove_member(&shared, id).await {
+        let floor = if voter { policy.voters } else { None };
+        match crate::service::remove_member(&shared, id, floor).await {
             Ok(()) => {
                 shared.metrics.autopilot_removals.inc();
                 tracing::warn!(node = id, "removed; its id is retired");

@@ -53,44 +53,66 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
         return Ok(());
     }
     let addrs = join_addresses(join)?;
-    let req = raftmap_proto::AddLearnerRequest {
-        node_id: shared.id,
-        raft_addr: shared.info.raft_addr.clone(),
-        api_addr: shared.info.api_addr.clone(),
-        cluster_id: shared.cluster_id(),
-    };
+    loop {
+        let members = add_self(shared, &addrs).await?;
+        tracing::info!(node = shared.id, "joined as a learner");
+        if learner || promote(shared, members).await? {
+            return Ok(());
+        }
+        // The leader does not know this learner (any more): add it again.
+    }
+}
+
+/// Asks the members to add this node as a learner until one answers that it is; returns the
+/// channels with that one first.
+async fn add_self(shared: &NodeShared, addrs: &[String]) -> Result<Vec<(Channel, String)>> {
+    let req = add_request(shared);
     let mut backoff = Backoff::default();
-    let mut members = 'joined: loop {
+    loop {
         let mut why = Vec::new();
-        let members = channels(shared, &addrs).await?;
+        let members = channels(shared, addrs).await?;
         for (k, (ch, addr)) in members.iter().enumerate() {
             match AdminClient::new(ch.clone()).add_learner(req.clone()).await {
-                Ok(_) => break 'joined rotate(members, k),
-                Err(s) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => {
-                    break 'joined rotate(members, k)
-                }
-                // Another node holds (or held) the id this node drew: draw again.
-                Err(s) if s.code() == tonic::Code::AlreadyExists && shared.auto_id => {
-                    crate::identity::forget_id(&shared.data_dir)?;
-                    return Err(NodeError::FailedPrecondition(format!(
-                        "the cluster refused this node's automatic id {} ({}); a new one is drawn at the next start",
-                        shared.id,
-                        s.message()
-                    )));
-                }
-                Err(s) if retryable(&s) => why.push(format!("{addr}: {}", s.message())),
-                Err(s) => return Err(s.into()),
+                Ok(_) => return Ok(rotate(members, k)),
+                Err(s) => match taken(&s) {
+                    // A retry of this node's own earlier request.
+                    Some(Taken::Member) => return Ok(rotate(members, k)),
+                    // Another node held the id this node drew, or this node was removed
+                    // while its join was under way: draw again.
+                    Some(Taken::Retired) if shared.auto_id => {
+                        crate::identity::forget_id(&shared.data_dir)?;
+                        return Err(NodeError::FailedPrecondition(format!(
+                            "the cluster refused this node's automatic id {} ({}); a new one is drawn at the next start",
+                            shared.id,
+                            s.message()
+                        )));
+                    }
+                    Some(Taken::Retired) => return Err(s.into()),
+                    None if retryable(&s) => why.push(format!("{addr}: {}", s.message())),
+                    None => return Err(s.into()),
+                },
             }
         }
         let wait = backoff.next();
         tracing::warn!(reasons = %why.join("; "), retry_in = ?wait, "could not join yet; retrying");
         tokio::time::sleep(wait).await;
-    };
-    tracing::info!(node = shared.id, "joined as a learner");
-    if learner {
-        return Ok(());
     }
+}
+
+fn add_request(shared: &NodeShared) -> raftmap_proto::AddLearnerRequest {
+    raftmap_proto::AddLearnerRequest {
+        node_id: shared.id,
+        raft_addr: shared.info.raft_addr.clone(),
+        api_addr: shared.info.api_addr.clone(),
+        cluster_id: shared.cluster_id(),
+    }
+}
+
+/// Asks to be promoted until it is (true), or until the members have answered for
+/// `NOT_LISTED` that this node is not a member (false: it was removed before it caught up).
+async fn promote(shared: &NodeShared, mut members: Vec<(Channel, String)>) -> Result<bool> {
     let mut backoff = Backoff::default();
+    let mut not_listed: Option<std::time::Instant> = None;
     loop {
         let req = raftmap_proto::PromoteRequest {
             node_id: shared.id,
@@ -100,7 +122,7 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
         match AdminClient::new(ch.clone()).promote(req).await {
             Ok(_) => {
                 tracing::info!(node = shared.id, "promoted to voter");
-                return Ok(());
+                return Ok(true);
             }
             // NOT_FOUND: the leader's view of the membership may not show the learner yet.
             Err(s)
@@ -110,6 +132,15 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
                         tonic::Code::FailedPrecondition | tonic::Code::NotFound
                     ) =>
             {
+                if s.code() == tonic::Code::NotFound {
+                    let since = *not_listed.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() > NOT_LISTED {
+                        tracing::warn!(reason = %s.message(), "not a member any more before promotion; joining again");
+                        return Ok(false);
+                    }
+                } else {
+                    not_listed = None;
+                }
                 let wait = backoff.next();
                 tracing::info!(member = %addr, reason = %s.message(), retry_in = ?wait, "not promoted yet; retrying");
                 // A member that is gone: ask the next one.
@@ -121,6 +152,33 @@ pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool)
             Err(s) => return Err(s.into()),
         }
     }
+}
+
+/// How long a learner waiting for promotion may be told it is not a member before it asks to
+/// be added again.
+const NOT_LISTED: Duration = Duration::from_secs(10);
+
+/// What an ALREADY_EXISTS answer to this node's AddLearner says of its id.
+#[derive(Debug, PartialEq, Eq)]
+enum Taken {
+    /// A member: this node (a retry, or a member asking whether it still is one).
+    Member,
+    /// Removed and never to be used again.
+    Retired,
+}
+
+fn taken(s: &tonic::Status) -> Option<Taken> {
+    if s.code() != tonic::Code::AlreadyExists {
+        return None;
+    }
+    let reason = s
+        .metadata()
+        .get(crate::service::REASON_HEADER)
+        .and_then(|v| v.to_str().ok());
+    Some(match reason {
+        Some(crate::service::REASON_RETIRED) => Taken::Retired,
+        _ => Taken::Member,
+    })
 }
 
 /// A channel to every endpoint behind the `--join` addresses, resolved now: a DNS name (a
@@ -174,58 +232,46 @@ const ASK_AFTER: Duration = Duration::from_secs(10);
 /// Watches for this node's removal: a member that stops hearing from any leader may have been
 /// removed while it was away (an agent reaped after its host was drained). It asks the `--join`
 /// members by asking to join again: for a member that is a no-op, for a node whose join was
-/// lost it is the join, and for a removed node the answer is that its id is retired. Then a
-/// node with an automatic id forgets it (its data stays: the base its kernel maps are merged
-/// against) and stops, to join as a new node at its next start; a node with a fixed id stops
-/// with the reason. Returns only with that reason.
-pub(crate) async fn watch_removal(shared: &NodeShared, join: &str) -> NodeError {
+/// lost it is the join (and the promotion, unless `learner`), and for a removed node the answer
+/// is that its id is retired. Then a node with an automatic id forgets it (its data stays: the
+/// base its kernel maps are merged against) and stops, to join as a new node at its next
+/// start; a node with a fixed id stops with the reason. Returns only with that reason.
+pub(crate) async fn watch_removal(shared: &NodeShared, join: &str, learner: bool) -> NodeError {
     let addrs = match join_addresses(join) {
         Ok(a) => a,
         Err(e) => return e,
     };
     loop {
         tokio::time::sleep(ASK_AFTER / 5).await;
-        let (member, leads) = {
-            let m = shared.raft.metrics().borrow_watched().clone();
-            (
-                m.membership_config
-                    .membership()
-                    .get_node(&shared.id)
-                    .is_some(),
-                m.state.is_leader(),
-            )
-        };
-        if !member || leads || shared.heard.ago() < ASK_AFTER {
+        let leads = shared.raft.metrics().borrow_watched().state.is_leader();
+        if leads || shared.heard.ago() < ASK_AFTER {
             continue;
         }
-        let req = raftmap_proto::AddLearnerRequest {
-            node_id: shared.id,
-            raft_addr: shared.info.raft_addr.clone(),
-            api_addr: shared.info.api_addr.clone(),
-            cluster_id: shared.cluster_id(),
-        };
         let members = match channels(shared, &addrs).await {
             Ok(m) => m,
             Err(e) => return e,
         };
         for (ch, addr) in &members {
             let mut admin = AdminClient::new(ch.clone());
-            let answer = admin.add_learner(req.clone());
+            let answer = admin.add_learner(add_request(shared));
             match tokio::time::timeout(Duration::from_secs(5), answer).await {
                 Ok(Ok(_)) => {
                     tracing::warn!(via = %addr, "no leader was heard from and the cluster did not list this node: joined again");
+                    if let Err(e) = join_cluster(shared, join, learner).await {
+                        return e;
+                    }
                     break;
                 }
-                Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists && is_self(shared, &s) => {
-                    tracing::info!(via = %addr, silent = ?shared.heard.ago(), "no leader heard from, but the cluster lists this node");
-                    break;
-                }
-                Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => {
-                    return removed(shared, s.message());
-                }
-                Ok(Err(s)) => {
-                    tracing::debug!(via = %addr, reason = %s.message(), "asking whether this node is still a member")
-                }
+                Ok(Err(s)) => match taken(&s) {
+                    Some(Taken::Member) => {
+                        tracing::info!(via = %addr, silent = ?shared.heard.ago(), answer = %s.message(), "no leader heard from, but the cluster lists this node");
+                        break;
+                    }
+                    Some(Taken::Retired) => return removed(shared, s.message()),
+                    None => {
+                        tracing::debug!(via = %addr, reason = %s.message(), "asking whether this node is still a member")
+                    }
+                },
                 Err(_) => {
                     tracing::debug!(via = %addr, "asking whether this node is still a member: no answer")
                 }
@@ -255,11 +301,6 @@ fn retryable(s: &tonic::Status) -> bool {
         s.code(),
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
     )
-}
-
-fn is_self(shared: &NodeShared, s: &tonic::Status) -> bool {
-    // The leader names the member's addresses; a retry of our own earlier request matches.
-    s.message().contains(&shared.info.raft_addr) && s.message().contains("already a member")
 }
 
 #[cfg(test)]

@@ -389,6 +389,7 @@ impl RunningNode {
             unsafe_local_reads: cfg.unsafe_local_reads,
             security: security.clone(),
             heard: Default::default(),
+            ready_silence: crate::shared::ready_silence(Duration::from_millis(cfg.heartbeat_ms)),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -468,7 +469,7 @@ impl RunningNode {
                         .send_replace(Some(format!("joining the cluster through {join}: {e}")));
                     return;
                 }
-                let e = crate::join::watch_removal(&s, &join).await;
+                let e = crate::join::watch_removal(&s, &join, learner).await;
                 tracing::error!(error = %e, "stopping");
                 s.fatal.send_replace(Some(e.to_string()));
             }));

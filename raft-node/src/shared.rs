@@ -61,6 +61,8 @@ pub struct NodeShared {
     pub(crate) security: crate::tls::Security,
     /// When an append (a heartbeat, at least) from a leader last arrived.
     pub(crate) heard: Heard,
+    /// How long without one a node that does not lead stays ready.
+    pub(crate) ready_silence: Duration,
 }
 
 /// When something last happened, cheap to note from a hot path.
@@ -108,8 +110,10 @@ impl Heard {
 
 /// How long a node that does not lead may go without an append from the leader and still
 /// count as ready: its maps may be stale past that (a partition, or a removal it does not know
-/// of yet). Heartbeats come every 100 ms by default.
-const READY_SILENCE: Duration = Duration::from_secs(5);
+/// of yet). At least 5 s, and 10 heartbeats.
+pub(crate) fn ready_silence(heartbeat: Duration) -> Duration {
+    (heartbeat * 10).max(Duration::from_secs(5))
+}
 
 impl std::fmt::Debug for NodeShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -158,7 +162,7 @@ impl NodeShared {
                         "waiting for the leader's first append since this node started".into(),
                     )
                 }
-                Some(ago) if ago > READY_SILENCE => {
+                Some(ago) if ago > self.ready_silence => {
                     return Err(format!(
                         "no append from the leader for {:.1}s",
                         ago.as_secs_f64()
@@ -207,6 +211,9 @@ impl NodeShared {
     /// `wait` until another node leads (before a leader removes itself, so that it need not
     /// manage a change that takes it out, and before it stops). Returns the new leader.
     pub(crate) async fn hand_over_leadership(&self, wait: Duration) -> Result<NodeId> {
+        // Voters of the newest configuration only: mid-change, a voter of the old one may be
+        // on its way out.
+        let voters = newest_voters(&self.raft);
         let target = {
             let metrics = self.raft.metrics();
             let m = metrics.borrow_watched();
@@ -215,16 +222,9 @@ impl NodeShared {
                     .as_ref()
                     .and_then(|r| r.get(id).cloned().flatten())
             };
-            // Voters of the newest configuration only: mid-change, a voter of the old one may
-            // be on its way out.
             let retired = self.view.cluster().retired;
-            m.membership_config
-                .membership()
-                .get_joint_config()
-                .last()
+            voters
                 .into_iter()
-                .flatten()
-                .copied()
                 .filter(|id| *id != self.id && !retired.contains(id))
                 .max_by_key(matched)
         };
@@ -359,6 +359,19 @@ impl NodeShared {
             committed: self.raft.metrics().borrow_watched().local_committed,
         }
     }
+}
+
+/// The voters of the newest configuration (while a change is under way, the one it moves to):
+/// what the next membership change is computed from.
+pub(crate) fn newest_voters(raft: &Raft) -> std::collections::BTreeSet<NodeId> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.membership_config
+        .membership()
+        .get_joint_config()
+        .last()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Nodes of the current configuration: id -> (info, voter?).

@@ -104,7 +104,13 @@ pub fn check_member_addr(addr: &str) -> Result<()> {
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    if ip.parse::<std::net::IpAddr>().is_ok() {
+    if let Ok(ip) = ip.parse::<std::net::IpAddr>() {
+        if ip.is_unspecified() {
+            // Every node listening on all interfaces would share it, and no peer can dial it.
+            return Err(bad(
+                "an unspecified address is where a node listens, not where peers reach it: advertise one (--advertise-raft-addr, --advertise-api-addr)",
+            ));
+        }
         return Ok(());
     }
     let dns = !host.is_empty()
@@ -147,6 +153,8 @@ mod member_addr_tests {
             ("a..b:1", "neither"),
             ("-a.b:1", "neither"),
             ("a b:1", "neither"),
+            ("0.0.0.0:7400", "advertise"),
+            ("[::]:7400", "advertise"),
         ] {
             let e = check_member_addr(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

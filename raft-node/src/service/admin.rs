@@ -101,12 +101,9 @@ impl From<Change> for Status {
     }
 }
 
-/// Changes the membership (on the leader). A leader elected while a change was under way
-/// commits it with its first entry; the new change waits for that instead of failing.
-async fn change_membership(
-    s: &NodeShared,
-    change: ChangeMembers<NodeId, NodeInfo>,
-) -> Result<(), Change> {
+/// Waits (up to `SETTLE_WAIT`) until the last membership change has committed: a leader
+/// elected while a change was under way commits it with its first entry.
+async fn settle(s: &NodeShared) -> Result<(), Change> {
     let settled = s
         .raft
         .wait(Some(SETTLE_WAIT))
@@ -118,6 +115,16 @@ async fn change_membership(
     if let Err(openraft::metrics::WaitError::ShuttingDown) = settled {
         return Err(Status::unavailable("raft has shut down").into());
     }
+    Ok(())
+}
+
+/// Changes the membership (on the leader), once an inherited change has committed instead of
+/// failing because of it.
+async fn change_membership(
+    s: &NodeShared,
+    change: ChangeMembers<NodeId, NodeInfo>,
+) -> Result<(), Change> {
+    settle(s).await?;
     // Still unsettled: openraft refuses the change with the reason.
     match s.raft.change_membership(change, false).await {
         Ok(_) => Ok(()),
@@ -140,19 +147,29 @@ async fn retry_change(
 }
 
 /// The membership change that removes `r.node_id`, or why it is refused (checked before a
-/// leader removing itself hands leadership on, so a refusal changes nothing).
+/// leader removing itself hands leadership on, so a refusal changes nothing). Voters are
+/// counted in the newest configuration, the one a change is made from. `floor`: the fewest
+/// voters an automatic removal may leave.
 fn removal(
     s: &NodeShared,
     r: &pb::RemoveRequest,
+    floor: Option<usize>,
 ) -> Result<ChangeMembers<NodeId, NodeInfo>, Status> {
     let (nodes, _) = members(&s.raft);
-    let voters = nodes.values().filter(|(_, v)| *v).count();
+    let voters = crate::shared::newest_voters(&s.raft).len();
     let id = r.node_id;
     match nodes.get(&id) {
         None => Err(Status::not_found(format!("node {id} is not a member"))),
         Some((_, true)) if voters == 1 => Err(Status::failed_precondition(format!(
             "node {id} is the only voter; removing it would leave no cluster"
         ))),
+        Some((_, true)) if floor.is_some_and(|f| voters - 1 < f) => {
+            Err(Status::failed_precondition(format!(
+                "removing voter {id} would leave {} voters, fewer than the {} configured",
+                voters - 1,
+                floor.unwrap_or_default()
+            )))
+        }
         Some((_, true)) if voters - 1 < MIN_VOTERS && !r.force => {
             Err(Status::failed_precondition(format!(
                 "removing voter {id} would leave {} voters, and a cluster needs {MIN_VOTERS} to survive the loss of one; add a voter first, or remove it anyway with --force",
@@ -217,35 +234,61 @@ impl AdminService {
         r: &pb::RemoveRequest,
     ) -> Result<Response<pb::MembersResponse>, Change> {
         let s = &self.shared;
-        remove_checked(s, r).await?;
+        remove_checked(s, r, None).await?;
         tracing::info!(node = r.node_id, "removed node");
         Ok(Response::new(member_list(s)))
     }
 }
 
-/// Removes a member (on the leader, never itself) and retires its id.
-async fn remove_checked(s: &NodeShared, r: &pb::RemoveRequest) -> Result<(), Change> {
-    let change = removal(s, r)?;
-    change_membership(s, change).await?;
-    // Record the id as retired so it is never reused. Goes through the log like any write
-    // (forwarded if leadership moved in the meantime).
+/// Removes a member (on the leader, never itself) and retires its id, checked against the
+/// membership once an inherited change has committed.
+async fn remove_checked(
+    s: &NodeShared,
+    r: &pb::RemoveRequest,
+    floor: Option<usize>,
+) -> Result<(), Change> {
+    settle(s).await?;
+    let change = removal(s, r, floor)?;
+    // The id is retired first, so that no node can join under it again (add_learner refuses
+    // retired ids) in the moment between its removal and its retirement, or for ever if this
+    // node loses leadership between the two. Goes through the log like any write.
     s.proposer
         .propose(Proposal {
             batches: vec![],
             admin: vec![AdminOp::RetireNode { node_id: r.node_id }],
         })
         .await?;
-    Ok(())
+    change_membership(s, change).await
 }
 
 /// Removes member `node_id` and retires its id, on this node, the leader: the automatic
-/// removals of `autopilot.rs`, which decide themselves how many voters must stay.
-pub(crate) async fn remove_member(s: &NodeShared, node_id: NodeId) -> Result<(), Status> {
+/// removals of `autopilot.rs`, which leave at least `floor` voters.
+pub(crate) async fn remove_member(
+    s: &NodeShared,
+    node_id: NodeId,
+    floor: Option<usize>,
+) -> Result<(), Status> {
     let r = pb::RemoveRequest {
         node_id,
         force: true,
     };
-    remove_checked(s, &r).await.map_err(Status::from)
+    remove_checked(s, &r, floor).await.map_err(Status::from)
+}
+
+/// The `raftmap-reason` metadata of an ALREADY_EXISTS answer to AddLearner: `member` (the id
+/// is a member) or `retired` (it was removed and is never used again), for a joining node to
+/// act on without reading the message.
+pub(crate) const REASON_HEADER: &str = "raftmap-reason";
+pub(crate) const REASON_MEMBER: &str = "member";
+pub(crate) const REASON_RETIRED: &str = "retired";
+
+fn already_exists(message: String, reason: &'static str) -> Status {
+    let mut status = Status::already_exists(message);
+    status.metadata_mut().insert(
+        REASON_HEADER,
+        tonic::metadata::MetadataValue::from_static(reason),
+    );
+    status
 }
 
 #[tonic::async_trait]
@@ -359,17 +402,24 @@ impl pb::admin_server::Admin for AdminService {
             )));
         }
         let (nodes, _) = members(&s.raft);
-        if let Some((n, _)) = nodes.get(&r.node_id) {
-            return Err(Status::already_exists(format!(
-                "node id {} is already a member ({n}); node ids are never reused",
-                r.node_id
-            )));
-        }
+        // Retired first: an id on its way out is both for a moment.
         if s.view.cluster().retired.contains(&r.node_id) {
-            return Err(Status::already_exists(format!(
-                "node id {} was removed from this cluster and cannot be reused; pick a new id",
-                r.node_id
-            )));
+            return Err(already_exists(
+                format!(
+                    "node id {} was removed from this cluster and cannot be reused; pick a new id",
+                    r.node_id
+                ),
+                REASON_RETIRED,
+            ));
+        }
+        if let Some((n, _)) = nodes.get(&r.node_id) {
+            return Err(already_exists(
+                format!(
+                    "node id {} is already a member ({n}); node ids are never reused",
+                    r.node_id
+                ),
+                REASON_MEMBER,
+            ));
         }
         let info = NodeInfo {
             raft_addr: r.raft_addr,
@@ -474,7 +524,7 @@ impl pb::admin_server::Admin for AdminService {
             // own change would manage a configuration it is no longer part of.
             let removing_self = req.get_ref().node_id == s.id;
             if removing_self && s.raft.metrics().borrow_watched().state.is_leader() {
-                removal(s, req.get_ref())?;
+                removal(s, req.get_ref(), None)?;
                 let to = s.hand_over_leadership(HANDOVER_WAIT).await?;
                 tracing::info!(to, "handed leadership on before removing this node");
             }

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Response, Status};
 
-pub(crate) use admin::{remove_member, AdminService};
+pub(crate) use admin::{remove_member, AdminService, REASON_HEADER, REASON_RETIRED};
 pub(crate) use authz::{
     check_self, AuthzLayer, Granted, Port, CLUSTER_HEADER, FORWARDED_FOR_HEADER, FROM_HEADER,
     TO_HEADER,
