@@ -11,7 +11,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use openraft::async_runtime::WatchReceiver;
 use raftmap_proto::admin_client::AdminClient;
 use raftmap_storage::{AdminOp, NodeId, NodeInfo, Proposal};
 
@@ -76,15 +75,7 @@ pub(crate) async fn bootstrap_expect(shared: &NodeShared, join: &str, n: usize) 
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
         {
-            let listed = shared
-                .raft
-                .metrics()
-                .borrow_watched()
-                .membership_config
-                .membership()
-                .get_node(&shared.id)
-                .is_some();
-            if listed {
+            if shared.is_member() {
                 tracing::info!("part of a cluster; bootstrap done");
                 return Ok(());
             }

@@ -131,6 +131,17 @@ impl NodeShared {
         self.readiness().is_ok()
     }
 
+    /// Whether this node's own view of the membership lists it.
+    pub(crate) fn is_member(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_some()
+    }
+
     /// [`Self::ready`], or why not.
     pub fn readiness(&self) -> std::result::Result<(), String> {
         if let Some(reason) = self.fatal.borrow().clone() {

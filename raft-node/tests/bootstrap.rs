@@ -83,34 +83,8 @@ async fn converged(c: &LocalCluster, slots: &[u64], want: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn voters_found_one_cluster_agents_enroll_and_a_wiped_voter_rejoins_as_a_new_node() {
     let mut c = LocalCluster::new(opts()).unwrap();
-    let (ca, enroll) = {
-        let pki = c.pki().unwrap();
-        (pki.ca_dir(), pki.enroll_dir().unwrap())
-    };
-    let join = (1..=3)
-        .map(|s| c.place(s).unwrap().api_addr.clone())
-        .collect::<Vec<_>>()
-        .join(",");
-    let voter_args = |slot: u64| -> Vec<String> {
-        [
-            "--bootstrap-expect",
-            "3",
-            "--join",
-            &join,
-            "--ca-dir",
-            ca.to_str().unwrap(),
-            "--node-name",
-            &format!("host-{slot}"),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    for slot in 1..=3 {
-        c.spawn_auto(slot, voter_args(slot)).unwrap();
-    }
-    for slot in 1..=3 {
-        c.wait_ready(slot, T).await.unwrap();
-    }
+    let enroll = c.pki().unwrap().enroll_dir().unwrap();
+    let join = three_voters(&mut c, &[]).await;
 
     // One cluster, named after the CA, of three voters with ids they drew and certificates
     // they issued themselves for exactly those ids.
@@ -255,8 +229,8 @@ async fn voters_found_one_cluster_agents_enroll_and_a_wiped_voter_rejoins_as_a_n
     converged(&c, &[1, 2, 3, 4], 21).await;
 }
 
-/// Starts three voters founding a cluster by themselves (with `extra` arguments) and waits
-/// until they are ready; returns the `--join` list.
+/// Starts three voters (on hosts `host-1` to `host-3`) founding a cluster by themselves, with
+/// `extra` arguments, and waits until they are ready; returns the `--join` list.
 async fn three_voters(c: &mut LocalCluster, extra: &[&str]) -> String {
     let ca = c.pki().unwrap().ca_dir();
     let join = (1..=3)
@@ -271,6 +245,8 @@ async fn three_voters(c: &mut LocalCluster, extra: &[&str]) -> String {
             &join,
             "--ca-dir",
             ca.to_str().unwrap(),
+            "--node-name",
+            &format!("host-{slot}"),
         ]
         .map(String::from)
         .to_vec();

@@ -6,6 +6,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod pods;
+
+use pods::run;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -58,14 +62,16 @@ fn tools() -> Option<(PathBuf, PathBuf, PathBuf)> {
     None
 }
 
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+/// checkov's verdict on `file` for `framework`: passed with no failed check, and its report.
+fn checkov(checkov: &Path, framework: &str, file: &Path) -> (bool, String) {
+    let (ok, text) = run(Command::new(checkov)
+        .args(["--framework", framework])
+        .args(["--compact", "--quiet", "--skip-download", "-f"])
+        .arg(file));
+    (
+        ok && text.contains("Failed checks: 0") && text.contains("Passed checks"),
+        text,
+    )
 }
 
 fn overlays() -> Vec<PathBuf> {
@@ -95,7 +101,7 @@ fn validate(validator: &Path, file: &Path) -> (bool, String) {
 
 #[test]
 fn every_overlay_renders_validates_against_kubernetes_1_30_and_passes_checkov() {
-    let Some((kubectl, validator, checkov)) = tools() else {
+    let Some((kubectl, validator, checkov_bin)) = tools() else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -118,46 +124,22 @@ fn every_overlay_renders_validates_against_kubernetes_1_30_and_passes_checkov() 
             ok,
             "{name} does not validate against Kubernetes {OLDEST_KUBERNETES}:\n{text}"
         );
-        let (ok, text) = run(Command::new(&checkov)
-            .args([
-                "--framework",
-                "kubernetes",
-                "--compact",
-                "--quiet",
-                "--skip-download",
-                "-f",
-            ])
-            .arg(&file));
-        assert!(
-            ok && text.contains("Failed checks: 0"),
-            "checkov on {name}:\n{text}"
-        );
+        let (ok, text) = checkov(&checkov_bin, "kubernetes", &file);
+        assert!(ok, "checkov on {name}:\n{text}");
     }
 }
 
 #[test]
 fn the_containerfile_passes_checkov() {
-    let Some((_, _, checkov)) = tools() else {
+    let Some((_, _, checkov_bin)) = tools() else {
         return;
     };
     // checkov knows the file by Docker's name.
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("Dockerfile");
     std::fs::copy(deploy_dir().join("image/Containerfile"), &file).unwrap();
-    let (ok, text) = run(Command::new(&checkov)
-        .args([
-            "--framework",
-            "dockerfile",
-            "--compact",
-            "--quiet",
-            "--skip-download",
-            "-f",
-        ])
-        .arg(&file));
-    assert!(
-        ok && text.contains("Failed checks: 0") && text.contains("Passed checks"),
-        "checkov on deploy/image/Containerfile:\n{text}"
-    );
+    let (ok, text) = checkov(&checkov_bin, "dockerfile", &file);
+    assert!(ok, "checkov on deploy/image/Containerfile:\n{text}");
 }
 
 #[test]

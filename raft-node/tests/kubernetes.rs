@@ -244,15 +244,13 @@ impl Cluster {
             let probe = probe.as_ref().unwrap_or_else(|| panic!("no {what} probe"));
             let (addr, path) = pod.probe_target(c, probe);
             let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1));
-            wait_until(
-                &format!("{} {what} probe {path}", pod.name),
-                T,
-                || match pods::http_get(addr, &path, timeout) {
+            wait_until(&format!("{} {what} probe {path}", pod.name), T, || {
+                match raftmap_node::launcher::http_get_within(addr, &path, timeout) {
                     Ok((200, body)) => (true, body),
                     Ok((code, body)) => (false, format!("{code} {body}")),
                     Err(e) => (false, e.to_string()),
-                },
-            );
+                }
+            });
         }
         started.elapsed()
     }
@@ -260,7 +258,8 @@ impl Cluster {
     fn probe(&self, pod: &Pod, spec: &PodSpec) -> (u16, String) {
         let c = &spec.containers[0];
         let (addr, path) = pod.probe_target(c, c.readiness_probe.as_ref().unwrap());
-        pods::http_get(addr, &path, Duration::from_secs(2)).unwrap_or((0, String::new()))
+        raftmap_node::launcher::http_get_within(addr, &path, Duration::from_secs(2))
+            .unwrap_or((0, String::new()))
     }
 
     fn voter_endpoints(&self) -> Vec<String> {

@@ -470,4 +470,4 @@ impl Drop for Launcher {
     }
 }
 
-pub use observe::{http_get, scrape_counter};
+pub use observe::{http_get, http_get_within, scrape_counter};

@@ -151,7 +151,23 @@ impl Launcher {
 /// A plain HTTP GET of `path` at `addr` (a node's metrics address): the status code and the
 /// body.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr)?;
+    get(std::net::TcpStream::connect(addr)?, addr, path)
+}
+
+/// [`http_get`] within `timeout` for connecting, and again for each read and write (as a
+/// Kubernetes probe is made).
+pub fn http_get_within(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, String)> {
+    let s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    get(s, &addr.to_string(), path)
+}
+
+fn get(mut s: std::net::TcpStream, addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;

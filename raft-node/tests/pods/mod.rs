@@ -8,8 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -325,26 +324,6 @@ pub fn expand(s: &str, env: &[(String, String)]) -> String {
     out
 }
 
-/// An HTTP GET with timeouts, as a probe makes it: the status code and body.
-pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((code, body))
-}
-
 /// Podman, as the test drives it: every container it starts carries a label naming this test
 /// run, and all of them are removed when it is dropped (and by the next run, if this one was
 /// killed before it could).
@@ -366,7 +345,8 @@ fn podman() -> Command {
     c
 }
 
-fn run(cmd: &mut Command) -> (bool, String) {
+/// Runs a command: whether it succeeded, and what it printed (stdout, then stderr).
+pub fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let text = format!(
         "{}{}",
