@@ -102,6 +102,39 @@ fn chown(path: &Path, uid: u32, gid: u32, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// Where each run keeps its volumes, node directories and certificates (`/var/tmp`, not a
+/// tmpfs: the data dirs are RocksDB databases).
+const STATE_PREFIX: &str = "raftmap-k8s-";
+
+/// Removes what runs that were killed left behind: their bpffs mounts and directories.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir("/var/tmp") else {
+        return;
+    };
+    for dir in entries.filter_map(|e| Some(e.ok()?.path())) {
+        let ours = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(STATE_PREFIX));
+        let owner = std::fs::read_to_string(dir.join("owner")).unwrap_or_default();
+        // No owner yet: a run that is starting.
+        if !ours || owner.is_empty() || pods::alive(&owner) {
+            continue;
+        }
+        for node in std::fs::read_dir(dir.join("nodes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(node.path().join("bpffs"))
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// A bpffs of its own for one Kubernetes node, unmounted when dropped.
 struct Bpffs(PathBuf);
 
@@ -380,11 +413,13 @@ fn the_rendered_manifests_run_as_containers_bootstrap_sync_kernel_maps_and_survi
     }
     let mut figures = Figures::default();
     let mut note = |what: &str, value: String| figures.note(what, value);
+    sweep_stale_dirs();
     let tmp = tempfile::Builder::new()
-        .prefix("raftmap-k8s-")
+        .prefix(STATE_PREFIX)
         .tempdir_in("/var/tmp")
         .unwrap();
     let dir = tmp.path().to_path_buf();
+    std::fs::write(dir.join("owner"), pods::owner(std::process::id()).unwrap()).unwrap();
     let bin = env!("CARGO_BIN_EXE_raftmap");
 
     // The image, from this build's binary, as deploy/image/build.sh makes it.

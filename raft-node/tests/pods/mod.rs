@@ -357,10 +357,19 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
 }
 
 /// A process's identity that survives pid reuse (pid and start time).
-fn owner(pid: u32) -> Option<String> {
+pub fn owner(pid: u32) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let start = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?;
     Some(format!("{pid}-{start}"))
+}
+
+/// Whether the process `who` (as [`owner`] wrote it) still runs.
+pub fn alive(who: &str) -> bool {
+    who.split('-')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .and_then(owner)
+        .is_some_and(|now| now == who.trim())
 }
 
 impl Podman {
@@ -388,13 +397,7 @@ impl Podman {
             let Some((name, who)) = line.split_once(' ') else {
                 continue;
             };
-            let alive = who
-                .split('-')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .and_then(owner)
-                .is_some_and(|now| now == who);
-            if !alive {
+            if !alive(who) {
                 let _ = run(podman().args(["rm", "-f", "-t", "0", name]));
             }
         }
