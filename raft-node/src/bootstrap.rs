@@ -75,7 +75,7 @@ pub(crate) async fn bootstrap_expect(shared: &NodeShared, join: &str, n: usize) 
             .await
             .map_err(|e| NodeError::Internal(e.to_string()))?
         {
-            if shared.is_member() {
+            if shared.is_member().await? {
                 tracing::info!("part of a cluster; bootstrap done");
                 return Ok(());
             }

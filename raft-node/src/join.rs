@@ -40,7 +40,7 @@ pub(crate) fn join_addresses(join: &str) -> Result<Vec<String>> {
 /// to be promoted once caught up. A restarted member skips all of it; a retry of a join that
 /// already happened counts as done.
 pub(crate) async fn join_cluster(shared: &NodeShared, join: &str, learner: bool) -> Result<()> {
-    if shared.is_member() {
+    if shared.is_member().await? {
         tracing::info!("already a member; not joining again");
         return Ok(());
     }

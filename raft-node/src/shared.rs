@@ -131,15 +131,20 @@ impl NodeShared {
         self.readiness().is_ok()
     }
 
-    /// Whether this node's own view of the membership lists it.
-    pub(crate) fn is_member(&self) -> bool {
+    /// Whether this node's own view of the membership lists it. Asked of the Raft core, not
+    /// read from its metrics, which a node that has just started may not have published yet.
+    pub(crate) async fn is_member(&self) -> Result<bool> {
+        let id = self.id;
         self.raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .get_node(&self.id)
-            .is_some()
+            .with_raft_state(move |st| {
+                st.membership_state
+                    .effective()
+                    .membership()
+                    .get_node(&id)
+                    .is_some()
+            })
+            .await
+            .map_err(|e| NodeError::Internal(format!("raft: {e}")))
     }
 
     /// [`Self::ready`], or why not.

@@ -783,12 +783,13 @@ fn the_rendered_manifests_run_as_containers_bootstrap_sync_kernel_maps_and_survi
         c.podman.restarts(&container) >= 1,
         "the runtime restarted it after it stopped"
     );
+    let logs = c.podman.logs(&container);
     assert!(
-        c.podman
-            .logs(&container)
-            .contains("was removed from the cluster while it was away"),
-        "{}",
-        c.podman.logs(&container)
+        logs.contains(&format!(
+            "node id {} was removed from this cluster and cannot be reused",
+            agent_ids[1]
+        )),
+        "{logs}"
     );
     note(
         "removed agent back: start to ready as a new node",
