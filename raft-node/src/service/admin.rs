@@ -127,7 +127,19 @@ async fn change_membership(
     settle(s).await?;
     // Still unsettled: openraft refuses the change with the reason.
     match s.raft.change_membership(change, false).await {
-        Ok(_) => Ok(()),
+        Ok(done) => {
+            // The answer lists the members from the metrics, which the Raft core publishes a
+            // moment after it answers: wait for them to show the change.
+            let _ = s
+                .raft
+                .wait(Some(SETTLE_WAIT))
+                .metrics(
+                    |m| m.membership_config.log_id().as_ref() >= Some(&done.log_id),
+                    "the metrics show the new membership",
+                )
+                .await;
+            Ok(())
+        }
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Change::NotLeader),
         Err(e) => Err(membership_error(e).into()),
     }
