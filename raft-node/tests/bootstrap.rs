@@ -116,17 +116,7 @@ async fn voters_found_one_cluster_agents_enroll_and_a_wiped_voter_rejoins_as_a_n
     }
 
     // An agent with an automatic id enrolls through the voters and joins as a learner.
-    let agent_args = [
-        "--join",
-        &join,
-        "--learner",
-        "--enroll-dir",
-        enroll.to_str().unwrap(),
-        "--node-name",
-        "worker-a",
-    ]
-    .map(String::from)
-    .to_vec();
+    let agent_args = agent(&join, &enroll, &["--node-name", "worker-a"]);
     c.spawn_auto(4, agent_args).unwrap();
     c.wait_ready(4, T).await.unwrap();
     let agent = status(&c, 4).await;
@@ -259,6 +249,16 @@ async fn three_voters(c: &mut LocalCluster, extra: &[&str]) -> String {
     join
 }
 
+/// The arguments of an agent that enrolls with `enroll` and joins `join` as a learner.
+fn agent(join: &str, enroll: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--join", join, "--learner", "--enroll-dir"]
+        .map(String::from)
+        .to_vec();
+    args.push(enroll.display().to_string());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
 /// Waits until `slot`'s process has exited; returns its log.
 fn exited(c: &mut LocalCluster, slot: u64) -> String {
     let deadline = Instant::now() + T;
@@ -274,15 +274,7 @@ async fn a_learner_gone_longer_than_the_limit_is_removed_and_comes_back_as_a_new
     let mut c = LocalCluster::new(opts()).unwrap();
     let join = three_voters(&mut c, &["--reap-learners-after", "2s"]).await;
     let enroll = c.pki().unwrap().enroll_dir().unwrap();
-    let agent_args = [
-        "--join",
-        &join,
-        "--learner",
-        "--enroll-dir",
-        enroll.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let agent_args = agent(&join, &enroll, &[]);
     c.spawn_auto(4, agent_args).unwrap();
     c.wait_ready(4, T).await.unwrap();
     let first = status(&c, 4).await.node_id;

@@ -4,17 +4,20 @@
 //! read-only root filesystem, mounts and grace period; each pod (`pod.rs`) has its network
 //! namespace of the test network (hostNetwork pods share their node's); Service names resolve
 //! through `--add-host`; probes are the manifests' httpGet probes, run from the test against
-//! the pod's address.
+//! the pod's address. `host.rs` stands in for the nodes: a bpffs each, the kubelet's
+//! directories.
 
 // Shared by two test crates, each of which uses a part.
 #![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
 
+mod host;
 mod manifest;
 mod pod;
 mod podman;
 
 use std::time::{Duration, Instant};
 
+pub use host::{chown, sh, sweep_stale_dirs, Bpffs, STATE_PREFIX};
 pub use manifest::*;
 pub use pod::Pod;
 pub use podman::{alive, owner, run, Podman};
