@@ -331,6 +331,19 @@ impl KernelMap {
             .map_err(|e| (count as usize, self.syscall_err("BPF_MAP_UPDATE_BATCH")(e)))
     }
 
+    /// Deletes many keys with one BPF_MAP_DELETE_BATCH call. On error (a missing key is one),
+    /// the keys before the returned count were deleted.
+    pub fn delete_batch(&self, keys: &[&[u8]]) -> std::result::Result<(), (usize, HookError)> {
+        let mut packed = Vec::with_capacity(keys.len() * self.layout.key_size as usize);
+        for k in keys {
+            self.check_key(k).map_err(|e| (0, e))?;
+            packed.extend_from_slice(k);
+        }
+        let mut count = keys.len() as u32;
+        sys::delete_batch(self.data.fd().as_fd(), &packed, &mut count)
+            .map_err(|e| (count as usize, self.syscall_err("BPF_MAP_DELETE_BATCH")(e)))
+    }
+
     /// Deletes `key`; `Ok(false)` when it was not there.
     pub fn delete(&self, key: &[u8]) -> Result<bool> {
         self.check_key(key)?;

@@ -4,7 +4,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 
 use aya::programs::Xdp;
-use aya::{include_bytes_aligned, Ebpf};
+use aya::{include_bytes_aligned, Ebpf, EbpfLoader};
 
 use crate::{sys, HookError, Result};
 
@@ -33,9 +33,18 @@ fn load_err(e: impl std::fmt::Display) -> HookError {
 }
 
 impl Conntrack {
-    /// Loads the program and pins its map at `pin`.
+    /// Loads the program and pins its map (65536 entries) at `pin`.
     pub fn load(pin: &Path) -> Result<Self> {
-        let mut ebpf = Ebpf::load(CONNTRACK).map_err(load_err)?;
+        Self::load_sized(pin, 65536)
+    }
+
+    /// Loads the program with a map of `max_entries` (a small one fills up: LRU evictions),
+    /// pinned at `pin`.
+    pub fn load_sized(pin: &Path, max_entries: u32) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("ct", max_entries)
+            .load(CONNTRACK)
+            .map_err(load_err)?;
         let prog: &mut Xdp = ebpf
             .program_mut("ct_track")
             .ok_or_else(|| load_err("program ct_track missing from conntrack.bpf.o"))?

@@ -254,6 +254,22 @@ pub(crate) fn lookup_batch(
     }
 }
 
+/// BPF_MAP_DELETE_BATCH: deletes `*count` keys from `keys` (packed, the map's key size); on
+/// return `*count` is the number deleted (it stops at the first missing key, ENOENT).
+pub(crate) fn delete_batch(fd: BorrowedFd<'_>, keys: &[u8], count: &mut u32) -> io::Result<()> {
+    let mut attr = zeroed();
+    // SAFETY (field access): BPF_MAP_DELETE_BATCH reads this union variant; the buffer holds
+    // `*count` packed keys of the map's key size and outlives the call.
+    let b = unsafe { &mut attr.batch };
+    b.map_fd = fd.as_raw_fd() as u32;
+    b.keys = keys.as_ptr() as u64;
+    b.count = *count;
+    let res = sys_bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr);
+    // SAFETY: the kernel wrote back `count` in the same variant.
+    *count = unsafe { attr.batch.count };
+    res.map(drop)
+}
+
 /// BPF_MAP_UPDATE_BATCH: writes `*count` entries from `keys` and `values` (packed, the map's
 /// sizes); on return `*count` is the number written.
 pub(crate) fn update_batch(
