@@ -71,6 +71,15 @@ pub(crate) struct AgentArgs {
     /// How often watched kernel maps are scanned for changes.
     #[arg(long)]
     pub(crate) scan_interval_ms: Option<u64>,
+    /// Capture backend: auto (fexit where the kernel allows it, else bpf(2) tracepoints),
+    /// or fexit, syscall or scan alone; one named that the kernel refuses stops the start.
+    #[arg(long, value_enum)]
+    pub(crate) capture_backend: Option<raftmap_node::CaptureBackend>,
+    /// Test-only: never diff watched maps (they are still found, adopted and reconciled), so
+    /// that the event backend alone captures changes. Production keeps the scan: it is how
+    /// in-place writes and lost events are caught.
+    #[arg(long, hide = true)]
+    pub(crate) no_periodic_scan: bool,
     /// Most watch streams served at once (default 256); more are refused with
     /// RESOURCE_EXHAUSTED.
     #[arg(long)]
@@ -195,6 +204,13 @@ pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
     }
     if let Some(v) = a.scan_interval_ms {
         cfg.scan_interval_ms = v;
+    }
+    if let Some(b) = a.capture_backend {
+        cfg.capture_backend = b;
+    }
+    if a.no_periodic_scan {
+        tracing::warn!("--no-periodic-scan: watched maps are not diffed; changes the capture backend misses are not repaired (tests only)");
+        cfg.periodic_scan = false;
     }
     if let Some(v) = a.max_watchers {
         cfg.max_watchers = v;

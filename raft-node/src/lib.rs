@@ -41,7 +41,7 @@ pub use autopilot::Silence;
 pub use client::{put, Client};
 pub use error::{NodeError, Result};
 pub use identity::NodeIdSetting;
-pub use kernel::WatchSpec;
+pub use kernel::{CaptureBackend, WatchSpec};
 pub use network::endpoint;
 pub use node::{NodeConfig, RunningNode};
 pub use propose::BatchConfig;

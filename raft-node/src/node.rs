@@ -20,7 +20,7 @@ use crate::autopilot::Silence;
 use crate::error::{NodeError, Result};
 use crate::identity::{self, NodeIdSetting};
 use crate::join::join_cluster;
-use crate::kernel::{KernelSync, WatchSpec};
+use crate::kernel::{CaptureBackend, CaptureSettings, KernelSync, WatchSpec};
 use crate::metrics::Metrics;
 use crate::network::{Network, MAX_PEER_MESSAGE};
 use crate::pool::{ClusterId, PeerPool};
@@ -70,6 +70,13 @@ pub struct NodeConfig {
     pub watch: Vec<WatchSpec>,
     /// How often each watched kernel map is scanned for changes.
     pub scan_interval_ms: u64,
+    /// Which capture backend to use (`auto`: the best the kernel allows).
+    pub capture_backend: CaptureBackend,
+    /// Whether watched maps are diffed every `scan_interval_ms` (always in production; off only
+    /// in tests that prove the fexit backend captures every change by itself; a config file
+    /// cannot turn it off).
+    #[serde(skip)]
+    pub periodic_scan: bool,
     /// Most watch streams this node serves at once; more are refused with RESOURCE_EXHAUSTED.
     pub max_watchers: usize,
     /// Largest snapshot this node accepts from a leader (bytes).
@@ -123,6 +130,8 @@ impl Default for NodeConfig {
             election_timeout_ms: 500,
             watch: Vec::new(),
             scan_interval_ms: 100,
+            periodic_scan: true,
+            capture_backend: CaptureBackend::Auto,
             max_watchers: 256,
             max_snapshot_bytes: 4 << 30,
             min_free_disk_bytes: raftmap_storage::DEFAULT_MIN_FREE_BYTES,
@@ -357,8 +366,12 @@ impl RunningNode {
         kernel.start(
             view.clone(),
             batcher.clone(),
-            Duration::from_millis(cfg.scan_interval_ms.max(1)),
-        );
+            CaptureSettings {
+                backend: cfg.capture_backend,
+                interval: Duration::from_millis(cfg.scan_interval_ms.max(1)),
+                periodic_scan: cfg.periodic_scan,
+            },
+        )?;
         let (fatal_tx, fatal) = watch::channel(None);
         let shared = Arc::new(NodeShared {
             fatal: fatal_tx,

@@ -10,9 +10,10 @@ use raftmap_ebpf_hooks::{Backend, Capture, CaptureEvent, EchoFilter, KernelChang
 use raftmap_storage::StateView;
 use tokio::sync::mpsc;
 
-use super::metrics::backend_label;
+use super::metrics::{backend_label, eviction_label};
 use super::state::{MapState, Writes};
-use super::KernelSync;
+use super::{CaptureBackend, CaptureSettings, KernelSync};
+use crate::error::{NodeError, Result};
 use crate::lock::lock;
 use crate::propose::Batcher;
 
@@ -23,14 +24,29 @@ pub(super) enum CaptureCmd {
 }
 
 impl KernelSync {
-    /// Starts the best event-driven backend that loads (the scan captures alone otherwise).
+    /// Starts the event-driven backend `settings` ask for: the best one that loads, by
+    /// default (the scan captures alone when none does). One asked for by name must load.
     pub(super) fn start_capture(
         self: &Arc<Self>,
         view: &StateView,
         batcher: &Batcher,
-        interval: Duration,
-    ) {
-        match Capture::best() {
+        settings: &CaptureSettings,
+    ) -> Result<()> {
+        let interval = settings.interval;
+        let loaded = match settings.backend {
+            CaptureBackend::Auto => Capture::best(),
+            CaptureBackend::Fexit => Ok(Capture::fexit().map_err(|e| required("fexit", &e))?),
+            CaptureBackend::Syscall => Ok(Capture::syscall().map_err(|e| required("syscall", &e))?),
+            CaptureBackend::Scan => {
+                tracing::info!(
+                    backend = "scan",
+                    "capturing by scanning every {interval:?} (--capture-backend scan)"
+                );
+                self.set_backend(Backend::Scan);
+                return Ok(());
+            }
+        };
+        match loaded {
             Ok(capture) => {
                 match capture.backend() {
                     Backend::Fexit => tracing::info!(
@@ -39,7 +55,7 @@ impl KernelSync {
                     ),
                     b => tracing::info!(
                         backend = %b,
-                        "fexit is not available; capturing bpf(2) syscalls as they happen, and BPF programs' own writes by scanning every {interval:?}"
+                        "capturing bpf(2) syscalls as they happen, and BPF programs' own writes by scanning every {interval:?}"
                     ),
                 }
                 self.set_backend(capture.backend());
@@ -58,6 +74,7 @@ impl KernelSync {
                 self.set_backend(Backend::Scan);
             }
         }
+        Ok(())
     }
 
     /// Routes a (re)opened map's events to it.
@@ -147,6 +164,12 @@ impl KernelSync {
             }
             for ev in sorted.accepted {
                 if let Some(name) = ids.get(&ev.map_id) {
+                    if ev.evicted {
+                        self.metrics
+                            .evictions
+                            .get_or_create(&eviction_label(name, false))
+                            .inc();
+                    }
                     by_map.entry(name.clone()).or_default().push(KernelChange {
                         key: ev.key,
                         value: ev.value,
@@ -164,8 +187,12 @@ impl KernelSync {
         // (Taken after releasing the id and echo locks: the apply path takes a map's state
         // lock before the echo lock.)
         for (name, key) in applier_evicted {
+            self.metrics
+                .evictions
+                .get_or_create(&eviction_label(&name, true))
+                .inc();
             if let Some(w) = self.maps.get(&name) {
-                lock(&w.state).shadow.remove(key.as_slice());
+                lock(&w.state).evicted_by_applier(key);
             }
         }
         for (name, changes) in by_map {
@@ -201,6 +228,14 @@ impl KernelSync {
             .inc_by(changes.len() as u64);
         self.writer(kmap.as_ref()).write(st, &Writes::of(&changes));
     }
+}
+
+/// The error of a capture backend asked for by name that does not load.
+fn required(backend: &str, e: &raftmap_ebpf_hooks::HookError) -> NodeError {
+    NodeError::FailedPrecondition(format!(
+        "--capture-backend {backend}: the kernel refused it ({}); use --capture-backend auto to fall back",
+        super::spec::error_chain(e)
+    ))
 }
 
 /// Captured local writes that the applier overwrote before their events arrived: the applier

@@ -24,6 +24,12 @@ pub struct KernelMetrics {
     pub entries: Family<Labels, Gauge>,
     pub ring_drops: Family<Labels, Counter>,
     pub echoes: Family<Labels, Counter>,
+    /// LRU evictions seen by the fexit backend, by cause: `applier` (kept local) or `other`
+    /// (replicated as deletes).
+    pub evictions: Family<Labels, Counter>,
+    /// Committed entries this node's kernel no longer held, deleted to make room in a full
+    /// LRU map for this node's new entries.
+    pub room_deletes: Family<Labels, Counter>,
     /// 1 for the capture backend in use.
     pub backend: Family<Labels, Gauge>,
 }
@@ -33,6 +39,17 @@ pub(super) fn label(map: &str, backend: Backend) -> Labels {
     vec![
         ("map".into(), map.into()),
         ("backend".into(), backend.to_string()),
+    ]
+}
+
+/// The labels of an eviction counter: its map and whether the applier caused it.
+pub(super) fn eviction_label(map: &str, by_applier: bool) -> Labels {
+    vec![
+        ("map".into(), map.into()),
+        (
+            "cause".into(),
+            if by_applier { "applier" } else { "other" }.into(),
+        ),
     ]
 }
 
@@ -98,6 +115,16 @@ impl KernelMetrics {
             "kernel_capture_backend",
             "1 for the capture backend in use (scan, syscall or fexit)",
             self.backend.clone(),
+        );
+        registry.register(
+            "kernel_evictions",
+            "LRU evictions from watched maps (fexit backend), by cause: those the applier's writes caused stay local, the others replicate as deletes",
+            self.evictions.clone(),
+        );
+        registry.register(
+            "kernel_room_deletes",
+            "Committed entries of a full LRU map that this node's kernel had evicted, deleted with this node's new entries to make room for them",
+            self.room_deletes.clone(),
         );
         registry.register(
             "kernel_echoes",

@@ -104,6 +104,31 @@ pub struct KernelSync {
     pub metrics: Arc<KernelMetrics>,
 }
 
+/// Which capture backend to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureBackend {
+    /// fexit where the kernel allows it, else the bpf(2) tracepoints, else the scan alone.
+    #[default]
+    Auto,
+    /// fexit only: the node does not start where the kernel refuses it.
+    Fexit,
+    /// The bpf(2) tracepoints only (BPF programs' writes are left to the scan).
+    Syscall,
+    /// The scan alone.
+    Scan,
+}
+
+/// How a node captures changes to its watched maps.
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureSettings {
+    pub backend: CaptureBackend,
+    /// How often each map is scanned.
+    pub interval: std::time::Duration,
+    /// Off only in tests: maps are found and reconciled but never diffed.
+    pub periodic_scan: bool,
+}
+
 impl KernelSync {
     pub fn new(me: NodeId, specs: &[WatchSpec], data_dir: &Path) -> Result<Arc<Self>> {
         let mut maps = BTreeMap::new();
@@ -150,19 +175,22 @@ impl KernelSync {
         Ok(())
     }
 
-    /// Starts capturing: the best event-driven backend that loads, and the scan loop, which
-    /// reconciles each map and then scans it every `interval` (at once when events were lost).
+    /// Starts capturing: the event-driven backend `settings` ask for (the best one that
+    /// loads, by default), and the scan loop, which reconciles each map and then scans it every
+    /// `settings.interval` (at once when events were lost). Fails when the backend asked for
+    /// by name does not load.
     pub fn start(
         self: &Arc<Self>,
         view: StateView,
         batcher: crate::propose::Batcher,
-        interval: std::time::Duration,
-    ) {
+        settings: CaptureSettings,
+    ) -> Result<()> {
         if self.maps.is_empty() {
-            return;
+            return Ok(());
         }
-        self.start_capture(&view, &batcher, interval);
-        self.start_scans(view, batcher, interval);
+        self.start_capture(&view, &batcher, &settings)?;
+        self.start_scans(view, batcher, settings.interval, settings.periodic_scan);
+        Ok(())
     }
 
     /// Each watched map's state.

@@ -27,12 +27,15 @@ const SCAN_PAUSE_FACTOR: u32 = 9;
 pub(super) const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 impl KernelSync {
-    /// The scan loop: reconciles each map, then scans it every `interval`.
+    /// The scan loop: reconciles each map, then scans it every `interval` (with `diff` off,
+    /// a test-only setting, it still finds and reconciles maps but never diffs them: the
+    /// event backend alone captures changes).
     pub(super) fn start_scans(
         self: &Arc<Self>,
         view: StateView,
         batcher: Batcher,
         interval: Duration,
+        diff: bool,
     ) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -55,7 +58,7 @@ impl KernelSync {
                 }
                 let started = Instant::now();
                 for (name, w) in &this.maps {
-                    if let Err(e) = this.step(name, w, &view, &batcher, round).await {
+                    if let Err(e) = this.step(name, w, &view, &batcher, round, diff).await {
                         tracing::warn!(map = %name, error = %e, "kernel map sync");
                     }
                 }
@@ -78,6 +81,7 @@ impl KernelSync {
         view: &StateView,
         batcher: &Batcher,
         round: u64,
+        diff: bool,
     ) -> Result<()> {
         if lock(&w.state).refused.is_some() {
             return Ok(());
@@ -98,7 +102,7 @@ impl KernelSync {
                     if round % 50 == 0 {
                         tracing::warn!(map = %name, location = %w.spec.location(), error = %e, "kernel map not found");
                     }
-                    if lock(&w.state).kmap.is_none() {
+                    if !diff || lock(&w.state).kmap.is_none() {
                         return Ok(());
                     }
                     return self.scan(name, w, view, batcher).await;
@@ -109,6 +113,9 @@ impl KernelSync {
                 self.reconcile(name, w, Arc::new(opened), view, batcher)
                     .await?;
             }
+        }
+        if !diff {
+            return Ok(());
         }
         self.scan(name, w, view, batcher).await
     }

@@ -3,6 +3,7 @@
 //! batch (each change again, alone), refused alone (undone), or not committed (the next scan
 //! proposes the kernel's value again).
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,9 @@ use super::{KernelSync, Watched};
 use crate::error::Result;
 use crate::lock::lock;
 use crate::propose::{Batcher, Ticket};
+
+/// Most committed entries `make_room` looks at beyond the keys the applier evicted.
+const ROOM_LOOKUPS: usize = 8192;
 
 /// Changes queued in one client batch, and the ticket for its outcome.
 type Queued = Vec<(Vec<Captured>, Result<Ticket>)>;
@@ -29,7 +33,7 @@ impl KernelSync {
         batcher: &Batcher,
         changes: Vec<Captured>,
     ) {
-        let queued = self.enqueue(name, w, batcher, changes).await;
+        let queued = self.enqueue(name, w, view, batcher, changes).await;
         self.settle_outcomes(name, w, view, queued).await;
     }
 
@@ -45,7 +49,7 @@ impl KernelSync {
         changes: Vec<Captured>,
     ) {
         let Some(w) = self.maps.get(name) else { return };
-        let queued = self.enqueue(name, w, batcher, changes).await;
+        let queued = self.enqueue(name, w, view, batcher, changes).await;
         if queued.is_empty() {
             return;
         }
@@ -62,6 +66,7 @@ impl KernelSync {
         &self,
         name: &str,
         w: &Watched,
+        view: &StateView,
         batcher: &Batcher,
         changes: Vec<Captured>,
     ) -> Queued {
@@ -75,9 +80,14 @@ impl KernelSync {
             .inc_by(changes.len() as u64);
         let mut queued = Vec::new();
         for chunk in client_batches(changes) {
-            let ops: Vec<Op> = chunk
-                .iter()
-                .map(|c| match &c.change.value {
+            let room = self.make_room(name, w, view, &chunk);
+            let ops: Vec<Op> = room
+                .into_iter()
+                .map(|key| Op::Delete {
+                    map: name.to_string(),
+                    key,
+                })
+                .chain(chunk.iter().map(|c| match &c.change.value {
                     Some(v) => Op::Put {
                         map: name.to_string(),
                         key: c.change.key.clone(),
@@ -87,12 +97,86 @@ impl KernelSync {
                         map: name.to_string(),
                         key: c.change.key.clone(),
                     },
-                })
+                }))
                 .collect();
             let ticket = batcher.enqueue(ops, Source::Kernel).await;
             queued.push((chunk, ticket));
         }
         queued
+    }
+
+    /// Keys to delete with `chunk` so that the cluster's copy of a full LRU map has room for
+    /// its new keys. A kernel LRU map takes a new entry when full by evicting its least
+    /// recently used one; the cluster must too, or a program's new entries would be refused
+    /// and undone whenever the cluster holds more than this node's kernel does (the applier's
+    /// evictions stay local). The victims are entries this node's kernel no longer holds: first
+    /// those its applier's writes evicted, oldest first (its own LRU's choice), then any other
+    /// committed entry missing here. At most one per new key: no cascade.
+    fn make_room(
+        &self,
+        name: &str,
+        w: &Watched,
+        view: &StateView,
+        chunk: &[Captured],
+    ) -> Vec<Vec<u8>> {
+        let Some(schema) = view.schema(name) else {
+            return Vec::new();
+        };
+        if schema.map_type != raftmap_storage::MapType::LruHash {
+            return Vec::new();
+        }
+        let committed = |key: &[u8]| view.get(name, key).ok().flatten().is_some();
+        let in_chunk: HashSet<&[u8]> = chunk.iter().map(|c| c.change.key.as_slice()).collect();
+        let grows: i64 = chunk
+            .iter()
+            .map(|c| match (&c.change.value, committed(&c.change.key)) {
+                (Some(_), false) => 1,
+                (None, true) => -1,
+                _ => 0,
+            })
+            .sum();
+        let over = view.entry_count(name) as i64 + grows - i64::from(schema.max_entries);
+        if over <= 0 {
+            // (The cluster refuses a batch that overflows a full hash map: a hash map does not
+            // evict.)
+            return Vec::new();
+        }
+        let (kmap, mut remembered) = {
+            let mut st = lock(&w.state);
+            let Some(kmap) = st.kmap.clone() else {
+                return Vec::new();
+            };
+            (kmap, std::mem::take(&mut st.evicted_here))
+        };
+        let missing_here = |key: &[u8]| {
+            !in_chunk.contains(key) && committed(key) && matches!(kmap.lookup(key), Ok(None))
+        };
+        let victims = pick_victims(
+            over as usize,
+            &mut remembered,
+            missing_here,
+            |after| match view.scan(name, after, 1024) {
+                Ok(page) => page.into_iter().map(|(k, _)| k).collect(),
+                Err(e) => {
+                    tracing::warn!(map = %name, error = %e, "reading the committed map for entries to evict");
+                    Vec::new()
+                }
+            },
+        );
+        {
+            // Evictions noted meanwhile come after the ones left.
+            let mut st = lock(&w.state);
+            remembered.extend(st.evicted_here.drain(..));
+            st.evicted_here = remembered;
+        }
+        if !victims.is_empty() {
+            tracing::debug!(map = %name, keys = victims.len(), "the cluster's copy of the LRU map is full: deleting entries this node's kernel evicted, to make room");
+            self.metrics
+                .room_deletes
+                .get_or_create(&self.label(name, &lock(&w.state)))
+                .inc_by(victims.len() as u64);
+        }
+        victims
     }
 
     /// Waits for the outcomes of queued changes and settles their marks.
@@ -199,6 +283,42 @@ impl KernelSync {
     }
 }
 
+/// Chooses `over` entries to delete from the cluster's copy of a full LRU map: first from
+/// `remembered` (keys this node's kernel evicted, oldest first; taken from the front, those no
+/// longer `missing` here dropped), then from the committed entries in key order (`page(after)`
+/// gives the next keys after `after`; at most `ROOM_LOOKUPS` of them are looked at).
+fn pick_victims(
+    over: usize,
+    remembered: &mut std::collections::VecDeque<Vec<u8>>,
+    missing: impl Fn(&[u8]) -> bool,
+    mut page: impl FnMut(Option<&[u8]>) -> Vec<Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    let mut victims = Vec::new();
+    let mut chosen = HashSet::new();
+    while victims.len() < over {
+        let Some(key) = remembered.pop_front() else {
+            break;
+        };
+        if missing(&key) && chosen.insert(key.clone()) {
+            victims.push(key);
+        }
+    }
+    let mut after: Option<Vec<u8>> = None;
+    let mut looked = 0;
+    while victims.len() < over && looked < ROOM_LOOKUPS {
+        let keys = page(after.as_deref());
+        let Some(last) = keys.last() else { break };
+        after = Some(last.clone());
+        looked += keys.len();
+        for k in keys {
+            if victims.len() < over && missing(&k) && chosen.insert(k.clone()) {
+                victims.push(k);
+            }
+        }
+    }
+    victims
+}
+
 /// Cuts captured changes, in order, into client batches the cluster takes by size (the state
 /// machine's op and byte limits); a change marked `alone` gets a batch of its own.
 fn client_batches(changes: Vec<Captured>) -> Vec<Vec<Captured>> {
@@ -217,4 +337,41 @@ fn client_batches(changes: Vec<Captured>) -> Vec<Vec<Captured>> {
     }
     out.extend(batch_runs(run, Captured::payload_bytes));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_comes_from_what_the_kernel_evicted_here_first_then_from_other_missing_entries() {
+        let key = |i: u8| vec![i];
+        // Keys 1..=3 were evicted here (oldest first); 2 has come back since.
+        let mut remembered: std::collections::VecDeque<_> = [1, 2, 3].map(key).into();
+        let missing = |k: &[u8]| k[0] != 2 && k[0] % 10 != 0;
+        let committed: Vec<Vec<u8>> = (1..=40).map(key).collect();
+        let page = |after: Option<&[u8]>| -> Vec<Vec<u8>> {
+            committed
+                .iter()
+                .filter(|k| after.is_none_or(|a| k.as_slice() > a))
+                .take(4)
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            pick_victims(1, &mut remembered, missing, page),
+            vec![key(1)]
+        );
+        // One remembered key left (3); then the committed ones, skipping what is held here or
+        // already chosen.
+        let v = pick_victims(4, &mut remembered, missing, page);
+        assert_eq!(v, vec![key(3), key(1), key(4), key(5)]);
+        assert!(remembered.is_empty());
+        // Never more than asked for, and nothing when nothing is missing here.
+        assert!(pick_victims(3, &mut remembered, |_| false, page).is_empty());
+        assert_eq!(
+            pick_victims(0, &mut [key(7)].into(), missing, page),
+            Vec::<Vec<u8>>::new()
+        );
+    }
 }

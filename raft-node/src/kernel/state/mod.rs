@@ -154,6 +154,25 @@ pub(super) struct MapState {
     /// Keys the applier wrote in the last `RECENT_APPLY` to twice that (two generations).
     recently_applied: [HashSet<Vec<u8>>; 2],
     recent_since: Option<Instant>,
+    /// Keys this node's kernel evicted from an LRU map to make room for the applier's writes
+    /// (they stay committed), oldest first, at most `EVICTED_KEPT`: the first candidates when
+    /// the cluster's copy of the map is full and a local change needs room (see
+    /// `KernelSync::make_room`).
+    pub evicted_here: std::collections::VecDeque<Vec<u8>>,
+}
+
+/// Most keys `MapState::evicted_here` remembers.
+pub(super) const EVICTED_KEPT: usize = 65_536;
+
+impl MapState {
+    /// Records that the applier's write evicted `key` from this node's kernel map.
+    pub fn evicted_by_applier(&mut self, key: Vec<u8>) {
+        self.shadow.remove(key.as_slice());
+        if self.evicted_here.len() >= EVICTED_KEPT {
+            self.evicted_here.pop_front();
+        }
+        self.evicted_here.push_back(key);
+    }
 }
 
 /// Sets `key` to `value` (`None`: absent) in a shadow.
