@@ -12,6 +12,14 @@ bin=${CARGO_TARGET_DIR:-target}/release
 echo "## Capture overhead (syscall backend)"
 "$bin/capture-overhead" --json "$out/capture-overhead.json"
 echo
+# The fexit backend where it loads: QEMU guests with Debian's stock kernels (emulated CPU: the
+# ratios to the baseline measured in the same guest are the figures, not the nanoseconds).
+for kernel in debian12 debian13; do
+  echo "## Capture overhead (fexit backend, $kernel guest, emulated: ratios only)"
+  RAFTMAP_VM_KERNEL=$kernel scripts/vm-run.sh "$bin/capture-overhead" --backend fexit \
+    --updates 20000 --rounds 5 | grep -v '^\(SeaBIOS\|Booting\|$\)'
+done
+echo
 echo "## Kernel write to remote kernel map, 3 nodes"
 "$bin/kernel-replication" --rates 1000,10000,50000,100000,max --seconds 5 --fsync on,off \
   --json "$out/kernel-replication.json"

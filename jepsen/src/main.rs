@@ -61,6 +61,10 @@ enum Cmd {
         /// Run the nodes on loopback instead of network namespaces (no partitions).
         #[arg(long)]
         loopback: bool,
+        /// One more argument for every node (repeat it), such as
+        /// `--agent-arg=--capture-backend=fexit`.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
     /// Check a register history written by an earlier run (`history.jsonl`) for
     /// linearizability again, key by key; exits non-zero unless every key is shown
@@ -147,6 +151,7 @@ async fn main() -> Result<()> {
         raftmap,
         unsafe_local_reads,
         loopback,
+        agent_args,
     } = cmd
     else {
         return Ok(());
@@ -174,6 +179,7 @@ async fn main() -> Result<()> {
         seed,
         unsafe_local_reads,
         loopback,
+        agent_args,
     };
     let report = run(&cfg).await?;
     report

@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub unsafe_local_reads: bool,
     /// Run the nodes on loopback even where network namespaces are available.
     pub loopback: bool,
+    /// More arguments for every node (`--capture-backend fexit`, say).
+    pub agent_args: Vec<String>,
 }
 
 /// What a run produced.
@@ -151,7 +153,7 @@ pub async fn run(cfg: &RunConfig) -> Result<Report, RunError> {
         return Err(RunError::Config("--nodes must be at least 1".into()));
     }
     let (netns, network) = network(cfg)?;
-    let mut agent_args = Vec::new();
+    let mut agent_args = cfg.agent_args.clone();
     if cfg.unsafe_local_reads {
         agent_args.push("--unsafe-local-reads".to_string());
     }

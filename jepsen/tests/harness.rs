@@ -47,6 +47,7 @@ fn config(workload: Workload, nodes: u64, faults: &[Fault], secs: u64, seed: u64
         seed,
         unsafe_local_reads: false,
         loopback: false,
+        agent_args: Vec::new(),
     }
 }
 

@@ -23,6 +23,8 @@ pub struct KernelMapResult {
     pub stream_gaps: usize,
     /// Two nodes delivered different changes at the same log index.
     pub divergent_indexes: Vec<u64>,
+    /// For each of those: which nodes delivered what (`(key, value)` pairs, cut short or not).
+    pub divergences: Vec<String>,
     /// Every member's kernel map equals the committed contents after healing.
     pub converged: bool,
     /// Members whose kernel map still differed from the committed contents at the end, and
@@ -184,6 +186,8 @@ pub fn check(
     let mut applied_at: HashMap<(NodeId, i64), u64> = HashMap::new();
     // Per index: its changes, and whether the copy kept may have been cut short.
     let mut by_index: BTreeMap<u64, (Vec<(u64, Value)>, bool)> = BTreeMap::new();
+    // Which node's stream the copy in `by_index` came from.
+    let mut kept_from: BTreeMap<u64, NodeId> = BTreeMap::new();
     for s in streams {
         let mut mine: BTreeMap<u64, Vec<(u64, Value)>> = BTreeMap::new();
         for &(i, k, v, t) in &s.changes {
@@ -204,13 +208,22 @@ pub fn check(
                 Some((other, other_cut)) if *other_cut && ch.starts_with(other) => {
                     *other = ch;
                     *other_cut = cut;
+                    kept_from.insert(i, s.node);
                 }
-                Some((other, _)) if *other != ch && !(cut && other.starts_with(&ch)) => {
+                Some((other, other_cut)) if *other != ch && !(cut && other.starts_with(&ch)) => {
                     r.divergent_indexes.push(i);
+                    r.divergences.push(format!(
+                        "index {i}: node {} delivered {other:?}{}, node {} delivered {ch:?}{}",
+                        kept_from.get(&i).copied().unwrap_or_default(),
+                        if *other_cut { " (cut short)" } else { "" },
+                        s.node,
+                        if cut { " (cut short)" } else { "" },
+                    ));
                 }
                 Some(_) => {}
                 None => {
                     by_index.insert(i, (ch, cut));
+                    kept_from.insert(i, s.node);
                 }
             }
         }
