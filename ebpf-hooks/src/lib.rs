@@ -5,6 +5,7 @@
 //! This crate knows nothing about Raft: it sees kernel maps and byte strings.
 
 mod capture;
+mod guest;
 mod programs;
 mod scan;
 mod sys;
@@ -19,6 +20,7 @@ use aya::maps::{MapData, MapType};
 pub use capture::{
     parse_record, Backend, Capture, CaptureEvent, EchoFilter, MAX_EVENT_KEY, MAX_EVENT_VALUE,
 };
+pub use guest::{run_in_guest, GuestRun, GUEST_KERNELS};
 pub use programs::{Conntrack, CT_KEY_SIZE, CT_VALUE_SIZE};
 pub use scan::{diff, shadow_from, Contents, KernelChange, Shadow, ShadowKey};
 

@@ -87,6 +87,20 @@ pub struct Report {
 }
 
 impl Report {
+    /// The faults of `wanted` that were never carried out (none injected without an error).
+    pub fn faults_not_carried_out(&self, wanted: &[Fault]) -> Vec<Fault> {
+        wanted
+            .iter()
+            .filter(|f| {
+                !self
+                    .fault_log
+                    .iter()
+                    .any(|w| w.fault == **f && w.error.is_none())
+            })
+            .copied()
+            .collect()
+    }
+
     /// Writes everything the run produced into `out` (created if needed): `history.jsonl`, one
     /// log per node, `results.json`, the kernel-map evidence (`kernel-evidence.json`) and the
     /// latency and fault timelines as SVG.

@@ -74,17 +74,13 @@ async fn run_checked(cfg: RunConfig, min_ok: usize) -> Report {
         }
     }
     assert_eq!(report.network, "netns", "the nodes must run in namespaces");
-    for f in &cfg.faults {
-        assert!(
-            report
-                .fault_log
-                .iter()
-                .any(|w| w.fault == *f && w.error.is_none()),
-            "{f:?} was never carried out (seed {}): {:#?}",
-            cfg.seed,
-            report.fault_log
-        );
-    }
+    let missing = report.faults_not_carried_out(&cfg.faults);
+    assert!(
+        missing.is_empty(),
+        "{missing:?} never carried out (seed {}): {:#?}",
+        cfg.seed,
+        report.fault_log
+    );
     assert!(
         report.ops_ok >= min_ok,
         "too little load: {} ok (seed {})",

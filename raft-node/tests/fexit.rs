@@ -15,14 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kernel_sync::{conntrack_maps, converge, k, metric, opts, Mode, NodeMaps};
-use raftmap_ebpf_hooks::Conntrack;
+use kernel_sync::{committed, conntrack_maps, converge, k, metric, opts, Mode, NodeMaps};
+use raftmap_ebpf_hooks::{run_in_guest, Conntrack, GUEST_KERNELS};
 use raftmap_jepsen::cluster::LocalCluster;
 use raftmap_node::Client;
 
 const GUEST: Mode = Mode::FexitOnly;
-/// The kernels the guests boot (directories under RAFTMAP_VM_DIR, filled by install-deps.sh).
-const KERNELS: &[&str] = &["debian12", "debian13"];
 
 /// The scenarios of `tests/kernel.rs`, sized for an emulated guest.
 macro_rules! shared {
@@ -66,13 +64,7 @@ async fn settle_within_committed(
     loop {
         let index = client.status().await.unwrap().applied_index;
         c.wait_applied(nodes, index, GUEST.t()).await.unwrap();
-        let committed: HashMap<_, _> = client
-            .dump("ct", true)
-            .await
-            .unwrap()
-            .2
-            .into_iter()
-            .collect();
+        let committed = committed(client).await;
         let stray: Vec<(u64, usize)> = nodes
             .iter()
             .map(|&n| {
@@ -414,16 +406,11 @@ async fn the_kernel_map_workload_under_kills_and_pauses() {
         agent_args: vec!["--capture-backend".into(), "fexit".into()],
     };
     let report = run(&cfg).await.unwrap();
-    for f in &cfg.faults {
-        assert!(
-            report
-                .fault_log
-                .iter()
-                .any(|w| w.fault == *f && w.error.is_none()),
-            "{f:?} was never carried out: {:#?}",
-            report.fault_log
-        );
-    }
+    assert!(
+        report.faults_not_carried_out(&cfg.faults).is_empty(),
+        "faults never carried out: {:#?}",
+        report.fault_log
+    );
     let k = report.kernel.as_ref().unwrap();
     assert!(k.converged, "kernel maps did not converge: {k:#?}");
     assert!(k.lost.is_empty(), "lost kernel writes: {:?}", k.lost);
@@ -446,75 +433,55 @@ async fn the_kernel_map_workload_under_kills_and_pauses() {
 /// Boots each stock kernel in turn and runs the guest scenarios above in it.
 #[test]
 fn whole_clusters_on_fexit_in_stock_kernels() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let me = std::env::current_exe().unwrap();
     let files = [
         PathBuf::from(env!("CARGO_BIN_EXE_raftmap")),
         which("setpriv"),
         which("bpftool"),
     ];
-    for kernel in KERNELS {
+    let args = [
+        "--include-ignored",
+        "--skip",
+        "whole_clusters_on_fexit_in_stock_kernels",
+        "--test-threads=1",
+        "--nocapture",
+    ];
+    for kernel in GUEST_KERNELS {
         let started = Instant::now();
-        let out = Command::new("bash")
-            .arg(root.join("scripts/vm-run.sh"))
-            .arg(&me)
-            .args([
-                "--include-ignored",
-                "--skip",
-                "whole_clusters_on_fexit_in_stock_kernels",
-                "--test-threads=1",
-                "--nocapture",
-            ])
-            .env("RAFTMAP_VM_KERNEL", kernel)
-            .env("RAFTMAP_VM_TIMEOUT", "420")
-            .env(
-                "RAFTMAP_VM_FILES",
-                files
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            )
-            .output()
-            .expect("running scripts/vm-run.sh");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if out.status.code() == Some(77) {
-            let why = format!("{stdout}{stderr}");
-            if std::env::var("RAFTMAP_REQUIRE_BPF").as_deref() == Ok("1") {
-                panic!("the fexit guests are required (RAFTMAP_REQUIRE_BPF=1): {why}");
-            }
-            eprintln!("SKIPPED whole_clusters_on_fexit_in_stock_kernels: {why}");
+        let Some(run) = run_in_guest("fexit guests", kernel, &me, &args, &files, 420).unwrap()
+        else {
             return;
-        }
-        let guest_kernel = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("vm-run: guest kernel "))
-            .unwrap_or("?");
+        };
         println!(
-            "{kernel} ({guest_kernel}), {:.0} s:",
+            "{kernel} ({}), {:.0} s:",
+            run.kernel_release,
             started.elapsed().as_secs_f64()
         );
-        for l in stdout.lines() {
+        for l in run.console.lines() {
             if l.starts_with("test ") || l.starts_with("guest-figure:") {
                 println!("  {l}");
             }
         }
         // "test result: ok. N passed; ..." (a scenario's own output may come between a
         // "test NAME ..." line and its "ok").
-        let passed: usize = stdout
+        let passed: usize = run
+            .console
             .lines()
             .find_map(|l| l.strip_prefix("test result: ok. "))
             .and_then(|l| l.split(' ').next()?.parse().ok())
             .unwrap_or(0);
         assert!(
-            out.status.success() && stdout.contains("test result: ok."),
-            "the guest scenarios failed on {kernel} ({guest_kernel}):\n{stdout}\n{stderr}"
+            run.success && passed > 0,
+            "the guest scenarios failed on {kernel} ({}):\n{}\n{}",
+            run.kernel_release,
+            run.console,
+            run.stderr
         );
         assert_eq!(
             passed,
             guest_scenarios(&me),
-            "not every guest scenario ran on {kernel}:\n{stdout}"
+            "not every guest scenario ran on {kernel}:\n{}",
+            run.console
         );
     }
 }

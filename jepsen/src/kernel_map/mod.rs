@@ -264,6 +264,17 @@ pub async fn observer(
     };
     let mut ready = Some(ready);
     let mut after = 0u64;
+    if !from_now {
+        // The run starts these streams before any write, so the map has no changes up to the
+        // node's applied index: follow from there. (Watching from 0 begins with a dump of the
+        // contents at the index of the moment the server reads them; a write that slipped in
+        // before would make that dump pass for the changes of one entry.)
+        if let Ok(c) = raftmap_node::Client::connect(std::slice::from_ref(&addr), &security).await {
+            if let Ok(st) = c.status().await {
+                after = st.applied_index;
+            }
+        }
+    }
     // After a restart from the current contents: skip that dump (the first index received).
     let mut skip_first = from_now;
     while !stop.load(Ordering::SeqCst) {

@@ -168,6 +168,17 @@ pub fn k(i: u64) -> Vec<u8> {
     i.to_be_bytes().to_vec()
 }
 
+/// The committed contents of map `ct`, read linearizably.
+pub async fn committed(client: &Client) -> HashMap<Vec<u8>, Vec<u8>> {
+    client
+        .dump("ct", true)
+        .await
+        .unwrap()
+        .2
+        .into_iter()
+        .collect()
+}
+
 /// Waits until every listed node's kernel map equals the committed state read through
 /// `client`, and returns that state.
 pub async fn converge(
@@ -178,13 +189,7 @@ pub async fn converge(
 ) -> HashMap<Vec<u8>, Vec<u8>> {
     let deadline = Instant::now() + maps.mode.converge();
     loop {
-        let committed: HashMap<_, _> = client
-            .dump("ct", true)
-            .await
-            .unwrap()
-            .2
-            .into_iter()
-            .collect();
+        let committed = committed(client).await;
         let kernels: Vec<_> = nodes
             .iter()
             .map(|&n| maps.open(n).entries().unwrap())

@@ -1,0 +1,68 @@
+//! For tests of what this machine's kernel refuses (fexit): run a binary in a QEMU guest
+//! booting one of Debian's stock kernels, through `scripts/vm-run.sh`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The kernels a guest can boot (directories of `RAFTMAP_VM_DIR` that `scripts/install-deps.sh`
+/// fills): Debian 12's 6.1 and Debian 13's 6.12 cloud kernels.
+pub const GUEST_KERNELS: &[&str] = &["debian12", "debian13"];
+
+/// What a guest printed, and whether the binary exited 0 there.
+#[derive(Debug)]
+pub struct GuestRun {
+    /// The guest's console (the binary's output among the kernel's).
+    pub console: String,
+    /// vm-run.sh's own messages.
+    pub stderr: String,
+    pub success: bool,
+    /// `uname -r` in the guest.
+    pub kernel_release: String,
+}
+
+/// Boots `kernel` (one of [`GUEST_KERNELS`]) and runs `bin` with `args` in it, with `files`
+/// copied in at their own paths, killing the guest after `timeout_secs`. `Ok(None)`: a VM asset
+/// is missing, and the caller skips (this prints why); under `RAFTMAP_REQUIRE_BPF=1` (as in
+/// CI) a missing asset is an error instead.
+pub fn run_in_guest(
+    test: &str,
+    kernel: &str,
+    bin: &Path,
+    args: &[&str],
+    files: &[PathBuf],
+    timeout_secs: u64,
+) -> std::io::Result<Option<GuestRun>> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/vm-run.sh");
+    let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(bin)
+        .args(args)
+        .env("RAFTMAP_VM_KERNEL", kernel)
+        .env("RAFTMAP_VM_TIMEOUT", timeout_secs.to_string())
+        .env("RAFTMAP_VM_FILES", files.join(" "))
+        .output()?;
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.code() == Some(77) {
+        let why = format!("{console}{stderr}");
+        if std::env::var("RAFTMAP_REQUIRE_BPF").as_deref() == Ok("1") {
+            return Err(std::io::Error::other(format!(
+                "{test}: the QEMU guest is required (RAFTMAP_REQUIRE_BPF=1): {why}"
+            )));
+        }
+        eprintln!("SKIPPED {test}: {why}");
+        return Ok(None);
+    }
+    let kernel_release = console
+        .lines()
+        .find_map(|l| l.strip_prefix("vm-run: guest kernel "))
+        .unwrap_or("?")
+        .to_string();
+    Ok(Some(GuestRun {
+        console,
+        stderr,
+        success: out.status.success(),
+        kernel_release,
+    }))
+}
