@@ -125,6 +125,12 @@ impl KernelSync {
         if schema.map_type != raftmap_storage::MapType::LruHash {
             return Vec::new();
         }
+        // The cheap bound first: while even every put being a new key fits, no key is looked
+        // up (this runs for every batch of captured changes).
+        let puts = chunk.iter().filter(|c| c.change.value.is_some()).count() as u64;
+        if view.entry_count(name) + puts <= u64::from(schema.max_entries) {
+            return Vec::new();
+        }
         let committed = |key: &[u8]| view.get(name, key).ok().flatten().is_some();
         let in_chunk: HashSet<&[u8]> = chunk.iter().map(|c| c.change.key.as_slice()).collect();
         let grows: i64 = chunk
