@@ -6,7 +6,8 @@
 # Prints the guest console and exits 0 only if BINARY exited 0 in the guest (the guest's /init
 # prints "VM-RESULT: ok", or "VM-RESULT: fail STATUS"). The guest is an initramfs holding a static
 # busybox, BINARY at /test/NAME, any extra files at their own paths, and the libraries ldd lists
-# for them; a tmpfs /tmp, bpffs, loopback networking (127.0.0.1 is localhost), no disk.
+# for them; a tmpfs /tmp, bpffs, loopback networking (127.0.0.1 is localhost), no disk;
+# RAFTMAP_VM_GUEST=1 in its environment.
 # Emulated (TCG), not KVM: /dev/kvm here hangs. The plain qemu64 CPU: emulating every feature of
 # `-cpu max` (AVX and the like) made the cluster scenarios some 20% slower.
 # Assets come from scripts/install-deps.sh.
@@ -53,7 +54,7 @@ printf '%q ' "/test/$name" "$@" >"$root/test/cmdline"
 cat >"$root/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/usr/sbin:/usr/bin:/bin:/test RUST_BACKTRACE=1
+export PATH=/usr/sbin:/usr/bin:/bin:/test RUST_BACKTRACE=1 RAFTMAP_VM_GUEST=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

@@ -23,7 +23,8 @@ pub struct GuestRun {
 /// Boots `kernel` (one of [`GUEST_KERNELS`]) and runs `bin` with `args` in it, with `files`
 /// copied in at their own paths, killing the guest after `timeout_secs`. `Ok(None)`: a VM asset
 /// is missing, and the caller skips (this prints why); under `RAFTMAP_REQUIRE_BPF=1` (as in
-/// CI) a missing asset is an error instead.
+/// CI) a missing asset is an error instead. `scripts/vm-run.sh` is found next to the calling
+/// crate's directory.
 pub fn run_in_guest(
     test: &str,
     kernel: &str,
@@ -32,7 +33,11 @@ pub fn run_in_guest(
     files: &[PathBuf],
     timeout_secs: u64,
 ) -> std::io::Result<Option<GuestRun>> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/vm-run.sh");
+    // The calling test's crate, set by cargo when it runs tests (a build cache shared between
+    // checkouts can hold this library built from another one: its own path may be stale).
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let script = crate_dir.join("../scripts/vm-run.sh");
     let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
     let out = Command::new("bash")
         .arg(script)

@@ -1,8 +1,8 @@
 //! The production capture path end to end: whole clusters on the fexit backend, in QEMU guests
 //! booting Debian's stock cloud kernels (12: 6.1, 13: 6.12), since this machine's kernel
 //! refuses tracing programs. `whole_clusters_on_fexit_in_stock_kernels` boots each kernel in
-//! turn and runs this test binary's guest scenarios there (they are `#[ignore]`d on the host:
-//! they need fexit), with the periodic scan off: every change must arrive as an event. Needs
+//! turn and runs itself there, where (seeing `RAFTMAP_VM_GUEST`) it runs every scenario of
+//! [`guest_scenarios`] with the periodic scan off: every change must arrive as an event. Needs
 //! the VM assets `scripts/install-deps.sh` prepares; under RAFTMAP_REQUIRE_BPF=1 their absence
 //! fails the test instead of skipping it.
 
@@ -11,8 +11,9 @@
 mod kernel_sync;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use kernel_sync::{committed, conntrack_maps, converge, k, metric, opts, Mode, NodeMaps};
@@ -22,25 +23,88 @@ use raftmap_node::Client;
 
 const GUEST: Mode = Mode::FexitOnly;
 
-/// The scenarios of `tests/kernel.rs`, sized for an emulated guest.
-macro_rules! shared {
-    ($($name:ident $(($($arg:expr),*))?;)*) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        #[ignore = "needs fexit: runs in the QEMU guests of whole_clusters_on_fexit_in_stock_kernels"]
-        async fn $name() {
-            kernel_sync::$name(GUEST $($(, $arg)*)?).await;
-        }
-    )*};
+type Scenario = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Every scenario the guests run, by name: those of `tests/kernel.rs`, sized for an emulated
+/// guest, and those only fexit can pass. (`bpf_program_writes_replicate` is left to
+/// `a_program_and_the_appliers_write_the_same_lru_maps`, whose programs open and close flows on
+/// every node, with no scan to find them.)
+fn guest_scenarios() -> Vec<(&'static str, Scenario)> {
+    vec![
+        (
+            "kernel_maps_follow_the_log_across_nodes_restarts_and_recreation",
+            Box::pin(
+                kernel_sync::kernel_maps_follow_the_log_across_nodes_restarts_and_recreation(GUEST),
+            ),
+        ),
+        (
+            "a_kernel_map_with_another_schema_is_refused_and_left_alone",
+            Box::pin(
+                kernel_sync::a_kernel_map_with_another_schema_is_refused_and_left_alone(GUEST),
+            ),
+        ),
+        (
+            "random_workload_on_every_node_converges_byte_for_byte",
+            Box::pin(
+                kernel_sync::random_workload_on_every_node_converges_byte_for_byte(GUEST, 120),
+            ),
+        ),
+        (
+            "a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff",
+            Box::pin(
+                kernel_sync::a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff(
+                    GUEST, 150, 5, 10,
+                ),
+            ),
+        ),
+        (
+            "a_program_and_the_appliers_write_the_same_lru_maps",
+            Box::pin(a_program_and_the_appliers_write_the_same_lru_maps()),
+        ),
+        (
+            "a_full_lru_map_evicts_locally_without_a_cascade",
+            Box::pin(a_full_lru_map_evicts_locally_without_a_cascade()),
+        ),
+        (
+            "batch_syscalls_are_captured_element_by_element",
+            Box::pin(batch_syscalls_are_captured_element_by_element()),
+        ),
+        (
+            "program_write_latency_with_fexit_and_with_the_syscall_backend",
+            Box::pin(program_write_latency_with_fexit_and_with_the_syscall_backend()),
+        ),
+        (
+            "the_kernel_map_workload_under_kills_and_pauses",
+            Box::pin(the_kernel_map_workload_under_kills_and_pauses()),
+        ),
+    ]
 }
 
-shared! {
-    kernel_maps_follow_the_log_across_nodes_restarts_and_recreation;
-    a_kernel_map_with_another_schema_is_refused_and_left_alone;
-    random_workload_on_every_node_converges_byte_for_byte(120);
-    a_learner_back_after_the_log_was_purged_installs_the_snapshot_by_diff(150, 5, 10);
+/// In the guest: runs every scenario, each on a runtime of its own, and fails naming those
+/// that failed. Prints `guest-scenario: NAME ok|FAILED` for the host.
+fn run_guest_scenarios() {
+    let mut failed = Vec::new();
+    for (name, scenario) in guest_scenarios() {
+        let started = Instant::now();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rt.block_on(scenario)))
+            .is_ok();
+        drop(rt);
+        println!(
+            "guest-scenario: {name} {} ({:.0} s)",
+            if ok { "ok" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        );
+        if !ok {
+            failed.push(name);
+        }
+    }
+    assert!(failed.is_empty(), "failed in the guest: {failed:?}");
 }
-// (`bpf_program_writes_replicate` is left to `a_program_and_the_appliers_write_the_same_lru_maps`,
-// whose programs open and close flows on every node, with no scan to find them.)
 
 /// A line the host test prints from the guest's output.
 fn figure(what: std::fmt::Arguments<'_>) {
@@ -92,8 +156,6 @@ async fn settle_within_committed(
 /// An XDP program on every node writes its flows into a conntrack-shaped LRU map while the
 /// appliers write the same maps: every applier write is recognised as an echo and none is
 /// proposed again; no program write is taken for an echo.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fexit: runs in the QEMU guests of whole_clusters_on_fexit_in_stock_kernels"]
 async fn a_program_and_the_appliers_write_the_same_lru_maps() {
     let nodes = [1, 2, 3];
     let (maps, progs) = conntrack_maps(GUEST, "mixed", &nodes, &nodes, 65536);
@@ -159,8 +221,6 @@ async fn a_program_and_the_appliers_write_the_same_lru_maps() {
 /// Full LRU maps: the appliers' writes evict local entries, which stay local (nothing is
 /// proposed: no cascade of deletes); evictions by the program that owns the map replicate as
 /// deletes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fexit: runs in the QEMU guests of whole_clusters_on_fexit_in_stock_kernels"]
 async fn a_full_lru_map_evicts_locally_without_a_cascade() {
     const MAX: u32 = 256;
     let nodes = [1, 2, 3];
@@ -272,8 +332,6 @@ async fn a_full_lru_map_evicts_locally_without_a_cascade() {
 
 /// BPF_MAP_UPDATE_BATCH and BPF_MAP_DELETE_BATCH are seen element by element: nothing is
 /// counted lost, and with no scan the maps converge.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fexit: runs in the QEMU guests of whole_clusters_on_fexit_in_stock_kernels"]
 async fn batch_syscalls_are_captured_element_by_element() {
     let nodes = [1, 2, 3];
     let maps = NodeMaps::create(GUEST, "batch", &nodes, 8, 8);
@@ -315,8 +373,6 @@ async fn batch_syscalls_are_captured_element_by_element() {
 /// and with the syscall backend (a program's write waits for the scan, every 20 ms), in the
 /// same guest with the same cluster shape. Prints the figures (emulated: the ratio is what
 /// carries over).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fexit: runs in the QEMU guests of whole_clusters_on_fexit_in_stock_kernels"]
 async fn program_write_latency_with_fexit_and_with_the_syscall_backend() {
     let mut p50 = Vec::new();
     for (backend, extra) in [
@@ -387,8 +443,6 @@ async fn program_write_latency_with_fexit_and_with_the_syscall_backend() {
 /// A short run of the fault-injection harness's kernel-map workload (kills and pauses, on
 /// loopback), the nodes capturing with fexit alone: nothing lost, the log's order kept, every
 /// kernel map converged.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs fexit: runs in the QEMU guests of whole_clusters_on_fexit_in_stock_kernels"]
 async fn the_kernel_map_workload_under_kills_and_pauses() {
     use raftmap_jepsen::nemesis::Fault;
     use raftmap_jepsen::run::{run, RunConfig, Workload};
@@ -430,9 +484,13 @@ async fn the_kernel_map_workload_under_kills_and_pauses() {
     ));
 }
 
-/// Boots each stock kernel in turn and runs the guest scenarios above in it.
+/// Boots each stock kernel in turn and runs this test in it, which there runs every guest
+/// scenario.
 #[test]
 fn whole_clusters_on_fexit_in_stock_kernels() {
+    if std::env::var_os("RAFTMAP_VM_GUEST").is_some() {
+        return run_guest_scenarios();
+    }
     let me = std::env::current_exe().unwrap();
     let files = [
         PathBuf::from(env!("CARGO_BIN_EXE_raftmap")),
@@ -440,12 +498,11 @@ fn whole_clusters_on_fexit_in_stock_kernels() {
         which("bpftool"),
     ];
     let args = [
-        "--include-ignored",
-        "--skip",
+        "--exact",
         "whole_clusters_on_fexit_in_stock_kernels",
-        "--test-threads=1",
         "--nocapture",
     ];
+    let expected = guest_scenarios().len();
     for kernel in GUEST_KERNELS {
         let started = Instant::now();
         let Some(run) = run_in_guest("fexit guests", kernel, &me, &args, &files, 420).unwrap()
@@ -458,44 +515,23 @@ fn whole_clusters_on_fexit_in_stock_kernels() {
             started.elapsed().as_secs_f64()
         );
         for l in run.console.lines() {
-            if l.starts_with("test ") || l.starts_with("guest-figure:") {
+            if l.starts_with("guest-scenario:") || l.starts_with("guest-figure:") {
                 println!("  {l}");
             }
         }
-        // "test result: ok. N passed; ..." (a scenario's own output may come between a
-        // "test NAME ..." line and its "ok").
-        let passed: usize = run
+        let passed = run
             .console
             .lines()
-            .find_map(|l| l.strip_prefix("test result: ok. "))
-            .and_then(|l| l.split(' ').next()?.parse().ok())
-            .unwrap_or(0);
+            .filter(|l| l.starts_with("guest-scenario:") && l.contains(" ok ("))
+            .count();
         assert!(
-            run.success && passed > 0,
-            "the guest scenarios failed on {kernel} ({}):\n{}\n{}",
+            run.success && passed == expected,
+            "{passed} of {expected} guest scenarios passed on {kernel} ({}):\n{}\n{}",
             run.kernel_release,
             run.console,
             run.stderr
         );
-        assert_eq!(
-            passed,
-            guest_scenarios(&me),
-            "not every guest scenario ran on {kernel}:\n{}",
-            run.console
-        );
     }
-}
-
-/// How many scenarios this binary runs in a guest (its ignored tests).
-fn guest_scenarios(me: &Path) -> usize {
-    let out = Command::new(me)
-        .args(["--list", "--ignored"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.ends_with(": test"))
-        .count()
 }
 
 fn which(tool: &str) -> PathBuf {
