@@ -70,8 +70,8 @@ fn guest_scenarios() -> Vec<(&'static str, Scenario)> {
             Box::pin(batch_syscalls_are_captured_element_by_element()),
         ),
         (
-            "program_write_latency_with_fexit_and_with_the_syscall_backend",
-            Box::pin(program_write_latency_with_fexit_and_with_the_syscall_backend()),
+            "program_write_latency_with_fexit",
+            Box::pin(program_write_latency_with_fexit()),
         ),
         (
             "the_kernel_map_workload_under_kills_and_pauses",
@@ -369,75 +369,62 @@ async fn batch_syscalls_are_captured_element_by_element() {
     ));
 }
 
-/// A BPF program's write on node 1 until node 2's kernel map holds it: with fexit (an event)
-/// and with the syscall backend (a program's write waits for the scan, every 20 ms), in the
-/// same guest with the same cluster shape. Prints the figures (emulated: the ratio is what
-/// carries over).
-async fn program_write_latency_with_fexit_and_with_the_syscall_backend() {
-    let mut p50 = Vec::new();
-    for (backend, extra) in [
-        (
-            "fexit",
-            &["--no-periodic-scan", "--scan-interval-ms", "100"][..],
-        ),
-        ("syscall", &["--scan-interval-ms", "20"][..]),
-    ] {
-        let (maps, mut progs) =
-            conntrack_maps(GUEST, &format!("lat-{backend}"), &[1, 2], &[1], 65536);
-        let args = maps
-            .pins
-            .iter()
-            .map(|(n, p)| {
-                let mut a = vec![
-                    "--watch".to_string(),
-                    format!("ct={}", p.display()),
-                    "--capture-backend".into(),
-                    backend.into(),
-                ];
-                a.extend(extra.iter().map(|x| x.to_string()));
-                (*n, a)
-            })
-            .collect();
-        let mut c = LocalCluster::start(opts(args), 1, 1, GUEST.t())
-            .await
+/// A BPF program's write on node 1 until node 2's kernel map holds it, with fexit (an event,
+/// the periodic scan off). Prints the figure (emulated). The syscall backend is not measured
+/// here: attaching its sys_exit tracepoint in a 6.12 guest once crashed the guest kernel
+/// (int3 oops in syscall_exit_to_user_mode_prepare while the call site was being patched under
+/// the emulated CPU); on this machine its figure is the scan interval's.
+async fn program_write_latency_with_fexit() {
+    let (backend, extra) = ("fexit", ["--no-periodic-scan", "--scan-interval-ms", "100"]);
+    let (maps, mut progs) = conntrack_maps(GUEST, &format!("lat-{backend}"), &[1, 2], &[1], 65536);
+    let args = maps
+        .pins
+        .iter()
+        .map(|(n, p)| {
+            let mut a = vec![
+                "--watch".to_string(),
+                format!("ct={}", p.display()),
+                "--capture-backend".into(),
+                backend.into(),
+            ];
+            a.extend(extra.iter().map(|x| x.to_string()));
+            (*n, a)
+        })
+        .collect();
+    let mut c = LocalCluster::start(opts(args), 1, 1, GUEST.t())
+        .await
+        .unwrap();
+    for n in [1, 2] {
+        c.wait_for(n, GUEST.t(), "capture with the backend asked for", |s| {
+            s.watched.iter().all(|w| w.backend == backend)
+        })
+        .await
+        .unwrap();
+    }
+    let prog = progs.get_mut(&1).unwrap();
+    let remote = maps.open(2);
+    let mut lat = Vec::new();
+    for i in 0..20u16 {
+        let (src, dst) = ([10, 7, 0, 1], [10, 1, 0, 1]);
+        let key = Conntrack::key(src, dst, 40_000 + i, 443, true);
+        let t0 = Instant::now();
+        prog.run(&Conntrack::frame(src, dst, 40_000 + i, 443, true))
             .unwrap();
-        for n in [1, 2] {
-            c.wait_for(n, GUEST.t(), "capture with the backend asked for", |s| {
-                s.watched.iter().all(|w| w.backend == backend)
-            })
-            .await
-            .unwrap();
+        while remote.lookup(&key).unwrap().is_none() {
+            assert!(
+                t0.elapsed() < GUEST.converge(),
+                "flow {i} never reached node 2"
+            );
+            std::thread::sleep(Duration::from_micros(500));
         }
-        let prog = progs.get_mut(&1).unwrap();
-        let remote = maps.open(2);
-        let mut lat = Vec::new();
-        for i in 0..20u16 {
-            let (src, dst) = ([10, 7, 0, 1], [10, 1, 0, 1]);
-            let key = Conntrack::key(src, dst, 40_000 + i, 443, true);
-            let t0 = Instant::now();
-            prog.run(&Conntrack::frame(src, dst, 40_000 + i, 443, true))
-                .unwrap();
-            while remote.lookup(&key).unwrap().is_none() {
-                assert!(
-                    t0.elapsed() < GUEST.converge(),
-                    "flow {i} never reached node 2"
-                );
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            lat.push(t0.elapsed());
-        }
-        lat.sort();
-        p50.push(lat[10].as_secs_f64() * 1e3);
-        figure(format_args!(
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    figure(format_args!(
             "program write on node 1 -> node 2's kernel map, {backend} backend (emulated): p50 {:.1} ms, max {:.1} ms (20 writes)",
             lat[10].as_secs_f64() * 1e3,
             lat[19].as_secs_f64() * 1e3
         ));
-    }
-    figure(format_args!(
-        "fexit / syscall backend, program write -> remote kernel map p50: {:.2}x",
-        p50[0] / p50[1]
-    ));
 }
 
 /// A short run of the fault-injection harness's kernel-map workload (kills and pauses, on
