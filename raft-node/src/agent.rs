@@ -75,8 +75,8 @@ pub(crate) struct AgentArgs {
     /// or fexit, syscall or scan alone; one named that the kernel refuses stops the start.
     #[arg(long, value_enum)]
     pub(crate) capture_backend: Option<raftmap_node::CaptureBackend>,
-    /// Test-only: never diff watched maps (they are still found, adopted and reconciled), so
-    /// that the event backend alone captures changes. Production keeps the scan: it is how
+    /// Test-only: diff watched maps only once after each reconcile (they are still found,
+    /// adopted and reconciled), so that the event backend alone captures changes. Production keeps the scan: it is how
     /// in-place writes and lost events are caught.
     #[arg(long, hide = true)]
     pub(crate) no_periodic_scan: bool,

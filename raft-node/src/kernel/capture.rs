@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use raftmap_ebpf_hooks::{Backend, Capture, CaptureEvent, EchoFilter, KernelChange};
 use raftmap_storage::StateView;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::{backend_label, eviction_label};
 use super::state::{MapState, Writes};
@@ -19,9 +19,14 @@ use crate::propose::Batcher;
 
 #[derive(Debug)]
 pub(super) enum CaptureCmd {
-    Watch(u32),
+    /// Start capturing a map id's changes; the sender hears back once the backend does.
+    Watch(u32, oneshot::Sender<()>),
     Unwatch(u32),
 }
+
+/// How long [`KernelSync::track`] waits for the event loop to watch a map before going on
+/// (the scan after a reconcile repairs what the backend missed meanwhile).
+const WATCH_ACK: Duration = Duration::from_secs(5);
 
 impl KernelSync {
     /// Starts the event-driven backend `settings` ask for: the best one that loads, by
@@ -77,18 +82,35 @@ impl KernelSync {
         Ok(())
     }
 
-    /// Routes a (re)opened map's events to it.
-    pub(super) fn track(&self, name: &str, old: Option<u32>, new: u32) {
-        let mut ids = lock(&self.ids);
-        if let Some(o) = old {
-            ids.remove(&o);
-        }
-        ids.insert(new, name.to_string());
-        if let Some(tx) = self.capture_cmds.get() {
+    /// Routes a (re)opened map's events to it, and returns once the backend captures them:
+    /// a change made after this returns arrives as an event.
+    pub(super) async fn track(&self, name: &str, old: Option<u32>, new: u32) {
+        let acked = {
+            let mut ids = lock(&self.ids);
+            if let Some(o) = old {
+                ids.remove(&o);
+            }
+            ids.insert(new, name.to_string());
+            let Some(tx) = self.capture_cmds.get() else {
+                return;
+            };
             if let Some(o) = old {
                 let _ = tx.send(CaptureCmd::Unwatch(o));
             }
-            let _ = tx.send(CaptureCmd::Watch(new));
+            let (ack, acked) = oneshot::channel();
+            if tx.send(CaptureCmd::Watch(new, ack)).is_err() {
+                return;
+            }
+            acked
+        };
+        match tokio::time::timeout(WATCH_ACK, acked).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                tracing::debug!(map = %name, "the capture stopped before watching the map")
+            }
+            Err(_) => {
+                tracing::warn!(map = %name, "the capture did not watch the map within {WATCH_ACK:?}; the scan covers it")
+            }
         }
     }
 
@@ -107,7 +129,11 @@ impl KernelSync {
             tokio::select! {
                 cmd = cmds.recv() => {
                     let res = match cmd {
-                        Some(CaptureCmd::Watch(id)) => capture.watch(id),
+                        Some(CaptureCmd::Watch(id, ack)) => {
+                            let res = capture.watch(id);
+                            let _ = ack.send(());
+                            res
+                        }
                         Some(CaptureCmd::Unwatch(id)) => capture.unwatch(id),
                         None => return,
                     };

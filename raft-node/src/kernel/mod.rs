@@ -125,7 +125,8 @@ pub struct CaptureSettings {
     pub backend: CaptureBackend,
     /// How often each map is scanned.
     pub interval: std::time::Duration,
-    /// Off only in tests: maps are found and reconciled but never diffed.
+    /// Off only in tests: maps are found and reconciled but diffed only once after each
+    /// reconcile.
     pub periodic_scan: bool,
 }
 

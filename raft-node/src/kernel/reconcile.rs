@@ -125,8 +125,9 @@ impl KernelSync {
         };
         let (committed, kernel) = read().map_err(fail)?;
         // Events of the new map flow before anything is written to it, so that the applier's
-        // writes below meet their echoes.
-        self.track(name, old_id, id);
+        // writes below meet their echoes. (Changes made between the read above and this are
+        // in neither: the scan that follows every reconcile finds them.)
+        self.track(name, old_id, id).await;
         let proposals = {
             let mut st = lock(&w.state);
             if st.missed_overflow {

@@ -28,8 +28,8 @@ pub(super) const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 impl KernelSync {
     /// The scan loop: reconciles each map, then scans it every `interval` (with `diff` off,
-    /// a test-only setting, it still finds and reconciles maps but never diffs them: the
-    /// event backend alone captures changes).
+    /// a test-only setting, it still finds and reconciles maps but diffs them only once after
+    /// each reconcile: the event backend alone captures changes).
     pub(super) fn start_scans(
         self: &Arc<Self>,
         view: StateView,
@@ -56,10 +56,11 @@ impl KernelSync {
                     _ = soon => {}
                     _ = this.scan_now.notified() => {}
                 }
-                let started = Instant::now();
+                let mut walking = Duration::ZERO;
                 for (name, w) in &this.maps {
-                    if let Err(e) = this.step(name, w, &view, &batcher, round, diff).await {
-                        tracing::warn!(map = %name, error = %e, "kernel map sync");
+                    match this.step(name, w, &view, &batcher, round, diff).await {
+                        Ok(t) => walking += t,
+                        Err(e) => tracing::warn!(map = %name, error = %e, "kernel map sync"),
                     }
                 }
                 all_ready = this.maps.values().all(|w| {
@@ -69,11 +70,15 @@ impl KernelSync {
                 round += 1;
                 // A scan reads the whole map: on large maps it must not take the node's CPU
                 // (at most a tenth of the time, whatever the interval or the loss signals ask).
-                tokio::time::sleep(started.elapsed() * SCAN_PAUSE_FACTOR).await;
+                // Only the scans count: a reconcile that waited for a leader must not delay
+                // the next attempt by nine times its wait.
+                tokio::time::sleep(walking * SCAN_PAUSE_FACTOR).await;
             }
         });
     }
 
+    /// One round for one map: (re)open and reconcile it when needed, then scan it. Returns
+    /// the time the scan took.
     async fn step(
         self: &Arc<Self>,
         name: &str,
@@ -82,9 +87,9 @@ impl KernelSync {
         batcher: &Batcher,
         round: u64,
         diff: bool,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         if lock(&w.state).refused.is_some() {
-            return Ok(());
+            return Ok(Duration::ZERO);
         }
         // (Re)open: at start, when the map was missing, and every 10 rounds to notice a map
         // that was recreated under the same pin or name.
@@ -103,7 +108,7 @@ impl KernelSync {
                         tracing::warn!(map = %name, location = %w.spec.location(), error = %e, "kernel map not found");
                     }
                     if !diff || lock(&w.state).kmap.is_none() {
-                        return Ok(());
+                        return Ok(Duration::ZERO);
                     }
                     return self.scan(name, w, view, batcher).await;
                 }
@@ -112,26 +117,31 @@ impl KernelSync {
             if known != Some(opened.layout().id) {
                 self.reconcile(name, w, Arc::new(opened), view, batcher)
                     .await?;
+                // Even with `diff` off: changes made between the reconcile's read of the map
+                // and the backend watching it arrived as no event.
+                return self.scan(name, w, view, batcher).await;
             }
         }
         if !diff {
-            return Ok(());
+            return Ok(Duration::ZERO);
         }
         self.scan(name, w, view, batcher).await
     }
 
-    /// One scan: capture what changed in the kernel since the shadow.
-    pub(super) async fn scan(
+    /// One scan: capture what changed in the kernel since the shadow. Returns the time it
+    /// took (the proposal it makes is not waited for).
+    async fn scan(
         self: &Arc<Self>,
         name: &str,
         w: &Watched,
         view: &StateView,
         batcher: &Batcher,
-    ) -> Result<()> {
+    ) -> Result<Duration> {
+        let started = Instant::now();
         let (kmap, mut retry) = {
             let mut st = lock(&w.state);
-            let Some(kmap) = st.kmap.clone() else {
-                return Ok(());
+            let Some(kmap) = st.kmap.clone().filter(|_| st.refused.is_none()) else {
+                return Ok(Duration::ZERO);
             };
             let retry = st.begin_scan();
             (kmap, retry)
@@ -160,7 +170,7 @@ impl KernelSync {
             Err(e) => {
                 lock(&w.state).abort_scan();
                 tracing::warn!(map = %name, error = %e, "scan failed");
-                return Ok(());
+                return Ok(started.elapsed());
             }
         };
         {
@@ -202,9 +212,10 @@ impl KernelSync {
             }
             captured
         };
+        let took = started.elapsed();
         // Not waiting for the outcomes: a scan's pause is a share of its own time, not of
         // the time a proposal may wait for a leader.
         self.propose_detached(name, view, batcher, captured).await;
-        Ok(())
+        Ok(took)
     }
 }
