@@ -84,7 +84,13 @@ fn guest_scenarios() -> Vec<(&'static str, Scenario)> {
 /// that failed. Prints `guest-scenario: NAME ok|FAILED` for the host.
 fn run_guest_scenarios() {
     let mut failed = Vec::new();
-    for (name, scenario) in guest_scenarios() {
+    // RAFTMAP_GUEST_SCENARIOS=a,b (names, for a developer's run in a guest) runs only those.
+    let only = std::env::var("RAFTMAP_GUEST_SCENARIOS").ok();
+    let wanted = |name: &str| {
+        only.as_ref()
+            .is_none_or(|o| o.split(',').any(|w| w == name))
+    };
+    for (name, scenario) in guest_scenarios().into_iter().filter(|(n, _)| wanted(n)) {
         let started = Instant::now();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

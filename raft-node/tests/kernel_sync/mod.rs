@@ -156,7 +156,7 @@ pub fn opts(node_args: BTreeMap<u64, Vec<String>>) -> ClusterOptions {
         launch: LaunchOptions {
             bin: env!("CARGO_BIN_EXE_raftmap").into(),
             agent_args: vec![],
-            log_filter: "info,openraft=warn".into(),
+            log_filter: std::env::var("RUST_LOG").unwrap_or("info,openraft=warn".into()),
             node_args,
             tls: true,
         },
