@@ -80,17 +80,23 @@ fn guest_scenarios() -> Vec<(&'static str, Scenario)> {
     ]
 }
 
+/// The scenarios to run: all of them, or those `RAFTMAP_GUEST_SCENARIOS` names (a
+/// comma-separated list, for a developer's run; the host passes it on to the guests).
+fn selected_scenarios() -> Vec<(&'static str, Scenario)> {
+    let only = std::env::var(ONLY).ok();
+    guest_scenarios()
+        .into_iter()
+        .filter(|(n, _)| only.as_ref().is_none_or(|o| o.split(',').any(|w| w == *n)))
+        .collect()
+}
+
+const ONLY: &str = "RAFTMAP_GUEST_SCENARIOS";
+
 /// In the guest: runs every scenario, each on a runtime of its own, and fails naming those
 /// that failed. Prints `guest-scenario: NAME ok|FAILED` for the host.
 fn run_guest_scenarios() {
     let mut failed = Vec::new();
-    // RAFTMAP_GUEST_SCENARIOS=a,b (names, for a developer's run in a guest) runs only those.
-    let only = std::env::var("RAFTMAP_GUEST_SCENARIOS").ok();
-    let wanted = |name: &str| {
-        only.as_ref()
-            .is_none_or(|o| o.split(',').any(|w| w == name))
-    };
-    for (name, scenario) in guest_scenarios().into_iter().filter(|(n, _)| wanted(n)) {
+    for (name, scenario) in selected_scenarios() {
         let started = Instant::now();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -485,20 +491,37 @@ fn whole_clusters_on_fexit_in_stock_kernels() {
         return run_guest_scenarios();
     }
     let me = std::env::current_exe().unwrap();
-    let files = [
+    let mut files = vec![
         PathBuf::from(env!("CARGO_BIN_EXE_raftmap")),
         which("setpriv"),
         which("bpftool"),
     ];
-    let args = [
-        "--exact",
-        "whole_clusters_on_fexit_in_stock_kernels",
-        "--nocapture",
-    ];
-    let expected = guest_scenarios().len();
+    let mut bin = me.clone();
+    let mut args: Vec<String> = vec![];
+    if let Ok(only) = std::env::var(ONLY) {
+        // The guest's environment is vm-run.sh's: the selection goes through env(1).
+        bin = which("env");
+        args.push(format!("{ONLY}={only}"));
+        args.push(me.display().to_string());
+        files.push(me);
+    }
+    args.extend(
+        [
+            "--exact",
+            "whole_clusters_on_fexit_in_stock_kernels",
+            "--nocapture",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let expected = selected_scenarios().len();
+    assert!(
+        expected > 0,
+        "{ONLY} names no scenario of guest_scenarios()"
+    );
     for kernel in GUEST_KERNELS {
         let started = Instant::now();
-        let Some(run) = run_in_guest("fexit guests", kernel, &me, &args, &files, 420).unwrap()
+        let Some(run) = run_in_guest("fexit guests", kernel, &bin, &args, &files, 420).unwrap()
         else {
             return;
         };
