@@ -498,10 +498,15 @@ fn whole_clusters_on_fexit_in_stock_kernels() {
     ];
     let mut bin = me.clone();
     let mut args: Vec<String> = vec![];
-    if let Ok(only) = std::env::var(ONLY) {
-        // The guest's environment is vm-run.sh's: the selection goes through env(1).
+    // The guest's environment is vm-run.sh's: the selection and the agents' log filter go
+    // through env(1).
+    let pass: Vec<String> = [ONLY, "RUST_LOG"]
+        .into_iter()
+        .filter_map(|k| Some(format!("{k}={}", std::env::var(k).ok()?)))
+        .collect();
+    if !pass.is_empty() {
         bin = which("env");
-        args.push(format!("{ONLY}={only}"));
+        args = pass;
         args.push(me.display().to_string());
         files.push(me);
     }
