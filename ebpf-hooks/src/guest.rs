@@ -20,6 +20,16 @@ pub struct GuestRun {
     pub kernel_release: String,
 }
 
+impl GuestRun {
+    /// The console lines carrying `tag` (`"guest-scenario:"`, say), each from the tag on: a
+    /// kernel message can land on the console in the middle of the binary's line.
+    pub fn tagged<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.console
+            .lines()
+            .filter_map(move |l| l.find(tag).map(|at| &l[at..]))
+    }
+}
+
 /// Boots `kernel` (one of [`GUEST_KERNELS`]) and runs `bin` with `args` in it, with `files`
 /// copied in at their own paths, killing the guest after `timeout_secs`. `Ok(None)`: a VM asset
 /// is missing, and the caller skips (this prints why); under `RAFTMAP_REQUIRE_BPF=1` (as in
@@ -59,15 +69,18 @@ pub fn run_in_guest(
         eprintln!("SKIPPED {test}: {why}");
         return Ok(None);
     }
-    let kernel_release = console
-        .lines()
-        .find_map(|l| l.strip_prefix("vm-run: guest kernel "))
-        .unwrap_or("?")
-        .to_string();
-    Ok(Some(GuestRun {
+    let mut run = GuestRun {
         console,
         stderr,
         success: out.status.success(),
-        kernel_release,
-    }))
+        kernel_release: String::new(),
+    };
+    const RELEASE: &str = "vm-run: guest kernel ";
+    let release = run
+        .tagged(RELEASE)
+        .find_map(|l| l[RELEASE.len()..].split_whitespace().next())
+        .unwrap_or("?")
+        .to_string();
+    run.kernel_release = release;
+    Ok(Some(run))
 }

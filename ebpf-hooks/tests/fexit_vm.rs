@@ -17,16 +17,12 @@ fn fexit_backend_in_vms_with_two_stock_kernels() {
         let Some(run) = run_in_guest("fexit_vm", kernel, bin, &[], &[], 600).unwrap() else {
             return;
         };
-        let summary = run
-            .console
-            .lines()
-            .find(|l| l.starts_with("fexit-check:"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "the {kernel} guest printed no result:\n{}\n{}",
-                    run.console, run.stderr
-                )
-            });
+        let summary = run.tagged("fexit-check:").next().unwrap_or_else(|| {
+            panic!(
+                "the {kernel} guest printed no result:\n{}\n{}",
+                run.console, run.stderr
+            )
+        });
         println!("{kernel} ({}):", run.kernel_release);
         for l in run.console.lines() {
             if l.starts_with("ok ") || l.starts_with("FAIL") {

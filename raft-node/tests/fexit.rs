@@ -535,15 +535,12 @@ fn whole_clusters_on_fexit_in_stock_kernels() {
             run.kernel_release,
             started.elapsed().as_secs_f64()
         );
-        for l in run.console.lines() {
-            if l.starts_with("guest-scenario:") || l.starts_with("guest-figure:") {
-                println!("  {l}");
-            }
+        for l in run.tagged("guest-") {
+            println!("  {l}");
         }
         let passed = run
-            .console
-            .lines()
-            .filter(|l| l.starts_with("guest-scenario:") && l.contains(" ok ("))
+            .tagged("guest-scenario:")
+            .filter(|l| l.contains(" ok ("))
             .count();
         assert!(
             run.success && passed == expected,
