@@ -21,6 +21,16 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
+    /// The console and vm-run.sh's messages, each line indented with `| `, for a failure
+    /// message (so that the guest's own `test result:` line is not taken for the host's).
+    pub fn transcript(&self) -> String {
+        self.console
+            .lines()
+            .chain(self.stderr.lines())
+            .map(|l| format!("  | {l}\n"))
+            .collect()
+    }
+
     /// The console lines carrying `tag` (`"guest-scenario:"`, say), each from the tag on: a
     /// kernel message can land on the console in the middle of the binary's line.
     pub fn tagged<'a>(&'a self, tag: &'a str) -> impl Iterator<Item = &'a str> + 'a {
@@ -83,4 +93,30 @@ pub fn run_in_guest(
         .to_string();
     run.kernel_release = release;
     Ok(Some(run))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tagged_lines_are_found_after_a_kernel_message_and_transcripts_hide_result_lines() {
+        let run = GuestRun {
+            console: "[    3.1] random: crng init donevm-run: guest kernel 6.12.1-cloud\n\
+                      guest-scenario: a ok (3 s)\n\
+                      test result: ok. 1 passed\n"
+                .into(),
+            stderr: "vm-run: qemu exited\n".into(),
+            success: true,
+            kernel_release: String::new(),
+        };
+        assert_eq!(
+            run.tagged("vm-run: guest kernel ").collect::<Vec<_>>(),
+            ["vm-run: guest kernel 6.12.1-cloud"]
+        );
+        assert_eq!(run.tagged("guest-scenario:").count(), 1);
+        let t = run.transcript();
+        assert_eq!(t.lines().count(), 4);
+        assert!(t.lines().all(|l| l.starts_with("  | ")), "{t}");
+    }
 }

@@ -19,8 +19,8 @@ fn fexit_backend_in_vms_with_two_stock_kernels() {
         };
         let summary = run.tagged("fexit-check:").next().unwrap_or_else(|| {
             panic!(
-                "the {kernel} guest printed no result:\n{}\n{}",
-                run.console, run.stderr
+                "the {kernel} guest printed no result:\n{}",
+                run.transcript()
             )
         });
         println!("{kernel} ({}):", run.kernel_release);
@@ -31,9 +31,8 @@ fn fexit_backend_in_vms_with_two_stock_kernels() {
         }
         assert!(
             summary.ends_with(" 0 failed") && run.success,
-            "{kernel}: {summary}\n{}\n{}",
-            run.console,
-            run.stderr
+            "{kernel}: {summary}\n{}",
+            run.transcript()
         );
     }
 }

@@ -544,10 +544,9 @@ fn whole_clusters_on_fexit_in_stock_kernels() {
             .count();
         assert!(
             run.success && passed == expected,
-            "{passed} of {expected} guest scenarios passed on {kernel} ({}):\n{}\n{}",
+            "{passed} of {expected} guest scenarios passed on {kernel} ({}):\n{}",
             run.kernel_release,
-            run.console,
-            run.stderr
+            run.transcript()
         );
     }
 }
