@@ -76,8 +76,8 @@ pub(crate) struct AgentArgs {
     #[arg(long, value_enum)]
     pub(crate) capture_backend: Option<raftmap_node::CaptureBackend>,
     /// Test-only: diff watched maps only once after each reconcile (they are still found,
-    /// adopted and reconciled), so that the event backend alone captures changes. Production keeps the scan: it is how
-    /// in-place writes and lost events are caught.
+    /// adopted and reconciled), so that the event backend alone captures changes. Production
+    /// keeps the scan: it is how in-place writes and lost events are caught.
     #[arg(long, hide = true)]
     pub(crate) no_periodic_scan: bool,
     /// Most watch streams served at once (default 256); more are refused with
@@ -209,7 +209,7 @@ pub(crate) async fn agent(a: AgentArgs) -> Result<()> {
         cfg.capture_backend = b;
     }
     if a.no_periodic_scan {
-        tracing::warn!("--no-periodic-scan: watched maps are not diffed; changes the capture backend misses are not repaired (tests only)");
+        tracing::warn!("--no-periodic-scan: watched maps are diffed only once after each reconcile; changes the capture backend misses are not repaired (tests only)");
         cfg.periodic_scan = false;
     }
     if let Some(v) = a.max_watchers {
