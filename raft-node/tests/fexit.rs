@@ -373,6 +373,11 @@ async fn batch_syscalls_are_captured_element_by_element() {
             0,
             "node {n} lost or could not decode capture events"
         );
+        assert_eq!(
+            counter(&c, n, "raftmap_kernel_scan_repairs_total", &[]),
+            0,
+            "node {n} needed the scan to find changes"
+        );
     }
     assert_eq!(counter(&c, 3, "raftmap_kernel_captured_total", &[]), 50);
     assert_eq!(counter(&c, 2, "raftmap_kernel_captured_total", &[]), 20);
