@@ -286,15 +286,10 @@ async fn a_full_lru_map_evicts_locally_without_a_cascade() {
     // its kernel evicted to make room: none of its program's flows is refused and undone.
     let prog = progs.get_mut(&1).unwrap();
     const NEW: u16 = 300;
+    let (src, dst) = ([10, 0, 0, 1], [10, 1, 0, 1]);
     for i in 0..NEW {
-        prog.run(&Conntrack::frame(
-            [10, 0, 0, 1],
-            [10, 1, 0, 1],
-            50_000 + i,
-            443,
-            true,
-        ))
-        .unwrap();
+        prog.run(&Conntrack::frame(src, dst, 50_000 + i, 443, true))
+            .unwrap();
     }
     let committed = settle_within_committed(&maps, &mut c, &client, &nodes, "program").await;
     let program_evicted = evictions(&c, 1, "other");
@@ -307,15 +302,7 @@ async fn a_full_lru_map_evicts_locally_without_a_cascade() {
     );
     let held_1 = maps.open(1).entries().unwrap();
     let new_held = (0..NEW)
-        .filter(|&i| {
-            held_1.contains_key(&Conntrack::key(
-                [10, 0, 0, 1],
-                [10, 1, 0, 1],
-                50_000 + i,
-                443,
-                true,
-            ))
-        })
+        .filter(|&i| held_1.contains_key(&Conntrack::key(src, dst, 50_000 + i, 443, true)))
         .count();
     assert!(
         new_held > 0,

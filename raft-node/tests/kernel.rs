@@ -428,7 +428,9 @@ async fn bpf_program_writes_replicate() {
     }
     c.restart(1).unwrap();
     c.wait_up(1, mode.t()).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await; // the rest of the outage
+    // The outage's length is the scenario (not a wait for a condition): the longer node 1's
+    // merge waits for a leader, the longer the old pacing paused its scan (nine times as long).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     for n in [2, 3] {
         c.restart(n).unwrap();
         c.wait_up(n, mode.t()).await.unwrap();
