@@ -8,6 +8,8 @@
 # busybox, BINARY at /test/NAME, any extra files at their own paths, and the libraries ldd lists
 # for them; a tmpfs /tmp, bpffs, loopback networking (127.0.0.1 is localhost), no disk;
 # RAFTMAP_VM_GUEST=1 in its environment.
+# The guest kernel logs warnings and above on the console (loglevel=5: soft-lockup and RCU-stall
+# reports come with their stacks).
 # Emulated (TCG), not KVM: /dev/kvm here hangs. The plain qemu64 CPU: emulating every feature of
 # `-cpu max` (AVX and the like) made the cluster scenarios some 20% slower.
 # Assets come from scripts/install-deps.sh.
@@ -84,7 +86,7 @@ status=0
 timeout --foreground -k 10 "${RAFTMAP_VM_TIMEOUT:-600}" \
   qemu-system-x86_64 -accel tcg -cpu qemu64 -smp 2 -m 4096 -nographic -no-reboot \
   -kernel "$kernel" -initrd "$work/initramfs.gz" \
-  -append "console=ttyS0 panic=-1 quiet" -nic none </dev/null |
+  -append "console=ttyS0 panic=-1 quiet loglevel=5" -nic none </dev/null |
   sed -u 's/\x1bc/\n/g; s/\x1b[^a-zA-Z]*[a-zA-Z]//g; s/\r$//' | tee "$log" || status=$?
 ((status == 0)) || echo "vm-run: qemu exited with status $status (124: timed out)" >&2
 grep -qx 'VM-RESULT: ok' "$log"
