@@ -9,7 +9,7 @@
 # for them; a tmpfs /tmp, bpffs, loopback networking (127.0.0.1 is localhost), no disk;
 # RAFTMAP_VM_GUEST=1 in its environment.
 # The guest kernel logs warnings and above on the console (loglevel=5: soft-lockup and RCU-stall
-# reports come with their stacks).
+# reports come with their stacks); a guest whose kernel reports a fault is stopped 10 s later.
 # Emulated (TCG), not KVM: /dev/kvm here hangs. The plain qemu64 CPU: emulating every feature of
 # `-cpu max` (AVX and the like) made the cluster scenarios some 20% slower.
 # Assets come from scripts/install-deps.sh.
@@ -82,11 +82,29 @@ chmod +x "$root/init"
 # --foreground and </dev/null: Ctrl-C reaches qemu, and qemu leaves the terminal alone. sed drops
 # the CRs and the escape sequences the firmware sends (one turns off the terminal's line wrap).
 log=$work/console.log
+: >"$log"
+# A guest kernel that reports itself stuck (soft lockup, RCU stall) or oopses never recovers:
+# the guest is stopped 10 s after the first report (time for every CPU's stack to be printed)
+# instead of at the timeout.
+stuck='watchdog: BUG: soft lockup|rcu: INFO: rcu_.* stall|Oops: |Kernel panic'
+(
+  while sleep 1; do
+    if grep -qE "$stuck" "$log"; then
+      sleep 10
+      echo "vm-run: the guest kernel reported a fault (console above); stopping it" >&2
+      kill "$(cat "$work/qemu.pid")" 2>/dev/null
+      exit
+    fi
+  done
+) &
+watcher=$!
 status=0
 timeout --foreground -k 10 "${RAFTMAP_VM_TIMEOUT:-600}" \
   qemu-system-x86_64 -accel tcg -cpu qemu64 -smp 2 -m 4096 -nographic -no-reboot \
-  -kernel "$kernel" -initrd "$work/initramfs.gz" \
+  -pidfile "$work/qemu.pid" -kernel "$kernel" -initrd "$work/initramfs.gz" \
   -append "console=ttyS0 panic=-1 quiet loglevel=5" -nic none </dev/null |
   sed -u 's/\x1bc/\n/g; s/\x1b[^a-zA-Z]*[a-zA-Z]//g; s/\r$//' | tee "$log" || status=$?
+kill "$watcher" 2>/dev/null || true
+wait "$watcher" 2>/dev/null || true
 ((status == 0)) || echo "vm-run: qemu exited with status $status (124: timed out)" >&2
 grep -qx 'VM-RESULT: ok' "$log"
