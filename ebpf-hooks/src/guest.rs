@@ -106,6 +106,7 @@ pub fn run_in_guest(
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
     let script = crate_dir.join("../scripts/vm-run.sh");
     let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let files = files.join(" ");
     let boot = || {
         Command::new("bash")
             .arg(&script)
@@ -113,7 +114,7 @@ pub fn run_in_guest(
             .args(args)
             .env("RAFTMAP_VM_KERNEL", kernel)
             .env("RAFTMAP_VM_TIMEOUT", timeout_secs.to_string())
-            .env("RAFTMAP_VM_FILES", files.join(" "))
+            .env("RAFTMAP_VM_FILES", &files)
             .output()
     };
     let Some(first) = guest_run(test, boot()?)? else {
